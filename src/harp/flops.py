@@ -1,0 +1,264 @@
+"""The FLOP and bytes model behind HARP's speed-up bound (HARP.md section 5), from the config alone.
+
+Counting conventions (all per sequence, batch 1):
+
+* A linear map with ``P`` parameters (weights + bias) costs ``2·P`` FLOPs per token (multiply-add).
+* Causal self-attention of one layer (``d = heads·head_dim``): a query that sees ``m`` keys costs
+  ``2·m·d`` for ``QKᵀ`` plus ``2·m·d`` for ``AV``. A prefill of ``n`` tokens therefore costs
+  ``Σ_{i=1..n} 4·d·i = 2·d·n·(n+1)``, about ``2·n·d`` per token, as HARP.md states. A layer with a
+  sliding window ``w`` sees at most ``w`` keys per query.
+* Every supported family has a gated MLP: three ``hidden × intermediate`` maps.
+* The LM head (``hidden × vocab``) runs only on the tokens whose logits are needed: a prefill for
+  generation needs the last one (``logits_to_keep=1``, as ``generate`` does), and that is what the
+  benchmark measures.
+* Not counted: norms, rotary, softmax, activations, residual adds, the embedding lookup. They are
+  element-wise, ``O(n·hidden)``, and small next to the terms above.
+
+A HARP layer with ``alpha != 0`` keeps ``v_proj`` and the folded ``hidden × kv_dim`` ``o_proj`` and
+has no attention term; with ``alpha == 0`` it has no attention sub-layer at all (HARP.md sections 1-2).
+
+Decode at batch 1 is memory-bound, so its bound is a ratio of bytes read per generated token: every
+weight once (the LM head included; of an untied embedding only one row) plus the keys and values of
+every layer that still has a KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .modeling import arch_for, attention_geometry
+from .stats import attention_parameters
+
+ATTENTION = "attention"  # an original attention sub-layer
+LINEAR = "linear"  # HARP identity attention, alpha != 0: v_proj + folded o_proj
+NONE = "none"  # HARP alpha == 0: no attention sub-layer
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
+
+
+def _plan(config: Any, harp: Mapping[str, Any] | None) -> dict[int, float]:
+    """{layer index: alpha} of the pruned layers; `harp=None` reads `config.harp` (absent: none)."""
+    if harp is None:
+        harp = getattr(config, "harp", None) or {}
+    layers = list(harp.get("layers", []))
+    alphas = list(harp.get("alphas", []))
+    if len(layers) != len(alphas):
+        raise ValueError(f"HARP plan has {len(layers)} layers but {len(alphas)} alphas.")
+    n = config.num_hidden_layers
+    for i in layers:
+        if not 0 <= int(i) < n:
+            raise ValueError(f"HARP plan names layer {i}, but the model has layers 0..{n - 1}.")
+    return {int(i): float(a) for i, a in zip(layers, alphas, strict=True)}
+
+
+def layer_kinds(config: Any, harp: Mapping[str, Any] | None = None) -> list[str]:
+    """What the attention sub-layer of each decoder layer is: 'attention', 'linear' or 'none'."""
+    arch_for(config)
+    plan = _plan(config, harp)
+    kinds = []
+    for i in range(config.num_hidden_layers):
+        if i not in plan:
+            kinds.append(ATTENTION)
+        else:
+            kinds.append(NONE if plan[i] == 0.0 else LINEAR)
+    return kinds
+
+
+def attention_windows(config: Any) -> list[int | None]:
+    """Per layer, the sliding window (max keys a query sees), or None for full attention."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or None
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" and window else None for t in types[:n]]
+    if window and getattr(config, "use_sliding_window", True):
+        return [window] * n
+    return [None] * n
+
+
+def _mlp_parameters(config: Any) -> int:
+    hidden, inter = config.hidden_size, config.intermediate_size
+    bias = bool(getattr(config, "mlp_bias", False))
+    return 3 * hidden * inter + ((2 * inter + hidden) if bias else 0)
+
+
+def _layer_linear_parameters(config: Any, kind: str) -> int:
+    """Parameters of the linear maps of one decoder layer (norms excluded)."""
+    p = attention_parameters(config)
+    attn = {ATTENTION: p["q"] + p["k"] + p["v"] + p["o"], LINEAR: p["v"] + p["o_folded"], NONE: 0}[kind]
+    return attn + _mlp_parameters(config)
+
+
+def _layer_norm_parameters(config: Any, kind: str) -> int:
+    arch = arch_for(config)
+    p = attention_parameters(config)
+    mlp_norms = config.hidden_size * (2 if arch.attn_out_norm else 1)  # Gemma: pre- and post-FFN norms
+    attn_norms = {ATTENTION: p["norms"] + p["qk_norms"], LINEAR: p["norms"], NONE: 0}[kind]
+    return attn_norms + mlp_norms
+
+
+def parameter_count(config: Any, harp: Mapping[str, Any] | None = None) -> int:
+    """Parameters of the whole model (tied embeddings counted once), from the config and the plan.
+
+    Equals `harp.stats.count_parameters(model)` for every supported family; the tests check that,
+    which is what makes the FLOP and bytes counts below trustworthy.
+    """
+    hidden, vocab = config.hidden_size, config.vocab_size
+    total = vocab * hidden + hidden  # embedding + final norm
+    if not getattr(config, "tie_word_embeddings", False):
+        total += vocab * hidden
+    for kind in layer_kinds(config, harp):
+        total += _layer_linear_parameters(config, kind) + _layer_norm_parameters(config, kind)
+    return total
+
+
+def _keys_prefill(n: int, window: int | None) -> int:
+    """Σ_{i=1..n} min(i, window): keys seen by all queries of a causal prefill of n tokens."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def _check_context(n: int) -> int:
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"Context length must be a positive integer, got {n!r}.")
+    return int(n)
+
+
+def prefill_flops(
+    config: Any, n: int, harp: Mapping[str, Any] | None = None, logits_tokens: int = 1
+) -> dict[str, int]:
+    """FLOPs of a prefill of `n` tokens from an empty cache, by part, and their total.
+
+    Parts: 'linear' (all decoder-layer linear maps), 'attention' (QKᵀ and AV), 'lm_head' (on
+    `logits_tokens` tokens; 1 for generation), 'total'.
+    """
+    n = _check_context(n)
+    g = attention_geometry(config)
+    d = g["heads"] * g["head_dim"]
+    linear = attention = 0
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+        linear += 2 * n * _layer_linear_parameters(config, kind)
+        if kind == ATTENTION:
+            attention += 4 * d * _keys_prefill(n, window)
+    lm_head = 2 * config.hidden_size * config.vocab_size * min(int(logits_tokens), n)
+    return {
+        "linear": linear,
+        "attention": attention,
+        "lm_head": lm_head,
+        "total": linear + attention + lm_head,
+    }
+
+
+def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """FLOPs of generating one token with `past` tokens already in the cache (it sees past+1 keys)."""
+    if isinstance(past, bool) or int(past) != past or past < 0:
+        raise ValueError(f"Past length must be a non-negative integer, got {past!r}.")
+    g = attention_geometry(config)
+    d = g["heads"] * g["head_dim"]
+    linear = attention = 0
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+        linear += 2 * _layer_linear_parameters(config, kind)
+        if kind == ATTENTION:
+            keys = past + 1 if window is None else min(past + 1, window)
+            attention += 4 * d * keys
+    lm_head = 2 * config.hidden_size * config.vocab_size
+    return {
+        "linear": linear,
+        "attention": attention,
+        "lm_head": lm_head,
+        "total": linear + attention + lm_head,
+    }
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or a dtype name ('float32', 'bf16', ...)."""
+    if hasattr(dtype, "itemsize"):
+        return int(dtype.itemsize)
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_BYTES))}.")
+    return _DTYPE_BYTES[name]
+
+
+def kv_cache_bytes_expected(
+    config: Any, n: int, harp: Mapping[str, Any] | None = None, dtype: Any = 4
+) -> int:
+    """Bytes of keys and values a cache holds for `n` tokens: layers with attention only.
+
+    Exact for full-attention layers; sliding-window layers are counted as holding min(n, window)
+    tokens (transformers' sliding layers may keep one token fewer).
+    """
+    b = dtype if isinstance(dtype, int) else dtype_bytes(dtype)
+    g = attention_geometry(config)
+    per_token = 2 * g["kv_heads"] * g["head_dim"] * b
+    total = 0
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+        if kind == ATTENTION:
+            total += per_token * (n if window is None else min(n, window))
+    return total
+
+
+def decode_bytes(
+    config: Any, past: int, harp: Mapping[str, Any] | None = None, dtype: Any = 4
+) -> dict[str, int]:
+    """Bytes read to generate one token with `past` tokens in the cache: weights and KV cache.
+
+    Weights: every parameter once, except an untied input embedding, of which one row is read.
+    KV: the keys and values the new token attends to (past + 1, capped by a sliding window).
+    """
+    b = dtype if isinstance(dtype, int) else dtype_bytes(dtype)
+    params = parameter_count(config, harp)
+    if not getattr(config, "tie_word_embeddings", False):
+        params -= (config.vocab_size - 1) * config.hidden_size
+    weights = params * b
+    kv = kv_cache_bytes_expected(config, past + 1, harp, b)
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def speedup_bounds(
+    config: Any,
+    contexts: Iterable[int],
+    pruned: Mapping[str, Any],
+    original: Mapping[str, Any] | None = None,
+    dtype: Any = 4,
+    logits_tokens: int = 1,
+) -> list[dict[str, Any]]:
+    """Per context length n, the ideal (FLOP / bytes) speed-ups of `pruned` over `original`.
+
+    `pruned` and `original` are HARP plans ({'layers', 'alphas'}); `original=None` means the unpruned
+    model. Each row: context, prefill FLOPs both ways, `prefill_bound` (FLOPs ratio), `ideal_saving`
+    (1 - 1/bound, the largest fraction of prefill time pruning can save), decode FLOPs and bytes per
+    token after n tokens, `decode_flop_bound`, `decode_bytes_bound` and KV-cache bytes both ways.
+    """
+    orig_plan: Mapping[str, Any] = original if original is not None else {"layers": [], "alphas": []}
+    rows = []
+    for n in contexts:
+        n = _check_context(n)
+        fo = prefill_flops(config, n, orig_plan, logits_tokens)
+        fp = prefill_flops(config, n, pruned, logits_tokens)
+        do = decode_flops(config, n, orig_plan)
+        dp = decode_flops(config, n, pruned)
+        bo = decode_bytes(config, n, orig_plan, dtype)
+        bp = decode_bytes(config, n, pruned, dtype)
+        bound = fo["total"] / fp["total"]
+        rows.append(
+            {
+                "context": n,
+                "prefill_flops_original": fo["total"],
+                "prefill_flops_pruned": fp["total"],
+                "prefill_attention_share_original": fo["attention"] / fo["total"],
+                "prefill_bound": bound,
+                "ideal_saving": 1.0 - 1.0 / bound,
+                "decode_flops_original": do["total"],
+                "decode_flops_pruned": dp["total"],
+                "decode_flop_bound": do["total"] / dp["total"],
+                "decode_bytes_original": bo["total"],
+                "decode_bytes_pruned": bp["total"],
+                "decode_bytes_bound": bo["total"] / bp["total"],
+                "kv_cache_bytes_original": kv_cache_bytes_expected(config, n, orig_plan, dtype),
+                "kv_cache_bytes_pruned": kv_cache_bytes_expected(config, n, pruned, dtype),
+            }
+        )
+    return rows
