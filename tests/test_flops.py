@@ -46,7 +46,12 @@ def test_prefill_flops_match_hand_count():
     # Pruned: layer 0 as above; layer 2 (alpha 0.5) keeps v (32) + folded o (8x4 = 32) + MLP 288 = 352
     # params and no attention term; layer 1 (alpha 0) keeps the MLP only (288).
     p = flops.prefill_flops(cfg, 4, PLAN)
-    assert p == {"linear": 2 * 4 * (480 + 288 + 352), "attention": 320, "lm_head": 160, "total": 8960 + 320 + 160}
+    assert p == {
+        "linear": 2 * 4 * (480 + 288 + 352),
+        "attention": 320,
+        "lm_head": 160,
+        "total": 8960 + 320 + 160,
+    }
     # all logits instead of the last one: 4x the LM head
     assert flops.prefill_flops(cfg, 4, PLAN, logits_tokens=4)["lm_head"] == 4 * 160
     row = flops.speedup_bounds(cfg, [4], PLAN)[0]
