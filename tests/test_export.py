@@ -1,0 +1,277 @@
+"""`harp export`: DeciLM (nemotron-nas) safetensors and llama.cpp `deci` GGUFs.
+
+The DeciLM checks reload the exported folder with a reference forward pass written here from the
+format's definition (not with harp's code) and compare logits with harp's model. The slow tests run
+the GGUFs in llama.cpp (llama-cpp-python must be installed; they fail, not skip, without it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_model
+from typer.testing import CliRunner
+
+import harp
+from harp.cli import get_app
+from harp.export import ExportError, export_deci, export_gguf
+
+# --------------------------------------------------------------------------------------------
+# Reference DeciLM forward pass, from the format's definition (block_configs + tensor names).
+# --------------------------------------------------------------------------------------------
+
+
+def deci_reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
+    w = {k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    hidden, heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["rms_norm_eps"]
+    hd, n = hidden // heads, len(ids)
+    assert cfg["rope_scaling"] is None  # the tiny models use plain RoPE
+
+    def rms(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        y = x @ w[name + ".weight"].T
+        return y + w[name + ".bias"] if cfg["attention_bias"] and "_proj" in name and "mlp" not in name else y
+
+    def ffn_width(mult: float) -> int:
+        m = int(2 * mult * hidden / 3)
+        return m if m % 256 == 0 else m + 256 - m % 256
+
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # heads x n x hd, rotate-half convention
+        return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
+
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    x = w["model.embed_tokens.weight"][torch.tensor(ids)]
+    assert len(cfg["block_configs"]) == cfg["num_hidden_layers"]
+    for i, block in enumerate(cfg["block_configs"]):
+        p, att = f"model.layers.{i}.", block["attention"]
+        if not att["no_op"]:
+            h = rms(x, w[p + "input_layernorm.weight"])
+            if att["replace_with_linear"]:
+                x = x + h @ w[p + "self_attn.linear_attn.weight"].T
+            else:
+                kv = heads // att["n_heads_in_group"]
+                q = rope(linear(h, p + "self_attn.q_proj").view(n, heads, hd).transpose(0, 1))
+                k = rope(linear(h, p + "self_attn.k_proj").view(n, kv, hd).transpose(0, 1))
+                v = linear(h, p + "self_attn.v_proj").view(n, kv, hd).transpose(0, 1)
+                k, v = k.repeat_interleave(heads // kv, 0), v.repeat_interleave(heads // kv, 0)
+                s = (q @ k.transpose(1, 2) / math.sqrt(hd)).masked_fill(~causal, float("-inf"))
+                o = (s.softmax(-1) @ v).transpose(0, 1).reshape(n, hidden)
+                x = x + linear(o, p + "self_attn.o_proj")
+        else:
+            assert not any(k.startswith(p + ("self_attn", "input_layernorm")[j]) for k in w for j in (0, 1))
+        width = ffn_width(block["ffn"]["ffn_mult"])
+        assert w[p + "mlp.gate_proj.weight"].shape == (width, hidden)
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = rms(x, w["model.norm.weight"])
+    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
+    return x @ head.T
+
+
+IDS = [3, 17, 99, 5, 42, 8, 64, 1, 77, 23, 11, 120, 6, 50, 31, 2]
+
+
+def harp_logits(model: torch.nn.Module, ids: list[int] = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+def pruned(family: str, layers: list[int], alphas: list[float], **overrides) -> torch.nn.Module:
+    overrides.setdefault("intermediate_size", 256)  # the DeciLM format stores FFN widths in 256s
+    return harp.prune(tiny_model(family, **overrides), layers=layers, alphas=alphas)
+
+
+# --------------------------------------------------------------------------------------------
+# DeciLM export: same logits as harp, through a reference implementation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, layers, alphas, overrides",
+    [
+        ("llama", [5, 4, 3, 2], [0.8, 0.2, 0.0, 0.1], {}),  # GQA, untied
+        ("llama", [0, 5], [0.0, 0.5], {"tie_word_embeddings": True}),  # no-op layer 0, tied
+        ("llama_mha", [], [], {}),  # unpruned, MHA with q/k/v/o biases
+        ("mistral", [4, 3], [0.3, 0.0], {}),
+        ("qwen2", [5, 4], [0.0, 0.0], {}),  # q/k/v biases on attention layers, alpha = 0 only
+    ],
+)
+def test_deci_export_matches_harp(tmp_path: Path, family: str, layers, alphas, overrides) -> None:
+    model = pruned(family, layers, alphas, **overrides)
+    out = export_deci(model, tmp_path / "deci")
+    cfg = json.loads((out / "config.json").read_text())
+    kinds = [
+        "no_op" if b["attention"]["no_op"] else "linear" if b["attention"]["replace_with_linear"] else "attn"
+        for b in cfg["block_configs"]
+    ]
+    for i, a in zip(layers, alphas, strict=True):
+        assert kinds[i] == ("no_op" if a == 0 else "linear")
+    assert kinds.count("attn") == 6 - len(layers)
+    ref = deci_reference_logits(out, IDS)
+    torch.testing.assert_close(ref, harp_logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_deci_linear_weight_is_alpha_wo_r_wv(tmp_path: Path) -> None:
+    base = tiny_model("llama", intermediate_size=256)
+    attn = base.model.layers[5].self_attn
+    wo, wv = attn.o_proj.weight.detach().double().clone(), attn.v_proj.weight.detach().double().clone()
+    model = harp.prune(base, layers=[5], alphas=[0.3])
+    w = load_file(str(export_deci(model, tmp_path / "d") / "model.safetensors"))
+    repeat = torch.eye(2, dtype=torch.float64).repeat_interleave(2, 0)  # 4 heads -> 2 KV heads
+    expected = 0.3 * wo @ torch.kron(repeat, torch.eye(16, dtype=torch.float64)) @ wv
+    torch.testing.assert_close(w["model.layers.5.self_attn.linear_attn.weight"].double(), expected)
+    assert not any(k.startswith("model.layers.5.self_attn.") and "linear_attn" not in k for k in w)
+
+
+def test_cli_export_deci_from_harp_checkpoint(tmp_path: Path) -> None:
+    ckpt = harp.save(pruned("llama", [5, 4], [0.5, 0.0]), tmp_path / "ckpt")
+    runner = CliRunner()
+    res = runner.invoke(get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "deci")])
+    assert res.exit_code == 0, res.output
+    assert "linear 5" in res.output and "no_op 4" in res.output
+    ref = deci_reference_logits(tmp_path / "deci", IDS)
+    torch.testing.assert_close(ref, harp_logits(harp.load(ckpt)), atol=1e-4, rtol=1e-4)
+    # never clobbers
+    res = runner.invoke(get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "deci")])
+    assert res.exit_code != 0 and isinstance(res.exception, FileExistsError)
+    res = runner.invoke(
+        get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "deci"), "--overwrite"]
+    )
+    assert res.exit_code == 0, res.output
+
+
+# --------------------------------------------------------------------------------------------
+# What the format cannot hold: clear errors, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, layers, alphas, overrides, words",
+    [
+        ("gemma2", [5], [0.5], {}, ["gemma2", "norms", "trust_remote_code"]),
+        ("gemma2", [], [], {}, ["gemma2", "norms"]),
+        (
+            "qwen2",
+            [5, 4],
+            [0.5, 0.0],
+            {},
+            ["layer 5", "v_proj bias", "keep layer 5 as attention", "alpha = 0"],
+        ),
+        ("llama_mha", [5], [0.5], {}, ["layer 5", "o_proj bias", "keep layer 5 as attention"]),
+        ("qwen3", [5], [0.5], {}, ["q_norm"]),
+        ("llama", [5], [0.5], {"head_dim": 32}, ["head_dim 32", "hidden_size / num_attention_heads"]),
+        ("mistral", [5], [0.5], {"sliding_window": 8}, ["sliding"]),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["deci", "gguf"])
+def test_unsupported_features_error(tmp_path: Path, fmt, family, layers, alphas, overrides, words) -> None:
+    model = pruned(family, layers, alphas, **overrides)
+    out = tmp_path / ("out" if fmt == "deci" else "out.gguf")
+    with pytest.raises(ExportError) as e:
+        (export_deci if fmt == "deci" else export_gguf)(model, out)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_ffn_width_not_multiple_of_256(tmp_path: Path) -> None:
+    model = pruned("llama", [5], [0.5], intermediate_size=96)
+    with pytest.raises(ExportError, match="multiple of 256.*--format gguf"):
+        export_deci(model, tmp_path / "d")
+    export_gguf(model, tmp_path / "m.gguf", dtype="f32")  # GGUF stores the width exactly
+
+
+def test_cli_unsupported_is_one_clean_error(tmp_path: Path) -> None:
+    ckpt = harp.save(pruned("qwen2", [5], [0.5]), tmp_path / "ckpt")
+    res = CliRunner().invoke(
+        get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code != 0 and isinstance(res.exception, ExportError)
+    assert "v_proj bias" in str(res.exception) and not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF layout (no llama.cpp needed)
+# --------------------------------------------------------------------------------------------
+
+
+def test_gguf_layout(tmp_path: Path) -> None:
+    import gguf
+
+    model = pruned("llama", [5, 4, 0], [0.5, 0.0, 0.0])
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    r = gguf.GGUFReader(path)
+    assert r.get_field("general.architecture").contents() == "deci"
+    # layer 0 (alpha 0) is a zero linear layer: llama.cpp cannot load a no-op layer 0
+    assert r.get_field("deci.attention.head_count").contents() == [4, 4, 4, 4, 0, 4]
+    assert r.get_field("deci.attention.head_count_kv").contents() == [0, 2, 2, 2, 0, 0]
+    assert r.get_field("deci.feed_forward_length").contents() == [256] * 6
+    t = {x.name: x for x in r.tensors}
+    assert not np.any(t["blk.0.attn_output.weight"].data)
+    assert "blk.4.attn_norm.weight" not in t and "blk.4.attn_output.weight" not in t
+    assert "blk.5.attn_q.weight" not in t and tuple(t["blk.5.attn_output.weight"].shape) == (64, 64)
+    assert "output.weight" in t
+    with pytest.raises(FileExistsError):
+        export_gguf(model, path)
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp runs the GGUFs (slow: needs llama-cpp-python, which CI installs)
+# --------------------------------------------------------------------------------------------
+
+
+def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from harp.export import llamacpp
+
+    llm = llamacpp.open_gguf(path, n_ctx=64, logits_all=True, n_threads=2)
+    try:
+        return llamacpp.logits(llm, ids)
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, layers, alphas, overrides",
+    [
+        ("llama", [5, 4, 3, 0], [0.8, 0.0, 0.3, 0.0], {}),  # GQA, no-op layer 0
+        ("llama", [5, 1], [0.6, 0.4], {"tie_word_embeddings": True, "intermediate_size": 96}),
+        (
+            "llama",
+            [5],
+            [0.5],
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),
+        ("llama_mha", [], [], {}),  # unpruned, q/k/v/o biases
+        ("qwen2", [5, 4], [0.0, 0.0], {}),
+    ],
+)
+def test_llamacpp_runs_tiny_gguf(tmp_path: Path, family, layers, alphas, overrides) -> None:
+    model = pruned(family, layers, alphas, **overrides)
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
+    got = _llama_logits(path, IDS)
+    np.testing.assert_allclose(got, harp_logits(model).float().numpy(), atol=2e-4, rtol=1e-3)
