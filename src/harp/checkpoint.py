@@ -148,6 +148,10 @@ def save(
         finally:
             # auto_map is for the saved folder only; the live model keeps its own class
             del model.config.auto_map
+        cfg_file = tmp / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["architectures"] = [base]  # a reloaded model's class is Harp<Base>: record the base
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         shutil.copyfile(Path(modeling.__file__), tmp / RUNTIME_FILE)
         (tmp / ENTRY_FILE).write_text(_ENTRY_TEMPLATE.format(version=__version__, base=base))
         write_json_atomic(tmp / RECIPE_FILE, out_recipe)

@@ -18,6 +18,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+@app.callback()
+def _root() -> None:
+    """HARP: prune the attention of high decoder layers with rescaling, measure, save, export."""
+
 # Errors that mean "the user asked for something wrong": shown as one clear line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
 
@@ -37,19 +42,7 @@ def get_app() -> typer.Typer:
 def main() -> None:
     _load_commands()
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors are printed by typer itself
     except USER_ERRORS as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise

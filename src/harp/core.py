@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-from .modeling import FORMAT_VERSION, arch_for, prune_layer, validate_plan
+from .modeling import FORMAT_VERSION, arch_for, get_module, prune_layer, validate_plan
 
 
 def pruned_plan(model: nn.Module) -> dict[str, Any]:
@@ -48,3 +51,39 @@ def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module
         "alphas": [a for _, a in merged],
     }
     return model
+
+
+@contextmanager
+def temporarily_pruned(model: nn.Module, layers: list[int], alphas: list[float]) -> Iterator[nn.Module]:
+    """Prune like `prune`, then put the original modules and weights back on exit.
+
+    Used to score candidate alphas and baselines without copying the model: only the attention
+    modules (and, for Gemma, the output-norm weight alpha is folded into) of the listed layers are
+    swapped out, and they are restored exactly.
+    """
+    arch = arch_for(model.config)
+    layers, alphas = validate_plan(model.config, layers, alphas)
+    stack = get_module(model, arch.layers)
+    names = [arch.attn, arch.attn_norm] + ([arch.attn_out_norm] if arch.attn_out_norm else [])
+    saved = []
+    for idx in layers:
+        layer = stack[idx]
+        mods = {n: getattr(layer, n) for n in names}
+        weights = {n: m.weight.detach().clone() for n, m in mods.items() if n != arch.attn and hasattr(m, "weight")}
+        saved.append((layer, mods, weights))
+    old_harp = getattr(model.config, "harp", None)
+    try:
+        prune(model, layers, alphas)
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, mods, weights in saved:
+                for n, m in mods.items():
+                    setattr(layer, n, m)
+                for n, w in weights.items():
+                    mods[n].weight.copy_(w)
+        if old_harp is None:
+            if hasattr(model.config, "harp"):
+                del model.config.harp
+        else:
+            model.config.harp = old_harp

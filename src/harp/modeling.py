@@ -42,6 +42,7 @@ class Arch:
     unit_offset_norm: bool = False  # RMSNorm multiplies by (1 + w) instead of w (Gemma)
     qk_extra: tuple[str, ...] = ()  # modules inside attention that only q/k use (deleted with them)
     bias: str = "config"  # "config": q/k/v/o biases follow config.attention_bias; "qkv": q/k/v only
+    backbone: str = "model"  # the base model: returns the final-normed hidden states
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     embed: str = "model.embed_tokens"

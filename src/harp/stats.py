@@ -62,3 +62,9 @@ def kv_cache_bytes(cache: Any) -> int:
             if t is not None and hasattr(t, "numel"):
                 total += t.numel() * t.element_size()
     return total
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache object of a model output (`cache` in transformers >= 5.2x, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)

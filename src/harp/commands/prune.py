@@ -1,0 +1,97 @@
+"""`harp prune`: search alphas on calibration text, prune, measure, save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harp.cli import app
+from harp.pipeline import PruneReport, PruneSettings, run_prune
+
+
+def _ints(s: str | None) -> list[int] | None:
+    if not s:
+        return None
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layer-ids must be comma-separated integers, got {s!r}.") from None
+
+
+def _floats(s: str | None) -> list[float] | None:
+    if not s:
+        return None
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--alphas must be comma-separated numbers, got {s!r}.") from None
+
+
+def summary_table(r: PruneReport) -> Table:
+    d = r.to_dict()
+    t = Table(title="HARP result", show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("layers pruned (top first)", ", ".join(map(str, r.layers)))
+    t.add_row("alphas (top first)", ", ".join(f"{a:g}" for a in r.alphas))
+    p = r.ppl
+    t.add_row("perplexity: original", f"{p['original']:.3f}")
+    t.add_row("perplexity: HARP (searched alpha)", f"{p['harp']:.3f}")
+    if "alpha=1" in p:
+        t.add_row("perplexity: same layers, alpha = 1 (no rescaling)", f"{p['alpha=1']:.3f}")
+        t.add_row("perplexity: same layers, alpha = 0 (attention dropped)", f"{p['alpha=0']:.3f}")
+    t.add_row("evaluation tokens", f"{r.eval_tokens:,}")
+    t.add_row("calibration tokens", f"{r.calib_tokens:,}")
+    t.add_row("parameters removed", f"{r.params_removed:,} ({d['params_removed_pct']:.2f} %)")
+    t.add_row("parameters", f"{r.params_before:,} -> {r.params_after:,}")
+    t.add_row("KV cache (bytes after a prefill)", f"{r.kv_bytes_before:,} -> {r.kv_bytes_after:,} "
+              f"(-{100 * d['kv_reduction']:.1f} %)")
+    sec = r.seconds
+    t.add_row("wall time", f"{sec['total']:.0f} s (search {sec.get('search', 0):.0f} s, "
+              f"eval {sec.get('eval', 0):.0f} s)")
+    if r.out:
+        t.add_row("saved to", r.out)
+    return t
+
+
+@app.command("prune")
+def prune_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned checkpoint."),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="Model: 'smollm2-135m' (bundled default), a folder, a .gguf file, or a hub id."),
+    layers: int = typer.Option(8, "--layers", "-k", help="Prune the top K decoder layers."),
+    layer_ids: str = typer.Option(None, "--layer-ids", help="Explicit layer indices instead of the top K (20,22,24)."),
+    alphas: str = typer.Option(None, "--alphas", help="Skip the search: alphas for the layers, top layer first."),
+    calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
+    eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
+    calib_windows: int = typer.Option(16, "--calib-windows", help="Number of calibration windows."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Calibration window length (tokens)."),
+    eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Evaluate on the first N tokens of the eval text."),
+    eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="Evaluation window length (tokens)."),
+    grid: str = typer.Option("0:1:0.1", "--grid", help="Alpha grid: 'start:stop:step' or 'a,b,c'."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    method: str = typer.Option("cached", "--method", help="'cached' (fast) or 'naive' (reference) search."),
+    no_reference: bool = typer.Option(False, "--no-reference", help="Skip the alpha=1 / alpha=0 reference runs."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the summary to this JSON file."),
+) -> None:
+    """Find the alphas by HARP's greedy search, prune, report perplexity/size/KV, save a checkpoint."""
+    console = Console()
+    settings = PruneSettings(
+        model=model, k=layers, layers=_ints(layer_ids), alphas=_floats(alphas), calib=calib, eval=eval_,
+        calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
+        grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
+        threads=threads, out=str(out), overwrite=overwrite,
+    )
+    report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
+    console.print(summary_table(report))
+    if json_out is not None:
+        from harp.checkpoint import write_json_atomic
+
+        write_json_atomic(json_out, report.to_dict())

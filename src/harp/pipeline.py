@@ -1,0 +1,219 @@
+"""The end-to-end job behind `harp prune`: load, calibrate, search, prune, measure, save."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import check_output_dir, save, write_json_atomic
+from .core import prune, temporarily_pruned
+from .modeling import decoder_layers
+from .models import DEFAULT_MODEL, load_model
+from .perplexity import perplexity
+from .search import parse_grid, search_alphas, top_layers
+from .stats import count_parameters, kv_cache_bytes, output_cache, removed_parameters
+from .text import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    calibration_windows,
+    check_disjoint,
+    evaluation_windows,
+    load_text,
+    tokenize,
+)
+
+
+@dataclass
+class PruneSettings:
+    model: str | None = None
+    k: int | None = 8
+    layers: Sequence[int] | None = None  # explicit layer indices (instead of the top k)
+    alphas: Sequence[float] | None = None  # skip the search and use these
+    calib: str | None = None
+    eval: str | None = None
+    calib_windows: int = 16
+    seq_len: int = 512
+    eval_tokens: int = 16384
+    eval_seq_len: int = 1024
+    grid: str | Sequence[float] | None = None
+    seed: int = 0
+    batch_size: int = 4
+    method: str = "cached"
+    references: bool = True
+    dtype: str = "float32"
+    threads: int | None = None
+    out: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PruneReport:
+    settings: dict[str, Any]
+    layers: list[int]
+    alphas: list[float]
+    ppl: dict[str, float]
+    eval_tokens: int
+    calib_tokens: int
+    params_before: int
+    params_after: int
+    params_removed_predicted: int
+    kv_bytes_before: int
+    kv_bytes_after: int
+    seconds: dict[str, float]
+    out: str | None = None
+    search: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_removed(self) -> int:
+        return self.params_before - self.params_after
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["params_removed"] = self.params_removed
+        d["params_removed_pct"] = 100.0 * self.params_removed / self.params_before
+        d["kv_reduction"] = 1.0 - self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 0.0
+        return d
+
+
+@torch.no_grad()
+def _kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
+    ids = torch.arange(1, tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
+    out = model(input_ids=ids, use_cache=True)
+    return kv_cache_bytes(output_cache(out))
+
+
+def state_file_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.harp-search.json"
+
+
+def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
+    """Search the alphas (unless given), prune, measure perplexity before/after, save if `out`."""
+    t_start = time.perf_counter()
+    s = settings
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    out = check_output_dir(s.out, s.overwrite) if s.out else None
+    grid = parse_grid(s.grid)
+    if s.eval_tokens < s.eval_seq_len:
+        raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
+
+    t = time.perf_counter()
+    model, tok = load_model(s.model, dtype=s.dtype)
+    if getattr(model.config, "harp", None):
+        raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
+    num = len(decoder_layers(model))
+    if s.layers:
+        layers = sorted({int(i) for i in s.layers}, reverse=True)
+        if len(layers) != len(list(s.layers)) or layers[0] >= num or layers[-1] < 0:
+            raise ValueError(f"--layer-ids must be distinct indices in 0..{num - 1}; got {list(s.layers)}.")
+    else:
+        layers = top_layers(num, s.k if s.k is not None else 8)
+    if s.alphas is not None and len(s.alphas) != len(layers):
+        raise ValueError(f"--alphas gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
+    seconds = {"load": time.perf_counter() - t}
+    log(f"model: {s.model or DEFAULT_MODEL} ({type(model).__name__}, {num} layers, "
+        f"{count_parameters(model) / 1e6:.1f} M parameters), pruning layers {sorted(layers)}")
+
+    t = time.perf_counter()
+    calib_text = load_text(s.calib, DEFAULT_CALIB)
+    eval_text = load_text(s.eval, DEFAULT_EVAL)
+    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed)
+    ev = evaluation_windows(tokenize(tok, eval_text), s.eval_seq_len, s.eval_tokens)
+    overlap = check_disjoint(calib_text, eval_text, calib, ev)
+    seconds["data"] = time.perf_counter() - t
+    log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
+        f"evaluation: {eval_text.description}, {ev.shape[0]} x {ev.shape[1]} tokens")
+
+    ppl: dict[str, float] = {}
+    t = time.perf_counter()
+    ppl["original"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: original").ppl
+    seconds["eval"] = time.perf_counter() - t
+    params_before = count_parameters(model)
+    kv_before = _kv_bytes_after_prefill(model)
+
+    search_info: dict[str, Any] = {}
+    t = time.perf_counter()
+    state = state_file_for(out) if out else None
+    if s.alphas is None:
+        res = search_alphas(
+            model, calib, layers, grid=grid, method=s.method, batch_size=s.batch_size,
+            state_path=state, progress=s.progress,
+        )
+        alphas = res.alphas
+        search_info = res.to_dict()
+        if res.resumed_layers:
+            log(f"resumed a search: {res.resumed_layers} of {len(layers)} layers were already done")
+    else:
+        alphas = [float(a) for a in s.alphas]
+        search_info = {"method": "given", "alphas": alphas}
+    seconds["search"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if s.references:
+        for name, a in (("alpha=1", 1.0), ("alpha=0", 0.0)):
+            with temporarily_pruned(model, layers, [a] * len(layers)):
+                ppl[name] = perplexity(model, ev, batch_size=s.batch_size, progress=f"eval: {name}").ppl
+    prune(model, layers, alphas)
+    ppl["harp"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: harp").ppl
+    seconds["eval"] += time.perf_counter() - t
+    params_after = count_parameters(model)
+    kv_after = _kv_bytes_after_prefill(model)
+
+    report = PruneReport(
+        settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
+        layers=list(layers),
+        alphas=list(alphas),
+        ppl=ppl,
+        eval_tokens=int(ev.shape[0] * (ev.shape[1] - 1)),
+        calib_tokens=int(calib.shape[0] * (calib.shape[1] - 1)),
+        params_before=params_before,
+        params_after=params_after,
+        params_removed_predicted=removed_parameters(model.config, layers, alphas),
+        kv_bytes_before=kv_before,
+        kv_bytes_after=kv_after,
+        seconds=seconds,
+        search=search_info,
+    )
+    report.settings["grid"] = grid
+    report.settings["calib_overlap"] = overlap
+    if out is not None:
+        t = time.perf_counter()
+        log_entries = search_info.get("log", [])
+        recipe = {
+            "method": "harp",
+            "source_model": s.model or DEFAULT_MODEL,
+            "search": {k: v for k, v in search_info.items() if k != "log"},
+            "calibration": {"source": calib_text.name, "description": calib_text.description,
+                            "sha256": calib_text.sha256, "windows": calib.shape[0], "seq_len": calib.shape[1],
+                            "seed": s.seed},
+            "evaluation": {"source": eval_text.name, "sha256": eval_text.sha256, "windows": ev.shape[0],
+                           "seq_len": ev.shape[1]},
+            "perplexity": ppl,
+            "host": {"python": platform.python_version(), "torch": torch.__version__, "harp": __version__},
+        }
+        report.seconds["save"] = 0.0
+        report.seconds["total"] = time.perf_counter() - t_start
+        summary = report.to_dict()
+        save(
+            model, out, tokenizer=tok, recipe=recipe, overwrite=s.overwrite,
+            extra_files={
+                "search_log.json": lambda p: write_json_atomic(p, log_entries),
+                "harp_summary.json": lambda p: write_json_atomic(p, summary),
+            },
+        )
+        report.out = str(out)
+        report.seconds["save"] = time.perf_counter() - t
+        if state is not None and state.exists():
+            os.remove(state)
+    report.seconds["total"] = time.perf_counter() - t_start
+    return report

@@ -1,0 +1,346 @@
+"""HARP's alpha search (HARP.md section 3): greedy, top layer first, over a grid, minimising
+calibration perplexity — in the cached form.
+
+While layer l is searched every layer below it is still the original model, so the residual stream
+entering the searched block never changes: one forward of the original model caches it (and the
+per-layer arguments the decoder layers receive: masks, rotary tables), and each candidate alpha
+runs only layers l..L-1, the final norm and the LM head. The naive form (a full forward per
+candidate) is kept as the test oracle and the benchmark baseline.
+
+The search is resumable: with a `state_path` it writes its progress after every layer; rerun with
+the same arguments it continues where it stopped and ends with the same alphas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import write_json_atomic
+from .core import temporarily_pruned
+from .modeling import arch_for, get_module
+from .perplexity import head_nll, model_device, perplexity
+from .progress import Progress
+
+DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+STATE_VERSION = 1
+
+
+@dataclass
+class SearchResult:
+    layers: list[int]  # searched layers, top first (search order)
+    alphas: list[float]  # chosen alpha per layer, same order
+    log: list[dict[str, float]]  # every (layer, alpha, ppl) evaluated, in order
+    calib_tokens: int
+    method: str
+    seconds: float
+    layer_forwards: int  # decoder-layer passes over the whole calibration set, this run
+    head_evals: int
+    resumed_layers: int = 0
+    grid: list[float] = field(default_factory=list)
+
+    @property
+    def final_ppl(self) -> float:
+        """Calibration perplexity with every searched layer pruned at its chosen alpha."""
+        return min(e["ppl"] for e in self.log if e["layer"] == self.layers[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["final_calib_ppl"] = self.final_ppl
+        return d
+
+
+def parse_grid(spec: str | Sequence[float] | None) -> list[float]:
+    """A grid from a list, 'a,b,c', or 'start:stop:step' (inclusive). Default 0.0..1.0 step 0.1."""
+    if spec is None:
+        return list(DEFAULT_GRID)
+    if isinstance(spec, str):
+        s = spec.strip()
+        try:
+            if ":" in s:
+                start, stop, step = (float(x) for x in s.split(":"))
+                if step <= 0:
+                    raise ValueError
+                n = int(math.floor((stop - start) / step + 1e-9)) + 1
+                vals = [round(start + i * step, 10) for i in range(n)]
+            else:
+                vals = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"Bad grid {spec!r}: use 'a,b,c' or 'start:stop:step' with step > 0.") from None
+    else:
+        vals = [float(x) for x in spec]
+    if not vals or not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"Bad grid {spec!r}: need at least one finite value.")
+    return sorted(set(vals))
+
+
+def top_layers(num_layers: int, k: int) -> list[int]:
+    """The top k decoder layers, top first. Raises for k outside 1..num_layers."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers:
+        raise ValueError(f"k = {k!r} layers: must be between 1 and the model's {num_layers} layers.")
+    return list(range(num_layers - 1, num_layers - 1 - k, -1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Replaying decoder layers on cached inputs
+# ------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _Batch:
+    windows: torch.Tensor  # (B, S) token ids (for the loss)
+    hidden: torch.Tensor  # residual stream entering the first searched layer
+    kwargs: dict[int, tuple[tuple, dict]]  # per layer >= start: (args after hidden, kwargs)
+
+
+def _layer_out(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, windows: torch.Tensor, start: int, batch_size: int) -> list[_Batch]:
+    """One forward of the model per batch, keeping the input of layer `start` and the arguments every
+    layer >= start receives. Stops before the top layer runs (nothing above is needed)."""
+    arch = arch_for(model.config)
+    stack = get_module(model, arch.layers)
+    backbone = get_module(model, arch.backbone)
+    num = len(stack)
+    dev = model_device(model)
+    batches: list[_Batch] = []
+    for i in range(0, len(windows), batch_size):
+        w = windows[i : i + batch_size].to(dev)
+        got: dict[int, tuple[tuple, dict]] = {}
+        hidden: list[torch.Tensor] = []
+
+        def make_hook(j: int, got: dict = got, hidden: list = hidden) -> Callable:
+            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                h = args[0] if args else kwargs["hidden_states"]
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                got[j] = (rest, kw)
+                if j == start:
+                    hidden.append(h.detach().clone())
+                if j == num - 1:
+                    raise _StopForward
+
+            return hook
+
+        handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(start, num)]
+        try:
+            backbone(input_ids=w, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        batches.append(_Batch(w, hidden[0], got))
+    return batches
+
+
+@torch.no_grad()
+def run_layers(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Run decoder layers lo..hi-1 on `hidden` with the arguments captured for this batch."""
+    stack = get_module(model, arch_for(model.config).layers)
+    for j in range(lo, hi):
+        rest, kw = batch.kwargs[j]
+        hidden = _layer_out(stack[j](hidden, *rest, **kw))
+    return hidden
+
+
+@torch.no_grad()
+def tail_nll(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, chunk_tokens: int) -> float:
+    """NLL sum of the batch when `hidden` enters layer `lo`: layers lo..L-1, final norm, head."""
+    arch = arch_for(model.config)
+    num = len(get_module(model, arch.layers))
+    h = run_layers(model, batch, hidden, lo, num)
+    h = get_module(model, arch.final_norm)(h)
+    return head_nll(model, h, batch.windows, chunk_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resumable state
+# ------------------------------------------------------------------------------------------------
+
+
+def fingerprint(model: nn.Module, windows: torch.Tensor, order: list[int], grid: list[float], method: str) -> str:
+    """What makes two searches the same search: model weights/config, calibration tokens, layers, grid."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    cfg.pop("harp", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items())[:: max(1, len(model.state_dict()) // 16)]:
+            h.update(name.encode())
+            h.update(repr(float(p.double().sum())).encode())
+    h.update(windows.cpu().numpy().tobytes())
+    h.update(json.dumps({"order": order, "grid": grid}).encode())
+    return h.hexdigest()
+
+
+def _read_state(path: Path, fp: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a torn write cannot happen (atomic replace); a foreign file is ignored
+    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fp:
+        raise ValueError(
+            f"{path} holds the progress of a different search (other model, calibration text, layers or "
+            "grid). Delete it to start over, or rerun with the original arguments to resume it."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# The search
+# ------------------------------------------------------------------------------------------------
+
+
+def search_alphas(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: int | Sequence[int] = 8,
+    *,
+    grid: str | Sequence[float] | None = None,
+    method: str = "cached",
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    state_path: str | Path | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
+) -> SearchResult:
+    """Find HARP's alphas by greedy top-down search over `grid`, minimising calibration perplexity.
+
+    Args:
+        model: an unpruned transformers causal LM (it is left unchanged on return).
+        windows: calibration token windows (N, S), e.g. from `harp.text.calibration_windows`.
+        layers: k (the top k layers) or explicit layer indices; searched from the highest down.
+        grid: candidate alphas (default 0.0..1.0 step 0.1).
+        method: "cached" (HARP.md section 3, cached residual stream) or "naive" (full forward per
+            candidate; the reference).
+        state_path: JSON file to write progress to after each layer, and to resume from.
+        callback: called as callback(layer, alpha, log) after each layer is fixed.
+
+    Returns the layers (top first), their alphas, and the log of every (layer, alpha, ppl) tried.
+    """
+    arch = arch_for(model.config)
+    num = len(get_module(model, arch.layers))
+    if getattr(model.config, "harp", None):
+        raise ValueError("This model is already HARP-pruned; search alphas on the original model.")
+    order = top_layers(num, layers) if isinstance(layers, int) else sorted({int(i) for i in layers}, reverse=True)
+    if not isinstance(layers, int):
+        if len(order) != len(list(layers)):
+            raise ValueError("Layer indices to search must be distinct.")
+        if not order or order[0] >= num or order[-1] < 0:
+            raise ValueError(f"Layers {list(layers)} out of range: this model has layers 0..{num - 1}.")
+    if method not in ("cached", "naive"):
+        raise ValueError(f"Unknown search method {method!r}: use 'cached' or 'naive'.")
+    grid_vals = parse_grid(grid)
+    if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+        raise ValueError("Calibration windows must be a (N, seq_len) tensor with N >= 1 and seq_len >= 2.")
+    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
+
+    state_file = Path(state_path) if state_path is not None else None
+    fp = fingerprint(model, windows, order, grid_vals, method) if state_file else ""
+    state = _read_state(state_file, fp) if state_file else None
+    done: list[tuple[int, float]] = [(d["layer"], d["alpha"]) for d in (state or {}).get("done", [])]
+    log: list[dict[str, float]] = list((state or {}).get("log", []))
+    resumed = len(done)
+
+    t0 = time.perf_counter()
+    counts = {"layers": 0, "heads": 0}
+    remaining = order[len(done) :]
+    total_candidates = len(remaining) * len(grid_vals)
+    fixed_layers = [layer for layer, _ in done]
+    fixed_alphas = [alpha for _, alpha in done]
+
+    def save_state() -> None:
+        if state_file is None:
+            return
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            state_file,
+            {
+                "version": STATE_VERSION,
+                "fingerprint": fp,
+                "order": order,
+                "grid": grid_vals,
+                "method": method,
+                "done": [{"layer": a, "alpha": b} for a, b in zip(fixed_layers, fixed_alphas, strict=True)],
+                "log": log,
+            },
+        )
+
+    with Progress(total_candidates, "alpha search", enabled=progress) as bar:
+        batches: list[_Batch] = []
+        lo = order[-1]
+        if method == "cached" and remaining:
+            bar.describe("caching the residual stream")
+            with temporarily_pruned(model, fixed_layers, fixed_alphas):
+                batches = capture_inputs(model, windows, lo, batch_size)
+            counts["layers"] += num - 1  # one original forward (it stops before the top layer)
+        for layer in remaining:
+            if method == "cached":
+                # input of `layer`: everything below it is still original
+                entry = [run_layers(model, b, b.hidden, lo, layer) for b in batches]
+                counts["layers"] += layer - lo
+            scores: list[tuple[float, float]] = []
+            for alpha in grid_vals:
+                bar.describe(f"layer {layer}  alpha {alpha:g}")
+                with temporarily_pruned(model, fixed_layers + [layer], fixed_alphas + [alpha]):
+                    if method == "cached":
+                        nll = sum(
+                            tail_nll(model, b, h, layer, chunk_tokens) for b, h in zip(batches, entry, strict=True)
+                        )
+                        counts["layers"] += num - layer
+                        counts["heads"] += 1
+                        ppl = math.exp(nll / n_tokens)
+                    else:
+                        ppl = perplexity(model, windows, batch_size=batch_size, chunk_tokens=chunk_tokens).ppl
+                        counts["layers"] += num
+                        counts["heads"] += 1
+                scores.append((ppl, alpha))
+                log.append({"layer": layer, "alpha": alpha, "ppl": ppl})
+                bar.advance(1)
+            best_ppl, best_alpha = min(scores)  # ties -> the smaller alpha
+            fixed_layers.append(layer)
+            fixed_alphas.append(best_alpha)
+            save_state()
+            if callback is not None:
+                callback(layer, best_alpha, log)
+
+    return SearchResult(
+        layers=list(order),
+        alphas=list(fixed_alphas),
+        log=log,
+        calib_tokens=n_tokens,
+        method=method,
+        seconds=time.perf_counter() - t0,
+        layer_forwards=counts["layers"],
+        head_evals=counts["heads"],
+        resumed_layers=resumed,
+        grid=grid_vals,
+    )
+
+
+def ideal_layer_forwards(num_layers: int, k: int, grid_size: int, method: str = "cached") -> int:
+    """Layer-forward count of HARP.md section 3 for the top k layers: cached = G * k(k+1)/2 candidate
+    passes + one original forward (L - 1 layers) + k(k-1)/2 to rebuild each layer's input;
+    naive = G * k * L."""
+    if method == "naive":
+        return grid_size * k * num_layers
+    return grid_size * k * (k + 1) // 2 + (num_layers - 1) + k * (k - 1) // 2

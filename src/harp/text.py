@@ -1,0 +1,171 @@
+"""Text sources for calibration and evaluation, and how they are cut into token windows.
+
+Sources: the bundled WikiText-2 validation (default calibration) and WikiText-2-raw test (default
+evaluation) files, any plain-text file or folder, and `hf:NAME[:CONFIG[:SPLIT[:FIELD]]]` datasets
+when online.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLED = {
+    "wikitext2-valid": ("wikitext2_valid.tokens.gz", "WikiText-2 v1 validation (bundled, CC BY-SA 3.0)"),
+    "wikitext2-raw-test": ("wikitext2_raw_test.raw.gz", "WikiText-2-raw v1 test (bundled, CC BY-SA 3.0)"),
+}
+DEFAULT_CALIB = "wikitext2-valid"
+DEFAULT_EVAL = "wikitext2-raw-test"
+TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".md", ".text"}
+
+
+@dataclass(frozen=True)
+class Text:
+    name: str
+    description: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def load_text(source: str | Path | None, default: str = DEFAULT_CALIB) -> Text:
+    """Read a text source: a bundled name, a file, a folder of text files, or `hf:` dataset id."""
+    src = default if source is None else str(source)
+    if src in BUNDLED:
+        fname, desc = BUNDLED[src]
+        data = resources.files("harp").joinpath("data", fname).read_bytes()
+        return Text(src, desc, gzip.decompress(data).decode("utf-8"))
+    if src.startswith("hf:"):
+        return _load_hf(src)
+    p = Path(src).expanduser()
+    if p.is_file():
+        text = _read_file(p)
+        desc = f"file {p}"
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"Folder {p} has no text files ({', '.join(sorted(TEXT_SUFFIXES))}).")
+        text = "\n\n".join(_read_file(f) for f in files)
+        desc = f"folder {p} ({len(files)} files)"
+    else:
+        raise FileNotFoundError(
+            f"Text source {src!r} not found. Give a text file, a folder of .txt files, one of the bundled "
+            f"sets ({', '.join(BUNDLED)}), or hf:DATASET[:CONFIG[:SPLIT[:FIELD]]] when online."
+        )
+    if not text.strip():
+        raise ValueError(f"Text source {src!r} is empty.")
+    return Text(src, desc, text)
+
+
+def _read_file(p: Path) -> str:
+    raw = p.read_bytes()
+    if p.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p} is not UTF-8 text.") from None
+
+
+def _load_hf(src: str) -> Text:
+    parts = src[3:].split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    field = parts[3] if len(parts) > 3 and parts[3] else "text"
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("hf: text sources need the `datasets` package (pip install datasets).") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, ...
+        raise ValueError(f"Could not load dataset {name!r} ({config}, {split}): {e}") from None
+    if field not in ds.column_names:
+        raise ValueError(f"Dataset {name} has no column {field!r}; columns: {ds.column_names}.")
+    return Text(src, f"datasets {name} {config or ''} {split}".strip(), "\n\n".join(ds[field]))
+
+
+def tokenize(tokenizer: Any, text: Text | str) -> torch.Tensor:
+    """Token ids of the whole text as one 1-D LongTensor (no special tokens added)."""
+    s = text.text if isinstance(text, Text) else text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sequence longer than model max length": we cut windows ourselves
+        ids = tokenizer(s, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _need(ids: torch.Tensor, n: int, seq_len: int, what: str) -> int:
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (got {seq_len}).")
+    if n < 1:
+        raise ValueError(f"Need at least one {what} window (got {n}).")
+    available = ids.numel() // seq_len
+    if available < 1:
+        raise ValueError(
+            f"The {what} text has {ids.numel()} tokens, fewer than one window of {seq_len}: "
+            "give more text or a smaller --seq-len."
+        )
+    return available
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """`n` distinct non-overlapping windows of `seq_len` tokens, chosen by a seeded permutation."""
+    available = _need(ids, n, seq_len, "calibration")
+    if n > available:
+        raise ValueError(
+            f"The calibration text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
+            f"but {n} were asked for. Use fewer windows, a shorter --seq-len, or more text."
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(available, generator=g)[:n].sort().values
+    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in pick.tolist()])
+
+
+def evaluation_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start (the standard perplexity protocol),
+    limited to the first `max_tokens` tokens if given."""
+    if max_tokens is not None:
+        ids = ids[: max(max_tokens, 0)]
+    available = _need(ids, 1, seq_len, "evaluation")
+    return ids[: available * seq_len].view(available, seq_len)
+
+
+def overlap_fraction(calib: torch.Tensor, evaluation: torch.Tensor, n: int = 32) -> float:
+    """Fraction of the evaluation windows' n-grams that also occur in the calibration windows."""
+    def grams(w: torch.Tensor, step: int) -> set[int]:
+        out: set[int] = set()
+        for row in w.tolist():
+            for i in range(0, max(len(row) - n + 1, 0), step):
+                out.add(hash(tuple(row[i : i + n])))
+        return out
+
+    cal = grams(calib, 1)
+    ev = grams(evaluation, n)
+    return len(ev & cal) / max(len(ev), 1)
+
+
+def check_disjoint(calib_text: Text, eval_text: Text, calib: torch.Tensor, evaluation: torch.Tensor) -> float:
+    """Refuse identical calibration and evaluation text; warn on partial overlap. Returns the overlap."""
+    if calib_text.sha256 == eval_text.sha256:
+        raise ValueError(
+            "Calibration and evaluation text are the same: the perplexity would be measured on the text the "
+            "alphas were fitted to. Pass different --calib and --eval sources."
+        )
+    frac = overlap_fraction(calib, evaluation)
+    if frac > 0.01:
+        warnings.warn(
+            f"{frac:.1%} of the evaluation text's 32-token spans also occur in the calibration windows: "
+            "the evaluation is not independent of calibration.",
+            stacklevel=2,
+        )
+    return frac
