@@ -44,3 +44,27 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager", **overrides) -> 
             if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A small BPE tokenizer trained on a slice of the bundled calibration text (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from harp.text import load_text
+
+    text = load_text("wikitext2-valid").text[:200_000]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=150)
+    tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_folder(path, family: str = "llama", **overrides):
+    """Save a tiny random model + tokenizer as an ordinary transformers folder; returns the path."""
+    tok = tiny_tokenizer()
+    model = tiny_model(family, vocab_size=len(tok), **overrides)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,131 @@
+"""`harp prune` and `harp info` end to end on a tiny model folder; clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_folder
+from typer.testing import CliRunner
+
+import harp
+from harp.cli import get_app
+from harp.perplexity import perplexity
+from harp.text import evaluation_windows, load_text, tokenize
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("m") / "tiny-llama", "llama", max_position_embeddings=512)
+
+
+SMALL = ["--layers", "3", "--calib-windows", "4", "--seq-len", "64", "--eval-tokens", "512", "--eval-seq-len", "128",
+         "--grid", "0:1:0.5"]
+
+
+def _run(*args):
+    return runner.invoke(get_app(), list(args), catch_exceptions=False)
+
+
+def test_prune_end_to_end_then_info(folder, tmp_path):
+    out = tmp_path / "pruned"
+    r = _run("prune", "--model", str(folder), "--layers", "3", "--out", str(out), "--json", str(tmp_path / "s.json"),
+             *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "HARP result" in r.output and "parameters removed" in r.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["layers"] == [5, 4, 3] and len(summary["alphas"]) == 3
+    assert set(summary["ppl"]) == {"original", "harp", "alpha=1", "alpha=0"}
+    assert summary["params_removed"] == summary["params_removed_predicted"] > 0
+    assert summary["kv_reduction"] == pytest.approx(3 / 6)
+    # checkpoint: weights, config, search log with every candidate, tokenizer
+    log = json.loads((out / "search_log.json").read_text())
+    assert len(log) == 3 * 3
+    model = harp.load(out)
+    assert model.config.harp["layers"] == [3, 4, 5]
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(out)
+    ev = evaluation_windows(tokenize(tok, load_text(None, "wikitext2-raw-test")), 128, 512)
+    assert perplexity(model, ev).ppl == pytest.approx(summary["ppl"]["harp"], rel=1e-6)
+    # the search state file is gone once the checkpoint is complete
+    assert not list(tmp_path.glob(".pruned.harp-search.json"))
+
+    r = _run("info", str(out))
+    assert r.exit_code == 0, r.output
+    assert "pruned layers" in r.output and "5, 4, 3" in r.output
+    r = _run("info", str(out), "--json")
+    assert json.loads(r.output)["harp"]["layers"] == [3, 4, 5]
+
+
+def test_prune_with_given_alphas_skips_search(folder, tmp_path):
+    r = _run("prune", "--model", str(folder), "--layer-ids", "1,3", "--alphas", "0.5,0", "--no-reference",
+             "--out", str(tmp_path / "o"), *SMALL)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    # alphas are given top layer first: layer 3 -> 0.5, layer 1 -> 0
+    assert cfg["harp"] == {"format_version": 1, "layers": [1, 3], "alphas": [0.0, 0.5]}
+
+
+def _err(*args):
+    r = runner.invoke(get_app(), list(args))
+    assert r.exit_code != 0
+    return r.exception
+
+
+def test_bad_inputs_are_clear_and_write_nothing(folder, tmp_path):
+    out = tmp_path / "o"
+    cases = [
+        (["--model", str(tmp_path / "nope")], FileNotFoundError, "not found"),
+        (["--model", str(folder), "--layers", "0"], ValueError, "between 1 and"),
+        (["--model", str(folder), "--layers", "7"], ValueError, "between 1 and"),
+        (["--model", str(folder), "--calib", str(tmp_path / "missing.txt")], FileNotFoundError, "not found"),
+        (["--model", str(folder), "--grid", "0:1:-1"], ValueError, "Bad grid"),
+        (["--model", str(folder), "--alphas", "0.5"], ValueError, "gives 1 values for 3"),
+    ]
+    for extra, exc, msg in cases:
+        e = _err("prune", "--out", str(out), *SMALL, *extra)  # a later --layers overrides SMALL's
+        assert isinstance(e, exc) and msg in str(e), (extra, e)
+        assert not out.exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    e = _err("prune", "--out", str(out), "--model", str(folder), "--calib", str(empty), *SMALL)
+    assert isinstance(e, ValueError) and "empty" in str(e)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words of text")
+    e = _err("prune", "--out", str(out), "--model", str(folder), "--calib", str(short), *SMALL)
+    assert isinstance(e, ValueError) and "fewer than one window" in str(e)
+    same = _err("prune", "--out", str(out), "--model", str(folder), "--calib", "wikitext2-raw-test", *SMALL)
+    assert isinstance(same, ValueError) and "same" in str(same)
+    assert not out.exists()
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    e = _err("prune", "--out", str(existing), "--model", str(folder), *SMALL)
+    assert isinstance(e, FileExistsError) and "--overwrite" in str(e)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_cli_main_prints_one_line_errors(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from harp import cli
+
+    monkeypatch.setattr(sys, "argv", ["harp", "prune", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "x")])
+    with pytest.raises(SystemExit) as ex:
+        cli.main()
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_overlapping_text_warns(folder, tmp_path):
+    text = load_text(None, "wikitext2-raw-test").text
+    part = tmp_path / "calib.txt"
+    part.write_text(text[:2500] + "\n")  # calibration text that contains the evaluation text's start
+    with pytest.warns(UserWarning, match="also occur in the calibration"):
+        r = runner.invoke(get_app(), ["prune", "--out", str(tmp_path / "o"), "--model", str(folder), "--calib",
+                                      str(part), *SMALL, "--layers", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    torch.manual_seed(0)
