@@ -1,21 +1,45 @@
-"""harp: HARP (High-Layer Attention Pruning with Rescaling) for Hugging Face causal language models."""
+"""harp: HARP (High-Layer Attention Pruning with Rescaling) for Hugging Face causal language models.
+
+    import harp
+    model, tok = harp.load_model()                       # bundled SmolLM2-135M, or a folder / .gguf / hub id
+    result = harp.search_alphas(model, calib_windows, 8)  # greedy top-down alpha search (cached)
+    harp.prune(model, layers=result.layers, alphas=result.alphas)
+    harp.save(model, "out/", tokenizer=tok)
+    model = harp.load("out/")
+"""
 
 __version__ = "0.1.0"
 
 from .checkpoint import load, save  # noqa: E402
-from .core import prune, pruned_plan  # noqa: E402
+from .core import prune, pruned_plan, temporarily_pruned  # noqa: E402
 from .modeling import ARCHITECTURES, supported_families  # noqa: E402
+from .models import load_model  # noqa: E402
+from .perplexity import perplexity  # noqa: E402
+from .pipeline import PruneSettings, run_prune  # noqa: E402
+from .search import SearchResult, search_alphas  # noqa: E402
 from .stats import count_parameters, kv_cache_bytes, removed_parameters  # noqa: E402
+from .text import calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
+    "PruneSettings",
+    "SearchResult",
     "__version__",
+    "calibration_windows",
     "count_parameters",
+    "evaluation_windows",
     "kv_cache_bytes",
     "load",
+    "load_model",
+    "load_text",
+    "perplexity",
     "prune",
     "pruned_plan",
     "removed_parameters",
+    "run_prune",
     "save",
+    "search_alphas",
     "supported_families",
+    "temporarily_pruned",
+    "tokenize",
 ]

