@@ -154,6 +154,10 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, start: int, batch_si
 def run_layers(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Run decoder layers lo..hi-1 on `hidden` with the arguments captured for this batch."""
     stack = get_module(model, arch_for(model.config).layers)
+    if lo < hi:  # activations kept off the device (streamed search) come back for the computation
+        dev = next(stack[lo].parameters()).device
+        if dev.type != "meta" and hidden.device != dev:
+            hidden = hidden.to(dev)
     for j in range(lo, hi):
         rest, kw = batch.kwargs[j]
         hidden = _layer_out(stack[j](hidden, *rest, **kw))
@@ -175,16 +179,42 @@ def tail_nll(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, chu
 # ------------------------------------------------------------------------------------------------
 
 
-def fingerprint(model: nn.Module, windows: torch.Tensor, order: list[int], grid: list[float], method: str) -> str:
-    """What makes two searches the same search: model weights/config, calibration tokens, layers, grid."""
+_DIGEST_ELEMENTS = 1 << 22  # float64 sums of at most this many elements at a time: no full float64 copy
+
+
+def digest_rows(rows: int, row_elements: int, read: Callable[[int, int], torch.Tensor]) -> float:
+    """Sum of a tensor in float64, read `read(r0, r1)` a block of rows at a time. The blocks depend only
+    on the shape, so a tensor in memory and the same tensor read from disk by rows give the same sum."""
+    step = max(1, _DIGEST_ELEMENTS // max(1, row_elements))
+    return sum(float(read(r, min(rows, r + step)).double().sum()) for r in range(0, rows, step))
+
+
+def tensor_digest(t: torch.Tensor) -> float:
+    t = t.detach().reshape(1, -1) if t.dim() == 0 else t.detach()
+    return digest_rows(t.shape[0], t[0].numel(), lambda a, b: t[a:b])
+
+
+def fingerprint(
+    model: nn.Module,
+    windows: torch.Tensor,
+    order: list[int],
+    grid: list[float],
+    method: str,
+    digest: Callable[[str, torch.Tensor], float] | None = None,
+) -> str:
+    """What makes two searches the same search: model weights/config, calibration tokens, layers, grid.
+
+    `digest(name, tensor)` gives the float64 sum of a state-dict entry (default `tensor_digest`); the
+    streamed search reads the entries that are not resident from disk, so both agree on a model."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     cfg.pop("harp", None)
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    digest = digest or (lambda name, p: tensor_digest(p))
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items())[:: max(1, len(model.state_dict()) // 16)]:
             h.update(name.encode())
-            h.update(repr(float(p.double().sum())).encode())
+            h.update(repr(digest(name, p)).encode())
     h.update(windows.cpu().numpy().tobytes())
     h.update(json.dumps({"order": order, "grid": grid}).encode())
     return h.hexdigest()
@@ -223,6 +253,34 @@ def search_alphas(
     progress: bool = False,
     callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
 ) -> SearchResult:
+    return run_search(
+        model, windows, layers, grid=grid, method=method, batch_size=batch_size, chunk_tokens=chunk_tokens,
+        state_path=state_path, progress=progress, callback=callback,
+    )
+
+
+# What a search needs to begin with: the batches (residual stream entering layer `lo` and the arguments of
+# the layers above) and how many decoder-layer passes producing them took. The in-memory search runs the
+# model (`capture_inputs`); the streamed search (harp.streaming) runs the bottom layers one at a time.
+Prepare = Callable[[int, Progress], tuple[list[_Batch], int]]
+
+
+def run_search(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: int | Sequence[int] = 8,
+    *,
+    grid: str | Sequence[float] | None = None,
+    method: str = "cached",
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    state_path: str | Path | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
+    prepare: Prepare | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    digest: Callable[[str, torch.Tensor], float] | None = None,
+) -> SearchResult:
     """Find HARP's alphas by greedy top-down search over `grid`, minimising calibration perplexity.
 
     Args:
@@ -234,6 +292,10 @@ def search_alphas(
             candidate; the reference).
         state_path: JSON file to write progress to after each layer, and to resume from.
         callback: called as callback(layer, alpha, log) after each layer is fixed.
+        prepare, keep, digest: for `run_search` only (the streamed search): `prepare(lo, bar)` supplies
+            the cached batches instead of a forward of the whole model, `keep(t)` stores each cached
+            hidden state (e.g. on the CPU or memory-mapped on disk), `digest` fingerprints weights that
+            are not resident.
 
     Returns the layers (top first), their alphas, and the log of every (layer, alpha, ppl) tried.
     """
@@ -255,7 +317,7 @@ def search_alphas(
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
 
     state_file = Path(state_path) if state_path is not None else None
-    fp = fingerprint(model, windows, order, grid_vals, method) if state_file else ""
+    fp = fingerprint(model, windows, order, grid_vals, method, digest) if state_file else ""
     state = _read_state(state_file, fp) if state_file else None
     done: list[tuple[int, float]] = [(d["layer"], d["alpha"]) for d in (state or {}).get("done", [])]
     log: list[dict[str, float]] = list((state or {}).get("log", []))
@@ -290,13 +352,18 @@ def search_alphas(
         lo = order[-1]
         if method == "cached" and remaining:
             bar.describe("caching the residual stream")
-            with temporarily_pruned(model, fixed_layers, fixed_alphas):
-                batches = capture_inputs(model, windows, lo, batch_size)
-            counts["layers"] += num - 1  # one original forward (it stops before the top layer)
+            if prepare is None:
+                with temporarily_pruned(model, fixed_layers, fixed_alphas):
+                    batches = capture_inputs(model, windows, lo, batch_size)
+                counts["layers"] += num - 1  # one original forward (it stops before the top layer)
+            else:
+                batches, passes = prepare(lo, bar)
+                counts["layers"] += passes
+        store = keep or (lambda t: t)
         for layer in remaining:
             if method == "cached":
                 # input of `layer`: everything below it is still original
-                entry = [run_layers(model, b, b.hidden, lo, layer) for b in batches]
+                entry = [b.hidden if layer == lo else store(run_layers(model, b, b.hidden, lo, layer)) for b in batches]
                 counts["layers"] += layer - lo
             scores: list[tuple[float, float]] = []
             for alpha in grid_vals:

@@ -1,0 +1,447 @@
+"""The streamed alpha search: HARP's search (HARP.md section 3) without the whole model resident.
+
+The cached search needs, from the frozen bottom of the model, only the residual stream entering the
+lowest searched layer (and the arguments every decoder layer receives: masks, rotary tables). The
+streamed search computes it from a safetensors checkpoint on disk one decoder layer at a time:
+
+1. The model is built on the meta device (no weights); only its buffers (rotary tables) are real.
+2. With the embedding loaded and every decoder layer replaced by the identity, one pass of the
+   backbone per batch records what each layer is called with: the embedding output and the exact
+   masks / rotary embeddings the model computes itself, so nothing is re-derived here.
+3. Layer j = 0 .. start-1: load its tensors from the shards (only those, via the index), run every
+   calibration batch through it, put it back on the meta device.
+4. Load layers start .. L-1, the final norm and the LM head, and run the ordinary cached search
+   (`harp.search.run_search`) on that partially resident model.
+
+Peak memory is therefore the top layers + head + the calibration activations (+ one bottom layer
+while streaming), independent of the depth L. Everything the search computes is the same arithmetic
+as the in-memory cached search on the same batches, so alphas and perplexities are identical.
+Activations can live on the compute device, on the CPU, or memory-mapped on disk (`activations=`).
+The resume state is shared with the in-memory search: a search interrupted in one mode resumes in
+the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modeling import arch_for, get_module
+from .progress import Progress
+from .search import SearchResult, _Batch, _layer_out, _StopForward, digest_rows, run_search, tensor_digest
+
+ACTIVATIONS = ("device", "cpu", "disk")
+DEVICES = "cpu, cuda, cuda:N or auto"
+
+_CONVERT_HINT = (
+    "Convert it once to a sharded safetensors folder (this loads the model a single time):\n"
+    "    python -c \"import harp; m, t = harp.load_model('{src}'); "
+    "m.save_pretrained('DIR', max_shard_size='2GB'); t.save_pretrained('DIR')\"\n"
+    "then pass --model DIR."
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices and dtypes
+# ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (the first GPU if torch sees one, else the CPU)."""
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {name!r}: use {DEVICES}.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {name!r}: use {DEVICES}.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}). "
+                             "Use --device cpu, or --device auto to take a GPU when there is one.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    from .models import _dtype
+
+    return _dtype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# A safetensors checkpoint on disk, read a few tensors at a time
+# ------------------------------------------------------------------------------------------------
+
+
+def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
+    """The local safetensors folder behind a --model argument, or a ValueError saying how to make one."""
+    from .checkpoint import is_harp_checkpoint
+    from .models import resolve_model_source
+
+    src = resolve_model_source(source)
+    p = Path(src)
+    if not p.exists():
+        raise ValueError(
+            f"--streamed reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
+            f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass --model DIR."
+        )
+    if p.is_file():
+        raise ValueError(
+            f"--streamed needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
+        )
+    if is_harp_checkpoint(p):
+        raise ValueError(f"{p} is already a HARP-pruned checkpoint; search alphas on the original model.")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(
+            f"--streamed needs safetensors weights, and {p} has none (PyTorch .bin files are pickles that "
+            "cannot be read one tensor at a time). " + _CONVERT_HINT.format(src=p)
+        )
+    return p
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a safetensors model folder (one file, or shards with `model.safetensors.index.json`).
+
+    Every read opens the shard, takes the named tensors and closes it again, so no mapping of a whole
+    shard outlives the read (mapped pages would count as resident memory)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        self.files: dict[str, Path] = {}
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.folder / v for k, v in weight_map.items()}
+            missing = sorted({str(f.name) for f in self.files.values() if not f.is_file()})
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are not there: {', '.join(missing[:5])}.")
+        else:
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self.files[k] = f
+        if not self.files:
+            raise ValueError(f"No safetensors tensors found in {self.folder}.")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, keys: Sequence[str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The named tensors on `device`, floating ones cast to `dtype` (as from_pretrained does)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt", device=str(device)) as h:
+                for k in names:
+                    t = h.get_tensor(k)
+                    out[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        return out
+
+    def digest(self, key: str, dtype: torch.dtype) -> float:
+        """`harp.search.tensor_digest` of a tensor, read a block of rows at a time (small transient)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), framework="pt") as h:
+            sl = h.get_slice(key)
+            shape = list(sl.get_shape())
+            if not shape:
+                return tensor_digest(h.get_tensor(key).to(dtype))
+            row = math.prod(shape[1:])
+            return digest_rows(shape[0], row, lambda a, b: sl[a:b].to(dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# A model whose weights stay on disk until a part of it is needed
+# ------------------------------------------------------------------------------------------------
+
+
+def _identity_layer(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return hidden_states
+
+
+class StreamedModel:
+    """A transformers causal LM built on the meta device, whose modules are loaded from a safetensors
+    folder on demand (`load`) and dropped again (`release`). `model` is an ordinary transformers model
+    object, so the search code runs on it unchanged once the parts it touches are loaded."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | None,
+        *,
+        dtype: str | torch.dtype | None = "float32",
+        device: str | torch.device | None = "cpu",
+        attn_implementation: str | None = None,
+    ) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = streamable_folder(source)
+        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        config = AutoConfig.from_pretrained(str(self.folder))
+        if getattr(config, "harp", None):
+            raise ValueError(f"{self.folder} is already a HARP-pruned checkpoint; search alphas on the original model.")
+        self.arch = arch_for(config)
+        self.checkpoint = SafetensorsCheckpoint(self.folder)
+        kw: dict[str, Any] = {"dtype": self.dtype}
+        if attn_implementation:
+            kw["attn_implementation"] = attn_implementation
+        with init_empty_weights():  # parameters on the meta device, buffers (rotary tables) real
+            model = AutoModelForCausalLM.from_config(config, **kw)
+        model.eval()
+        for name, buf in list(model.named_buffers()):
+            if buf.device != self.device and buf.device.type != "meta":
+                mod, leaf = self._owner(model, name)
+                mod._buffers[leaf] = buf.to(self.device)
+        self.model = model
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.head_key = f"{self.arch.lm_head}.weight"
+        self.embed_key = f"{self.arch.embed}.weight"
+        # instrumentation for tests and the benchmark: every load, in order
+        self.loaded: list[list[str]] = []
+
+    @staticmethod
+    def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+        path, _, leaf = name.rpartition(".")
+        return (get_module(root, path) if path else root), leaf
+
+    def _key(self, name: str) -> str:
+        if name in self.checkpoint:
+            return name
+        if self.tied and name == self.head_key and self.embed_key in self.checkpoint:
+            return self.embed_key
+        raise ValueError(
+            f"Tensor {name} is not in the checkpoint {self.folder}: it does not match the transformers "
+            f"layout of {type(self.model).__name__}. Re-save the model with save_pretrained."
+        )
+
+    def _params(self, paths: Iterable[str]) -> list[str]:
+        prefixes = tuple(p + "." for p in paths)
+        return [n for n, _ in self.model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)]
+
+    def resident(self) -> list[str]:
+        """Names of the parameters currently loaded (not on the meta device)."""
+        return [n for n, p in self.model.named_parameters(remove_duplicate=False) if not p.is_meta]
+
+    @torch.no_grad()
+    def load(self, paths: Iterable[str]) -> None:
+        """Load the parameters of the modules at `paths` from disk (the tied head shares the embedding)."""
+        paths = list(paths)
+        names = [n for n in self._params(paths) if not (self.tied and n == self.head_key)]
+        todo = [n for n in names if get_module(self.model, n).is_meta]
+        values = self.checkpoint.read([self._key(n) for n in todo], self.device, self.dtype)
+        for n in todo:
+            mod, leaf = self._owner(self.model, n)
+            mod._parameters[leaf] = nn.Parameter(values.pop(self._key(n)), requires_grad=False)
+        if self.tied and any(self.head_key.startswith(p + ".") for p in paths):
+            if get_module(self.model, self.embed_key).is_meta:
+                self.load([self.arch.embed])
+            head = get_module(self.model, self.arch.lm_head)
+            head.weight = get_module(self.model, self.embed_key)
+        self.loaded.append(todo)
+
+    @torch.no_grad()
+    def release(self, paths: Iterable[str]) -> None:
+        """Put the parameters of the modules at `paths` back on the meta device (frees their memory)."""
+        for n in self._params(paths):
+            mod, leaf = self._owner(self.model, n)
+            p = mod._parameters[leaf]
+            if p is not None and not p.is_meta:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+    def digest(self, name: str, p: torch.Tensor) -> float:
+        """The search fingerprint's digest of a state-dict entry, read from disk when not resident."""
+        if not p.is_meta:
+            return tensor_digest(p)
+        return self.checkpoint.digest(self._key(name), p.dtype)
+
+    @torch.no_grad()
+    def capture(
+        self,
+        windows: torch.Tensor,
+        start: int,
+        batch_size: int,
+        bar: Progress | None = None,
+        keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[list[_Batch], int]:
+        """The residual stream entering layer `start` for every batch, computed one layer at a time, and
+        the arguments every layer >= start receives; then layers >= start, the final norm and the head
+        are loaded. Returns (batches, decoder-layer passes made)."""
+        keep = keep or (lambda t: t)
+        arch = self.arch
+        stack = get_module(self.model, arch.layers)
+        backbone = get_module(self.model, arch.backbone)
+        num = len(stack)
+        layer_paths = [f"{arch.layers}.{j}" for j in range(num)]
+        # everything of the backbone that runs before the first layer: the embedding (and any extras)
+        lower = [arch.final_norm, arch.layers]
+        rel = arch.backbone + "."
+        front = sorted({n.rpartition(".")[0] for n, _ in self.model.named_parameters(remove_duplicate=False)
+                        if n.startswith(rel) and not n.startswith(tuple(x + "." for x in lower))})
+        if bar is not None:
+            bar.describe("embedding the calibration windows")
+        self.load(front)
+
+        # Pass 1: identity layers; record each layer's call and the embedding output.
+        hidden: list[torch.Tensor] = []
+        calls: list[dict[int, tuple[tuple, dict]]] = []
+        windows_dev: list[torch.Tensor] = []
+        for layer in stack:
+            layer.forward = _identity_layer
+        try:
+            for i in range(0, len(windows), batch_size):
+                w = windows[i : i + batch_size].to(self.device)
+                got: dict[int, tuple[tuple, dict]] = {}
+                first: list[torch.Tensor] = []
+
+                def make_hook(j: int, got: dict = got, first: list = first) -> Callable:
+                    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                        h = args[0] if args else kwargs["hidden_states"]
+                        got[j] = (args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+                        if j == 0:
+                            first.append(h)
+                        if j == num - 1:
+                            raise _StopForward
+
+                    return hook
+
+                handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(num)]
+                try:
+                    backbone(input_ids=w, use_cache=False)
+                except _StopForward:
+                    pass
+                finally:
+                    for h in handles:
+                        h.remove()
+                windows_dev.append(w)
+                calls.append(got)
+                hidden.append(keep(first[0]))
+        finally:
+            for layer in stack:
+                del layer.forward
+        if not self.tied:
+            self.release([arch.embed])
+
+        # Pass 2: the frozen bottom layers, one at a time.
+        for j in range(start):
+            if bar is not None:
+                bar.describe(f"streaming layer {j + 1}/{start}")
+            self.load([layer_paths[j]])
+            for b in range(len(hidden)):
+                rest, kw = calls[b][j]
+                h = hidden[b].to(self.device)
+                hidden[b] = keep(_layer_out(stack[j](h, *rest, **kw)))
+                del h
+            self.release([layer_paths[j]])
+
+        if bar is not None:
+            bar.describe("loading the searched layers and the head")
+        self.load(layer_paths[start:] + [arch.final_norm, arch.lm_head])
+        batches = [
+            _Batch(w, h, {j: c[j] for j in range(start, num)})
+            for w, h, c in zip(windows_dev, hidden, calls, strict=True)
+        ]
+        return batches, start
+
+
+# ------------------------------------------------------------------------------------------------
+# Where calibration activations live
+# ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def activation_store(
+    where: str, device: torch.device, spill_dir: str | os.PathLike[str] | None = None
+) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A function that stores a hidden state: as it is on the compute device ("device"), on the CPU
+    ("cpu"), or in a memory-mapped file under `spill_dir` ("disk"; the files are unlinked at once and
+    vanish with the tensors). Stored tensors are moved back to the device when the search uses them."""
+    if where not in ACTIVATIONS:
+        raise ValueError(f"Unknown activations place {where!r}: use one of {', '.join(ACTIVATIONS)}.")
+    if where == "device":
+        yield lambda t: t
+        return
+    if where == "cpu":
+        yield lambda t: t if t.device.type == "cpu" else t.to("cpu")
+        return
+    base = Path(spill_dir).expanduser() if spill_dir else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="harp-activations-", dir=base) as tmp:
+
+        def spill(t: torch.Tensor) -> torch.Tensor:
+            fd, path = tempfile.mkstemp(dir=tmp, suffix=".bin")
+            try:
+                os.ftruncate(fd, t.numel() * t.element_size())
+            finally:
+                os.close(fd)
+            out = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+            os.unlink(path)  # the mapping keeps the data; the space is freed with the tensor
+            out.copy_(t)
+            return out
+
+        yield spill
+
+
+# ------------------------------------------------------------------------------------------------
+# The streamed search
+# ------------------------------------------------------------------------------------------------
+
+
+def streamed_search(
+    source: str | os.PathLike[str] | None,
+    windows: torch.Tensor,
+    layers: int | Sequence[int] = 8,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    activations: str = "device",
+    spill_dir: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = None,
+    grid: str | Sequence[float] | None = None,
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    state_path: str | Path | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
+    model: StreamedModel | None = None,
+) -> SearchResult:
+    """HARP's greedy top-down alpha search on a model that stays on disk (a safetensors folder).
+
+    Same arguments and result as `harp.search_alphas` (method "cached"; `result.method` is "streamed"),
+    plus where the model runs (`device`, `dtype`) and where the calibration activations are kept
+    (`activations`: "device", "cpu", or "disk" memory-mapped under `spill_dir`). Peak memory is the
+    searched layers, the final norm and the LM head, plus the activations; not the whole model.
+    A `state_path` written by an in-memory search of the same model resumes here, and vice versa.
+    """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"Unknown activations place {activations!r}: use one of {', '.join(ACTIVATIONS)}.")
+    sm = model or StreamedModel(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    with activation_store(activations, sm.device, spill_dir) as keep:
+        result = run_search(
+            sm.model, windows, layers, grid=grid, method="cached", batch_size=batch_size, chunk_tokens=chunk_tokens,
+            state_path=state_path, progress=progress, callback=callback,
+            prepare=lambda lo, bar: sm.capture(windows, lo, batch_size, bar, keep),
+            keep=keep, digest=sm.digest,
+        )
+    result.method = "streamed"
+    return result
