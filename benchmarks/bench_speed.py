@@ -1,0 +1,132 @@
+"""Reproduce the README's "Speed and memory" table: HARP vs original on the default model.
+
+    python benchmarks/bench_speed.py                      # contexts 256..4096, 2 threads, 3 repeats
+    python benchmarks/bench_speed.py --context 256,512,1024,2048,4096,8192 --repeats 5
+
+What it does:
+1. Loads the bundled default model (SmolLM2-135M-Instruct, 30 layers, float32) and prunes its top 8
+   layers with PLAN below, unless --pruned DIR names a HARP checkpoint to use instead. The alpha
+   search is not part of this script: the plan is Llama-3.1-8B's released alphas (HARP.md section 3,
+   top layer first) applied to SmolLM2's top 8 layers. Speed depends on the alphas only through
+   alpha == 0 (attention sub-layer gone) vs alpha != 0 (v_proj + folded o_proj kept): 5 + 3 here.
+2. Saves the pruned model as a HARP checkpoint (under --out, reused on later runs) so that each
+   model's peak memory can be measured alone in a fresh process.
+3. Runs `harp.bench.run_bench` (the code behind `harp bench`): per context, a warm-up round, then
+   --repeats rounds of original and pruned interleaved; prefill of n tokens into an empty cache
+   (last-token logits), then --new-tokens greedy decode steps; pair-by-pair ratios; FLOP and bytes
+   bounds from harp.flops; KV-cache bytes from the cache object.
+4. Writes bench.json, bench.md (the table) and bench.png (runtime vs context, speed-up and bound)
+   to --out and prints the table and the acceptance checks of the README.
+
+The equivalent CLI call, once the pruned checkpoint exists:
+
+    harp bench --pruned runs/bench_speed/pruned-k8 --context 256,512,1024,2048,4096 --threads 2 \\
+        --repeats 3 --new-tokens 32 --out runs/bench_speed --overwrite
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PLAN_LAYERS = [29, 28, 27, 26, 25, 24, 23, 22]
+PLAN_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
+
+
+def pruned_checkpoint(out: Path, model: str | None) -> Path:
+    """The HARP checkpoint of PLAN applied to `model`, written once under `out`."""
+    import harp
+    from harp.checkpoint import is_harp_checkpoint
+    from harp.models import load_model
+
+    path = out / "pruned-k8"
+    if is_harp_checkpoint(path):
+        return path
+    m, tok = load_model(model)
+    harp.prune(m, layers=PLAN_LAYERS, alphas=PLAN_ALPHAS)
+    harp.save(m, path, tokenizer=tok, recipe={"note": "benchmarks/bench_speed.py fixed plan", "search": None})
+    return path
+
+
+def acceptance(result: dict[str, Any]) -> list[str]:
+    """The README's claims, checked on this run (reported, not asserted)."""
+    lines = []
+    rows = {r["context"]: r for r in result["contexts"]}
+    k = len(result["models"]["pruned"]["harp_layers"])
+    L = result["models"]["pruned"]["num_layers"]
+    kv_ok = all(r["kv_cache_bytes"]["pruned"] * L == r["kv_cache_bytes"]["original"] * (L - k) for r in rows.values())
+    lines.append(f"KV-cache bytes fall by exactly {k}/{L} at every context: {'yes' if kv_ok else 'NO'}")
+    for n, r in rows.items():
+        pre = r["prefill"]
+        lines.append(
+            f"context {n}: prefill saving {100 * pre['measured_saving']:.1f} % vs ideal "
+            f"{100 * pre['ideal_saving']:.1f} % -> {100 * pre['fraction_of_ideal_saving']:.0f} % of ideal "
+            f"({'>= 80 %' if pre['fraction_of_ideal_saving'] >= 0.8 else '< 80 %'})"
+        )
+    speedups = [rows[n]["prefill"]["speedup"] for n in sorted(rows)]
+    grows = all(b >= a for a, b in zip(speedups, speedups[1:], strict=False))
+    lines.append(
+        "prefill speed-up grows with context: "
+        + ("yes" if grows else "not monotonically")
+        + " ("
+        + ", ".join(f"{s:.3f}" for s in speedups)
+        + ")"
+    )
+    for n, r in rows.items():
+        if "decode" in r:
+            d = r["decode"]
+            lines.append(
+                f"context {n}: decode {d['original']['median_tokens_per_s']:.1f} -> "
+                f"{d['pruned']['median_tokens_per_s']:.1f} tok/s "
+                f"(x{d['speedup']:.3f}, bytes bound x{d['bytes_bound']:.3f})"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="original model (default: the bundled SmolLM2-135M)")
+    ap.add_argument("--pruned", default=None, help="a HARP checkpoint to use instead of pruning with PLAN")
+    ap.add_argument("--context", default="256,512,1024,2048,4096")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-isolated-memory", action="store_true", help="skip the per-model peak-RSS processes")
+    ap.add_argument("--out", default="runs/bench_speed")
+    a = ap.parse_args(argv)
+
+    from harp.bench import bench_table, parse_contexts, run_bench, write_bench
+
+    out = Path(a.out)
+    contexts = parse_contexts(a.context)
+    pruned = Path(a.pruned) if a.pruned else pruned_checkpoint(out, a.model)
+    result = run_bench(
+        a.model,
+        str(pruned),
+        contexts,
+        new_tokens=a.new_tokens,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        threads=a.threads,
+        isolated_memory=not a.no_isolated_memory,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    result["command"] = "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    written = write_bench(result, out, overwrite=True)
+    print(bench_table(result))
+    print()
+    print("\n".join(acceptance(result)))
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

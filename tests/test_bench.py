@@ -1,0 +1,204 @@
+"""`harp bench` and harp.bench on tiny models: structure of the results and outputs, never timings."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from typer.testing import CliRunner
+
+import harp
+import harp.cli
+from harp import bench, flops
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    orig = tiny_model("llama", attn="sdpa")
+    pruned = copy.deepcopy(orig)
+    harp.prune(pruned, layers=[5, 4], alphas=[0.5, 0.0])
+    return orig, pruned
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, pair):
+    root = tmp_path_factory.mktemp("bench_models")
+    orig, pruned = pair
+    harp.save(orig, root / "orig")
+    harp.save(pruned, root / "pruned")
+    return root / "orig", root / "pruned"
+
+
+def test_run_bench_structure(pair):
+    orig, pruned = pair
+    threads = torch.get_num_threads()
+    r = bench.run_bench(orig, pruned, [16, 8], new_tokens=3, repeats=2, warmup=1, threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    assert r["environment"]["torch_threads"] == 1
+    assert r["settings"]["contexts"] == [8, 16]
+    assert r["models"]["pruned"]["harp_layers"] == [4, 5]
+    assert r["models"]["pruned"]["parameters"] < r["models"]["original"]["parameters"]
+    bounds = flops.speedup_bounds(orig.config, [8, 16], pruned.config.harp)
+    for row, b in zip(r["contexts"], bounds, strict=True):
+        pre = row["prefill"]
+        assert len(pre["original"]["runs_ms"]) == len(pre["pruned"]["runs_ms"]) == len(pre["ratio"]["pairs"]) == 2
+        pairs = [q / o for o, q in zip(pre["original"]["runs_ms"], pre["pruned"]["runs_ms"], strict=True)]
+        assert pre["ratio"]["pairs"] == pytest.approx(pairs)
+        assert pre["ratio"]["min"] <= pre["ratio"]["median"] <= pre["ratio"]["max"]
+        assert pre["speedup"] == pytest.approx(1 / pre["ratio"]["median"])
+        assert pre["bound"] == pytest.approx(b["prefill_bound"])
+        assert pre["fraction_of_ideal_saving"] == pytest.approx((1 - pre["ratio"]["median"]) / b["ideal_saving"])
+        kv = row["kv_cache_bytes"]
+        # 2 of 6 layers pruned: exactly a third of the KV cache goes, and the cache says so
+        assert kv["original"] == kv["expected_original"] > 0
+        assert kv["pruned"] == kv["expected_pruned"] == kv["original"] * 4 // 6
+        dec = row["decode"]
+        assert dec["new_tokens"] == 3 and len(dec["original"]["runs_tokens_per_s"]) == 2
+        assert dec["bytes_bound"] == pytest.approx(b["decode_bytes_bound"])
+    assert r["memory"]["process_peak_rss_bytes"] > 0
+    json.dumps(r)  # serialisable as is
+
+
+def test_bench_table_and_plot(pair, tmp_path):
+    orig, pruned = pair
+    r = bench.run_bench(orig, pruned, [4, 8], new_tokens=2, repeats=1, warmup=0)
+    table = bench.bench_table(r)
+    assert table.count("\n| 4 |") == 2 and "FLOP bound" in table and "tok/s" in table
+    written = bench.write_bench(r, tmp_path / "out")
+    assert json.loads(written["json"].read_text())["contexts"][1]["context"] == 8
+    assert written["png"].read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        bench.write_bench(r, tmp_path / "out")
+    bench.write_bench(r, tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md", "bench.png"]
+
+
+def test_cli_bench_writes_json_and_png(saved, tmp_path):
+    orig_dir, pruned_dir = saved
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "--model",
+        str(orig_dir),
+        "--pruned",
+        str(pruned_dir),
+        "--context",
+        "16,8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--no-isolated-memory",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(harp.cli.get_app(), args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    data = json.loads((out / "bench.json").read_text())
+    assert [row["context"] for row in data["contexts"]] == [8, 16]
+    assert data["command"].startswith("harp bench --model")
+    for row in data["contexts"]:
+        assert row["kv_cache_bytes"]["reduction"] == pytest.approx(2 / 6)
+        assert row["decode"]["original"]["median_tokens_per_s"] > 0
+    assert data["memory"]["process_peak_rss_bytes"] > 0
+    assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    # a second run refuses to clobber, before measuring anything
+    res = CliRunner().invoke(harp.cli.get_app(), args)
+    assert isinstance(res.exception, FileExistsError)
+
+
+def test_probe_memory_in_fresh_process(saved):
+    """Per-model peak RSS comes from a fresh process that loads only that model."""
+    _, pruned_dir = saved
+    probe = bench.probe_memory(pruned_dir, [4, 8], 2, threads=1, timeout=300)
+    assert probe["weights_bytes"] > 0
+    peaks = [probe["peak_rss_bytes"][k] for k in ("4", "8")]
+    assert probe["rss_after_load_bytes"] <= peaks[0] <= peaks[1]
+
+
+def test_bad_inputs(pair, saved, tmp_path):
+    orig, pruned = pair
+    orig_dir, _ = saved
+    with pytest.raises(ValueError, match="not an integer"):
+        bench.parse_contexts("256,abc")
+    with pytest.raises(ValueError, match="distinct"):
+        bench.parse_contexts("8,8")
+    with pytest.raises(ValueError, match="at least 1"):
+        bench.parse_contexts([0])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        bench.run_bench(orig, pruned, [8, 512])  # tiny models have 256 positions
+    with pytest.raises(ValueError, match="no HARP layers"):
+        bench.run_bench(orig, orig, [8])
+    with pytest.raises(ValueError, match="without pruned layers"):
+        bench.run_bench(orig, str(orig_dir), [8])
+    plain = tmp_path / "plain"
+    tiny_model("llama").save_pretrained(plain)
+    with pytest.raises(ValueError, match="not a HARP checkpoint"):
+        bench.run_bench(orig, str(plain), [8])
+    with pytest.raises(FileNotFoundError):
+        bench.run_bench(orig, str(tmp_path / "missing"), [8])
+    with pytest.raises(ValueError, match="not a pruned version"):
+        bench.run_bench(tiny_model("llama", num_hidden_layers=4), pruned, [8])
+    with pytest.raises(ValueError, match="isolated_memory"):
+        bench.run_bench(orig, pruned, [8], isolated_memory=True)
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_bench(orig, pruned, [8], repeats=0)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while `on` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.on:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_in_layer(model, idx: int) -> collections.Counter:
+    """Ops run inside decoder layer `idx` during a 10-token prefill and one decode step."""
+    counter = _OpCounter()
+    layer = model.model.layers[idx]
+    hooks = [
+        layer.register_forward_pre_hook(lambda *a: setattr(counter, "on", True)),
+        layer.register_forward_hook(lambda *a: setattr(counter, "on", False)),
+    ]
+    cache = transformers.DynamicCache(config=model.config)
+    try:
+        with counter, torch.inference_mode():
+            model(torch.randint(0, 128, (1, 10)), cache=cache, use_cache=True)
+            model(torch.randint(0, 128, (1, 1)), cache=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counter.ops
+
+
+def test_pruned_layers_do_only_what_the_bound_counts(pair):
+    """A pruned layer runs its v/o maps (alpha != 0) and its MLP, nothing else of attention: no q/k,
+    no rotary (cat/neg), no repeat_kv (expand), no softmax or sdpa, no cache traffic."""
+    orig, pruned = pair
+    attention_ops = {"scaled_dot_product_attention", "cat", "neg", "expand", "softmax", "_softmax", "bmm", "matmul"}
+    ops = _ops_in_layer(orig, 5)
+    assert ops["scaled_dot_product_attention"] == 2 and ops["cat"] > 0 and ops["linear"] == 2 * 7
+    linear = _ops_in_layer(pruned, 5)  # alpha 0.5: v, folded o + 3 MLP maps
+    assert not attention_ops & set(linear) and linear["linear"] == 2 * 5
+    removed = _ops_in_layer(pruned, 4)  # alpha 0: the 3 MLP maps only
+    assert not attention_ops & set(removed) and removed["linear"] == 2 * 3
+    assert _ops_in_layer(pruned, 3) == _ops_in_layer(orig, 3)  # unpruned layers untouched
