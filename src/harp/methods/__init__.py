@@ -1,0 +1,274 @@
+"""Pruning methods selectable by name, all at equal KV-cache reduction (k attention sub-layers removed
+or bypassed), all on the same calibration windows and replay machinery (HARP.md section 4).
+
+    plan = select("attention-drop", model, calib_windows, k=8)
+    with applied(model, plan):
+        ...  # the model is pruned here, restored exactly afterwards
+
+| name | what is pruned | how the layers / alphas are chosen |
+|---|---|---|
+| harp | attention of the top k layers -> rescaled identity | greedy top-down alpha search |
+| harp-refine | same | greedy search + coordinate-descent passes (coarse, then finer grid) |
+| no-rescale | same layers, alpha = 1 | none |
+| attn-drop-top | same layers, alpha = 0 (attention sub-layer removed) | none |
+| harp-low | attention of the bottom k layers -> rescaled identity | the same greedy search |
+| attention-drop | k attention sub-layers, any depth, removed | highest cos(X, X + Attn(LN X)) (He et al.) |
+| shortgpt | k whole layers removed | lowest Block Influence (Men et al.) |
+| sleb | k whole layers removed | greedy: least calibration-perplexity increase (Song et al.) |
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import temporarily_pruned
+from ..modeling import decoder_layers
+from ..search import DEFAULT_GRID, parse_grid, search_alphas, top_layers
+from .blocks import layers_removed, remove_layers
+from .refine import AutoKResult, RefineResult, auto_k, parse_ppl_increase, refine_alphas
+from .scores import attention_drop_scores, block_influence, layer_stats, pick
+from .sleb import SlebResult, sleb
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    kind: str  # "attention" (HARP-style sub-layer pruning) | "blocks" (whole layers removed)
+    summary: str
+    reference: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec("harp", "attention", "top k layers, rescaled identity attention, greedy alpha search",
+                   "Liu & Liu 2025 (HARP)"),
+        MethodSpec("harp-refine", "attention", "as harp, then coordinate-descent refinement of the alphas",
+                   "ours"),
+        MethodSpec("no-rescale", "attention", "top k layers, identity attention, alpha = 1", "HARP ablation"),
+        MethodSpec("attn-drop-top", "attention", "top k layers, attention sub-layer removed (alpha = 0)",
+                   "HARP ablation"),
+        MethodSpec("harp-low", "attention", "bottom k layers, greedy alpha search", "HARP ablation"),
+        MethodSpec("attention-drop", "attention", "k most redundant attention sub-layers (cosine), removed",
+                   "He et al. 2024"),
+        MethodSpec("shortgpt", "blocks", "k whole layers with the lowest Block Influence, removed",
+                   "Men et al. 2024"),
+        MethodSpec("sleb", "blocks", "k whole layers removed greedily by calibration perplexity",
+                   "Song et al. 2024"),
+    )
+}
+
+
+def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
+    """'harp,no-rescale' (or 'all') -> validated names, in the given order, duplicates dropped."""
+    if spec is None or spec == "all":
+        return list(METHODS)
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if not names:
+        raise ValueError(f"No methods given. Valid methods: {', '.join(METHODS)} (or 'all').")
+    names = [n.replace("_", "-") for n in names]
+    if "all" in names:
+        return list(METHODS)
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise ValueError(f"Unknown method(s) {', '.join(map(repr, bad))}. Valid methods: {', '.join(METHODS)}.")
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class Plan:
+    """What a method decided: which layers, and (attention methods) which alphas."""
+
+    method: str
+    kind: str  # "attention" | "blocks" | "none"
+    layers: list[int]  # original layer indices, in the order chosen
+    alphas: list[float] | None = None  # attention methods: one per layer
+    search_seconds: float = 0.0
+    calib_ppl: float | None = None  # calibration perplexity of the pruned model, when the method measured it
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "kind": self.kind, "layers": self.layers, "alphas": self.alphas,
+                "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info}
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "-"
+        pairs = sorted(zip(self.layers, self.alphas or [None] * self.k, strict=True), reverse=True)
+        if self.kind == "blocks":
+            return "layers " + ",".join(str(i) for i, _ in pairs) + " removed"
+        return ", ".join(f"{i}:{a:g}" for i, a in pairs)
+
+
+ORIGINAL = Plan("original", "none", [])
+
+
+@contextmanager
+def applied(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
+    """The model with `plan` applied, restored exactly on exit."""
+    if plan.kind == "none":
+        yield model
+    elif plan.kind == "attention":
+        with temporarily_pruned(model, plan.layers, list(plan.alphas or [])):
+            yield model
+    elif plan.kind == "blocks":
+        with layers_removed(model, plan.layers):
+            yield model
+    else:
+        raise ValueError(f"Unknown plan kind {plan.kind!r}.")
+
+
+def apply(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply `plan` permanently (in place)."""
+    if plan.kind == "attention":
+        from ..core import prune
+
+        return prune(model, plan.layers, list(plan.alphas or []))
+    if plan.kind == "blocks":
+        return remove_layers(model, plan.layers)
+    return model
+
+
+class Selector:
+    """Runs the methods' selection rules on one model and one calibration set, sharing work:
+
+    - the greedy top-down search, the SLEB order and the one-shot scores are prefix-consistent, so
+      the result for the largest k also answers every smaller k (ask for the largest k first);
+    - harp-refine starts from the harp search.
+
+    Search time reported for a prefix is the time the search had taken when that prefix was fixed.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        *,
+        grid: str | Sequence[float] | None = None,
+        batch_size: int = 4,
+        refine_passes: int = 6,
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if getattr(model.config, "harp", None):
+            raise ValueError("Compare methods on the original model, not on a HARP-pruned checkpoint.")
+        self.model = model
+        self.windows = windows
+        self.grid = parse_grid(grid) if grid is not None else list(DEFAULT_GRID)
+        self.batch_size = batch_size
+        self.refine_passes = refine_passes
+        self.progress = progress
+        self.log = log or (lambda m: None)
+        self.num_layers = len(decoder_layers(model))
+        self._greedy: dict[tuple[int, ...], dict[str, Any]] = {}
+        self._sleb: SlebResult | None = None
+        self._scores: dict[str, tuple[list[float], float]] = {}
+
+    # -- shared pieces ------------------------------------------------------------------------
+    def greedy(self, layers: list[int]) -> dict[str, Any]:
+        """Greedy search over `layers` (searched top first); reuses a longer search with this prefix."""
+        order = sorted(layers, reverse=True)
+        for key, res in self._greedy.items():
+            if list(key[: len(order)]) == order:
+                return _prefix(res, len(order))
+        t0 = time.perf_counter()
+        times: list[float] = []
+        ppls: list[float] = []
+
+        def on_layer(layer: int, alpha: float, log: list[dict[str, float]]) -> None:
+            times.append(time.perf_counter() - t0)
+            ppls.append(min(e["ppl"] for e in log if e["layer"] == layer))
+            self.log(f"  layer {layer}: alpha {alpha:g}, calibration ppl {ppls[-1]:.3f}")
+
+        res = search_alphas(self.model, self.windows, order, grid=self.grid, batch_size=self.batch_size,
+                            progress=self.progress, callback=on_layer)
+        entry = {"layers": res.layers, "alphas": res.alphas, "times": times, "ppls": ppls,
+                 "layer_forwards": res.layer_forwards, "log": res.log}
+        self._greedy[tuple(order)] = entry
+        return _prefix(entry, len(order))
+
+    def sleb_order(self, k: int) -> dict[str, Any]:
+        if self._sleb is None or len(self._sleb.removed) < k:
+            self._sleb = sleb(self.model, self.windows, k, batch_size=self.batch_size, progress=self.progress,
+                              callback=lambda s, layer, p: self.log(f"  step {s + 1}: remove layer {layer}, "
+                                                                    f"calibration ppl {p:.3f}"))
+        r = self._sleb
+        return {"layers": r.removed[:k], "ppls": r.ppl[:k], "seconds": r.seconds[k - 1], "base_ppl": r.base_ppl}
+
+    def scores(self, which: str) -> tuple[list[float], float]:
+        if which not in self._scores:
+            t0 = time.perf_counter()
+            fn = attention_drop_scores if which == "attention-drop" else block_influence
+            s = fn(self.model, self.windows, self.batch_size)
+            self._scores[which] = (s, time.perf_counter() - t0)
+        return self._scores[which]
+
+    # -- the methods -----------------------------------------------------------------------------
+    def select(self, method: str, k: int) -> Plan:
+        (method,) = parse_methods([method])
+        n = self.num_layers
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+            raise ValueError(f"k = {k!r}: choose between 1 and {n - 1} layers for this {n}-layer model.")
+        top = top_layers(n, k)
+        if method == "no-rescale":
+            return Plan(method, "attention", top, [1.0] * k)
+        if method == "attn-drop-top":
+            return Plan(method, "attention", top, [0.0] * k)
+        if method in ("harp", "harp-low"):
+            layers = top if method == "harp" else list(range(k - 1, -1, -1))
+            g = self.greedy(layers)
+            return Plan(method, "attention", g["layers"], g["alphas"], g["seconds"], g["ppl"],
+                        {"grid": self.grid, "calib_ppl_per_layer": g["ppls"]})
+        if method == "harp-refine":
+            g = self.greedy(top)
+            r: RefineResult = refine_alphas(self.model, self.windows, g["layers"], g["alphas"], grid=self.grid,
+                                            max_passes=self.refine_passes, batch_size=self.batch_size,
+                                            progress=self.progress)
+            self.log(f"  refine: calibration ppl {r.start_ppl:.3f} -> {r.final_ppl:.3f} "
+                     f"({100 * r.gain:.2f} % lower) in {len(r.passes)} passes")
+            info = {"greedy_alphas": g["alphas"], "greedy_calib_ppl": r.start_ppl, "refined_calib_ppl": r.final_ppl,
+                    "gain": r.gain, "passes": r.passes, "greedy_seconds": g["seconds"],
+                    "refine_seconds": r.seconds, "evaluations": r.evaluations}
+            return Plan(method, "attention", r.layers, r.alphas, g["seconds"] + r.seconds, r.final_ppl, info)
+        if method == "attention-drop":
+            s, sec = self.scores(method)
+            layers = pick(s, k, highest=True)
+            return Plan(method, "attention", layers, [0.0] * k, sec, None,
+                        {"scores": s, "score": "mean cos(X, X + Attn(LN(X)))"})
+        if method == "shortgpt":
+            s, sec = self.scores(method)
+            layers = pick(s, k, highest=False)
+            return Plan(method, "blocks", layers, None, sec, None, {"block_influence": s})
+        if method == "sleb":
+            r2 = self.sleb_order(k)
+            return Plan(method, "blocks", r2["layers"], None, r2["seconds"], r2["ppls"][-1],
+                        {"calib_ppl_per_step": r2["ppls"], "base_calib_ppl": r2["base_ppl"]})
+        raise AssertionError(method)  # parse_methods guards this
+
+
+def _prefix(entry: dict[str, Any], j: int) -> dict[str, Any]:
+    return {"layers": entry["layers"][:j], "alphas": entry["alphas"][:j], "seconds": entry["times"][j - 1],
+            "ppl": entry["ppls"][j - 1], "ppls": entry["ppls"][:j]}
+
+
+def select(method: str, model: nn.Module, windows: torch.Tensor, k: int, **kwargs: Any) -> Plan:
+    """Run one method's selection rule: see `Selector` for the options."""
+    return Selector(model, windows, **kwargs).select(method, k)
+
+
+__all__ = [
+    "METHODS", "ORIGINAL", "AutoKResult", "MethodSpec", "Plan", "RefineResult", "Selector", "SlebResult", "applied",
+    "apply", "attention_drop_scores", "auto_k", "block_influence", "layer_stats", "layers_removed",
+    "parse_methods", "parse_ppl_increase", "refine_alphas", "remove_layers", "select", "sleb",
+]
