@@ -105,7 +105,7 @@ def layer_stats(
             rows = x.shape[0] * (x.shape[1] - 1)
             if isinstance(mod, HarpLinearAttention):  # identity attention: all weight on itself
                 if "attn_self" in want:
-                    add("attn_self", j, torch.ones(()), rows)
+                    add("attn_self", j, torch.tensor(float(rows)), rows)
                 if "attn_first" in want:
                     add("attn_first", j, torch.zeros(()), rows)
                 return

@@ -1,0 +1,76 @@
+"""`harp eval DIR`: perplexity (default) and downstream tasks of one model, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harp.cli import app
+
+TASKS_HELP = (
+    "Comma-separated: wikitext (perplexity), lambada, piqa, gsm8k, nq_open (shipped lm-eval tasks on local "
+    "data), or hub:NAME / any lm-eval task name (online)."
+)
+
+
+def score_table(title: str, scores: dict) -> Table:
+    t = Table(title=title, header_style="bold")
+    for col in ("task", "metric", "value", "± stderr", "items", "time"):
+        t.add_column(col, justify="right" if col not in ("task", "metric") else "left")
+    for s in scores.values():
+        arrow = "↑" if s.higher_is_better else "↓"
+        items = f"{s.samples:,} tokens" if s.metric == "ppl" else f"{s.samples} / {s.total}"
+        t.add_row(s.task, f"{s.metric} {arrow}", f"{s.value:.4f}", "" if s.stderr is None else f"{s.stderr:.4f}",
+                  items, f"{s.seconds:.0f} s")
+    return t
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model folder (HARP checkpoint or any causal LM), .gguf, "
+                                          "'smollm2-135m', or a hub id."),
+    tasks: str = typer.Option("wikitext", "--tasks", "-t", help=TASKS_HELP),
+    limit: str = typer.Option(None, "--limit", help="Items per lm-eval task: N, or e.g. '200,gsm8k=20'."),
+    eval_: str = typer.Option(None, "--eval", help="Perplexity text (default: bundled 'wikitext2-raw-test')."),
+    eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Perplexity on the first N tokens."),
+    eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="Perplexity window length."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, ./data, "
+                                                           "../shared/data)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size."),
+    max_gen_toks: int = typer.Option(None, "--max-gen-toks", help="Cap generated tokens (generation tasks)."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", help="Override the tasks' few-shot count."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads."),
+    json_out: Path = typer.Option(None, "--json", help="Write the scores to this JSON file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+) -> None:
+    """Evaluate one model: WikiText-2 perplexity by default, lm-eval tasks with --tasks."""
+    import torch
+
+    from harp.checkpoint import write_json_atomic
+    from harp.evaluate import evaluate, resolve_tasks
+    from harp.models import load_model
+
+    console = Console()
+    resolve_tasks(tasks)  # bad task names fail before the model loads
+    if json_out is not None and json_out.exists() and not overwrite:
+        raise FileExistsError(f"{json_out} exists. Choose another --json path or pass --overwrite.")
+    if threads:
+        torch.set_num_threads(threads)
+    m, tok = load_model(model, dtype=dtype)
+    plan = getattr(m.config, "harp", None)
+    desc = (f"HARP layers {plan['layers']} alphas {plan['alphas']}" if plan else "unpruned")
+    console.print(f"model: {model} ({type(m).__name__}, {m.config.num_hidden_layers} layers, {desc})", highlight=False)
+    res = evaluate(m, tok, tasks, limit, data_dir=data_dir, batch_size=batch_size, eval_text=eval_,
+                   eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, max_gen_toks=max_gen_toks,
+                   num_fewshot=num_fewshot, log=lambda s: console.print(s, highlight=False))
+    console.print(score_table(f"harp eval: {model}", res.scores))
+    if json_out is not None:
+        d = res.to_dict()
+        d["model"] = model
+        d["harp"] = plan
+        write_json_atomic(json_out, d)
+        console.print(f"wrote {json_out}", highlight=False)
