@@ -202,3 +202,23 @@ def test_pruned_layers_do_only_what_the_bound_counts(pair):
     removed = _ops_in_layer(pruned, 4)  # alpha 0: the 3 MLP maps only
     assert not attention_ops & set(removed) and removed["linear"] == 2 * 3
     assert _ops_in_layer(pruned, 3) == _ops_in_layer(orig, 3)  # unpruned layers untouched
+
+
+@pytest.mark.slow
+def test_real_model_kv_cache_falls_by_exactly_k_over_L():
+    """SmolLM2-135M with its top 8 of 30 layers pruned: the cache object holds exactly 22/30 of the
+    original's bytes, and the bench reports the config-derived bounds (no timing assertions)."""
+    from harp.models import load_model
+
+    orig, _ = load_model(None, with_tokenizer=False)
+    pruned = copy.deepcopy(orig)
+    harp.prune(pruned, layers=list(range(29, 21, -1)), alphas=[0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0])
+    r = bench.run_bench(orig, pruned, [16, 64], new_tokens=1, repeats=1, warmup=0, threads=2)
+    for row in r["contexts"]:
+        kv = row["kv_cache_bytes"]
+        # 30 layers x (k + v) x 3 KV heads x 64 dims x n tokens x 4 bytes
+        assert kv["original"] == 30 * 2 * 3 * 64 * row["context"] * 4
+        assert kv["pruned"] * 30 == kv["original"] * 22
+        assert row["prefill"]["bound"] > 1 and row["decode"]["bytes_bound"] > 1
+    assert r["contexts"][1]["prefill"]["bound"] > r["contexts"][0]["prefill"]["bound"]
+    assert r["models"]["original"]["parameters"] == flops.parameter_count(orig.config) == 134_515_008

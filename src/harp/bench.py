@@ -722,14 +722,17 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
 
+    seconds = max(r["prefill"][who]["max_ms"] for r in rows for who in ("original", "pruned")) >= 1000
+    scale, unit = (1000.0, "s") if seconds else (1.0, "ms")
+
     def pre(r: dict[str, Any], who: str) -> tuple[float, float, float]:
         t = r["prefill"][who]
-        return t["median_ms"] / 1000, t["min_ms"] / 1000, t["max_ms"] / 1000
+        return t["median_ms"] / scale, t["min_ms"] / scale, t["max_ms"] / scale
 
     panel(
         axes[0][0],
         "Prefill",
-        "prefill time (s)",
+        f"prefill time ({unit})",
         [pre(r, "original") for r in rows],
         [pre(r, "pruned") for r in rows],
         [
@@ -768,7 +771,7 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
         )
     env = result["environment"]
     fig.suptitle(
-        f"HARP speed: {src}, {env['torch_threads']} threads, "
+        f"HARP speed: {src}, torch threads {env['torch_threads']}, "
         f"{result['models']['original']['dtype']}, medians with min–max",
         fontsize=10,
     )
