@@ -296,6 +296,8 @@ def _run_lm_eval(
             "Downstream tasks need lm-evaluation-harness: pip install 'harp-prune[eval]' (lm-eval==0.4.13)."
         ) from None
     _quiet_lm_eval()
+    import lm_eval.evaluator as _ev
+
     tm = _task_manager(specs, data_dir)
     for s in specs:
         if s.kind == "hub" and s.lm_eval_name not in tm.all_tasks:
@@ -304,6 +306,10 @@ def _run_lm_eval(
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out: dict[str, TaskScore] = {}
+    # lm-eval attaches an environment report (it runs `pip list` and more in subprocesses, seconds per
+    # call) to every result; harp records its own provenance, so skip it.
+    saved_env_info = _ev.add_env_info
+    _ev.add_env_info = lambda results: None
     try:
         for s in specs:
             n = limits.get(s.name, limits["*"])
@@ -330,6 +336,7 @@ def _run_lm_eval(
             sc = out[s.name]
             say(f"{s.name}: {sc.metric} {sc.value:.4f} ({sc.samples} of {sc.total} items, {sc.seconds:.0f} s)")
     finally:
+        _ev.add_env_info = saved_env_info
         if was_training:
             model.train()
     return out

@@ -1,0 +1,516 @@
+"""`harp compare`: every method at equal KV-cache reduction on one model, one calibration set, one
+evaluation protocol — a Markdown table, a JSON file and a PNG chart.
+
+Rows per k: the original model, then each method's plan applied in memory (pruned, measured,
+restored exactly). Columns: WikiText-2 perplexity, task scores (lm-eval), parameters removed,
+KV-cache reduction (measured on a real cache after a prefill) and the method's search time.
+
+A long comparison writes each finished row to a hidden state file next to `out`; rerun the same
+command after an interruption and it continues with the rows still missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_dir, check_output_dir, write_json_atomic
+from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
+from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
+from .modeling import decoder_layers
+from .models import DEFAULT_MODEL, load_model
+from .stats import count_parameters, kv_cache_bytes, output_cache
+from .text import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, check_disjoint, load_text, tokenize
+
+STATE_VERSION = 1
+
+
+@dataclass
+class CompareSettings:
+    model: str | None = None
+    ks: Sequence[int] = (8,)
+    methods: str | Sequence[str] | None = None  # None = all
+    tasks: str | Sequence[str] | None = None  # lm-eval tasks; WikiText-2 perplexity is always measured
+    limit: str | int | None = None
+    data_dir: str | None = None
+    calib: str | None = None
+    calib_windows: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    eval: str | None = None
+    eval_tokens: int = 16384
+    eval_seq_len: int = 1024
+    grid: str | Sequence[float] | None = None
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    max_gen_toks: int | None = None
+    refine_passes: int = 6
+    auto_k: bool = False
+    max_ppl_increase: float | None = None  # fraction: 0.1 = calibration perplexity may rise 10 %
+    max_k: int | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+    out: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    command: str | None = None  # the command line, recorded in the report
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        skip = {"out", "overwrite", "progress", "threads", "command"}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class CompareReport:
+    settings: dict[str, Any]
+    model: str
+    num_layers: int
+    params_before: int
+    kv_bytes_before: int
+    tasks: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    data: dict[str, Any]
+    seconds: dict[str, float]
+    auto_k: dict[str, Any] | None = None
+    host: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def row(self, k: int, method: str) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r["k"] == k and r["method"] == method), None)
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted({r["k"] for r in self.rows if r["k"] > 0})
+
+    def to_markdown(self) -> str:
+        return render_markdown(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring one row
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
+    """Bytes in the KV cache after a prefill of `tokens` tokens (a real cache object, measured)."""
+    ids = torch.arange(1, tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
+    return kv_cache_bytes(output_cache(model(input_ids=ids, use_cache=True)))
+
+
+def _compact_info(info: dict[str, Any]) -> dict[str, Any]:
+    """Plan info without bulky logs (scores per layer are kept: they are the evidence)."""
+    return {k: v for k, v in info.items() if k not in ("log",)}
+
+
+def _fingerprint(settings: CompareSettings, model: nn.Module) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(settings.fingerprint_fields(), sort_keys=True, default=str).encode())
+    cfg = model.config.to_dict()
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -> CompareReport:
+    """Select, prune (in memory), evaluate and tabulate every method for every k. Writes `out` if set."""
+    s = settings
+    t_start = time.perf_counter()
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    out = check_output_dir(s.out, s.overwrite) if s.out else None
+    methods = parse_methods(s.methods)
+    lm_tasks = resolve_tasks(s.tasks) if s.tasks else []
+    specs: list[TaskSpec] = [resolve_tasks(PERPLEXITY_TASK)[0]] + [t for t in lm_tasks if t.kind != "perplexity"]
+    parse_limit(s.limit)
+    ks = sorted({int(k) for k in s.ks}, reverse=True)
+    if s.auto_k:
+        if s.max_ppl_increase is None:
+            raise ValueError("--auto-k needs --max-ppl-increase P (percent the calibration perplexity may rise).")
+    elif not ks:
+        raise ValueError("Give --layers K (or several, e.g. 4,8), or --auto-k --max-ppl-increase P.")
+    if s.eval_tokens < s.eval_seq_len:
+        raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = load_model(s.model, dtype=s.dtype)
+    if getattr(model.config, "harp", None):
+        raise ValueError(f"{s.model} is already HARP-pruned: compare methods on the original model.")
+    num = len(decoder_layers(model))
+    for k in ks:
+        if not 1 <= k < num:
+            raise ValueError(f"--layers {k}: choose between 1 and {num - 1} for this {num}-layer model.")
+    seconds["load"] = time.perf_counter() - t
+    name = s.model or DEFAULT_MODEL
+    log(f"model: {name} ({type(model).__name__}, {num} layers, {count_parameters(model) / 1e6:.1f} M parameters)")
+
+    t = time.perf_counter()
+    calib_text = load_text(s.calib, DEFAULT_CALIB)
+    eval_text = load_text(s.eval, DEFAULT_EVAL)
+    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed)
+    ev, ev_desc = perplexity_windows(tok, s.eval, s.eval_tokens, s.eval_seq_len)
+    overlap = check_disjoint(calib_text, eval_text, calib, ev)
+    seconds["data"] = time.perf_counter() - t
+    log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
+        f"perplexity: {ev_desc}, {ev.shape[0]} x {ev.shape[1]} tokens")
+
+    state_file = out.parent / f".{out.name}.compare-state.json" if out else None
+    fp = _fingerprint(s, model)
+    rows: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
+    if state_file is not None and state_file.is_file():
+        try:
+            st = json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            st = {}
+        if st.get("version") == STATE_VERSION and st.get("fingerprint") == fp:
+            rows = st.get("rows", {})
+            extra = st.get("extra", {})
+            log(f"resuming: {len(rows)} row(s) already measured ({state_file})")
+        else:
+            log(f"ignoring {state_file}: it belongs to a different comparison")
+
+    def save_state() -> None:
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(state_file, {"version": STATE_VERSION, "fingerprint": fp, "rows": rows, "extra": extra})
+
+    params_before = count_parameters(model)
+    kv_before = kv_bytes_after_prefill(model)
+    eval_seconds = 0.0
+
+    def measure(key: str, plan: Plan, k: int) -> None:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        log(f"evaluating {plan.method}" + (f" (k = {k}): {plan.describe()}" if k else ""))
+        with applied(model, plan):
+            res = evaluate(model, tok, [t.name for t in specs], s.limit, data_dir=s.data_dir,
+                           batch_size=s.eval_batch_size, eval_windows=ev, max_gen_toks=s.max_gen_toks,
+                           log=lambda m: log(f"  {m}"))
+            params = count_parameters(model)
+            kv = kv_bytes_after_prefill(model)
+        dt = time.perf_counter() - t0
+        eval_seconds += dt
+        if "data_dir" not in extra and res.data_dir:
+            extra["data_dir"] = res.data_dir
+            extra["data_files"] = res.data_files
+        rows[key] = {
+            "k": k, "method": plan.method, "kind": plan.kind, "layers": plan.layers, "alphas": plan.alphas,
+            "plan": plan.describe(), "calib_ppl": plan.calib_ppl, "search_seconds": plan.search_seconds,
+            "scores": {n: {"title": sc.title, "metric": sc.metric, "value": sc.value, "stderr": sc.stderr,
+                           "higher_is_better": sc.higher_is_better, "samples": sc.samples, "total": sc.total,
+                           "seconds": sc.seconds}
+                       for n, sc in res.scores.items()},
+            "params": params, "params_removed": params_before - params,
+            "params_removed_pct": 100.0 * (params_before - params) / params_before,
+            "kv_bytes": kv, "kv_reduction": 1.0 - kv / kv_before if kv_before else 0.0,
+            "eval_seconds": dt, "info": _compact_info(plan.info),
+        }
+        save_state()
+
+    if "0:original" not in rows:
+        measure("0:original", ORIGINAL, 0)
+
+    auto_info: dict[str, Any] | None = None
+    search_seconds_total = 0.0
+    if s.auto_k:
+        if "auto_k" in extra:
+            auto_info = extra["auto_k"]
+        else:
+            t = time.perf_counter()
+            log(f"auto-k: the largest k whose calibration perplexity stays within +{100 * s.max_ppl_increase:g} %")
+            ar = auto_k(model, calib, s.max_ppl_increase, max_k=s.max_k, grid=s.grid, batch_size=s.batch_size,
+                        progress=s.progress)
+            auto_info = ar.to_dict()
+            extra["auto_k"] = auto_info
+            save_state()
+            search_seconds_total += time.perf_counter() - t
+        log(f"auto-k chose k = {auto_info['k']} (calibration ppl {auto_info['base_ppl']:.3f}, budget "
+            f"{auto_info['budget_ppl']:.3f})")
+        if auto_info["k"] < 1:
+            raise ValueError(
+                f"No k fits the budget: pruning even the top layer raises calibration perplexity above "
+                f"{auto_info['budget_ppl']:.3f} (+{100 * s.max_ppl_increase:g} %). Allow a larger --max-ppl-increase."
+            )
+        ks = [int(auto_info["k"])]
+
+    selector = Selector(model, calib, grid=s.grid, batch_size=s.batch_size, refine_passes=s.refine_passes,
+                        progress=s.progress, log=log)
+    for k in ks:
+        for m in methods:
+            key = f"{k}:{m}"
+            if key in rows:
+                continue
+            t = time.perf_counter()
+            log(f"selecting {m} (k = {k}) — {METHODS[m].summary}")
+            plan = selector.select(m, k)
+            search_seconds_total += time.perf_counter() - t
+            measure(key, plan, k)
+    seconds["search"] = search_seconds_total
+    seconds["eval"] = eval_seconds
+    seconds["total"] = time.perf_counter() - t_start
+
+    ordered = [rows["0:original"]] + [rows[f"{k}:{m}"] for k in ks for m in methods]
+    report = CompareReport(
+        settings={**s.fingerprint_fields(), "command": s.command, "threads": torch.get_num_threads(),
+                  "calib_overlap": overlap, "grid": selector.grid},
+        model=name, num_layers=num, params_before=params_before, kv_bytes_before=kv_before,
+        tasks=[{"name": t.name, "title": t.title, "kind": t.kind} for t in specs],
+        rows=ordered,
+        data={"calibration": calib_text.description, "calib_windows": int(calib.shape[0]),
+              "calib_seq_len": int(calib.shape[1]), "evaluation": ev_desc, "eval_windows": int(ev.shape[0]),
+              "eval_seq_len": int(ev.shape[1]), "limit": s.limit, "data_dir": extra.get("data_dir"),
+              "data_files": extra.get("data_files", {})},
+        seconds=seconds, auto_k=auto_info,
+        host={"python": platform.python_version(), "torch": torch.__version__, "harp": __version__,
+              "cpus": os.cpu_count(), "load_average_at_start": load_avg},
+    )
+    if out is not None:
+        with atomic_dir(out, s.overwrite) as tmp:
+            write_json_atomic(tmp / "compare.json", report.to_dict())
+            (tmp / "compare.md").write_text(report.to_markdown())
+            plot(report, tmp / "compare.png")
+        report.out = str(out)
+        if state_file is not None and state_file.exists():
+            state_file.unlink()
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+
+def layers_str(layers: Sequence[int]) -> str:
+    """[22, 23, 24, 29] -> '22-24,29'."""
+    xs = sorted(layers)
+    parts: list[str] = []
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        parts.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _fmt_time(sec: float) -> str:
+    if sec < 0.05:
+        return "–"
+    if sec < 90:
+        return f"{sec:.1f} s" if sec < 10 else f"{sec:.0f} s"
+    return f"{sec / 60:.1f} min"
+
+
+def _fmt_score(sc: dict[str, Any]) -> str:
+    if sc["metric"] == "ppl":
+        v = sc["value"]
+        return f"{v:.2f}" if v < 1000 else f"{v:.3g}"
+    se = sc.get("stderr")
+    return f"{sc['value']:.3f}" + (f" ±{se:.3f}" if se is not None else "")
+
+
+def _what(row: dict[str, Any]) -> str:
+    if row["kind"] == "none":
+        return "–"
+    if row["kind"] == "blocks":
+        return f"whole layers {layers_str(row['layers'])}"
+    return f"attention {layers_str(row['layers'])}"
+
+
+def render_markdown(rep: CompareReport) -> str:
+    tasks = rep.tasks
+    lines: list[str] = [f"# Method comparison on {rep.model} ({rep.num_layers} layers)", ""]
+    original = rep.row(0, "original")
+    for k in rep.ks:
+        rows = [r for r in rep.rows if r["k"] == k]
+        lines.append(f"## k = {k} of {rep.num_layers} layers (KV cache −{100 * k / rep.num_layers:.1f} %)")
+        lines.append("")
+        head = ["method", "pruned"]
+        for t in tasks:
+            sc0 = original["scores"][t["name"]]
+            arrow = "↓" if not sc0["higher_is_better"] else "↑"
+            n = "" if sc0["metric"] == "ppl" else f" (n={sc0['samples']})"
+            head.append(f"{t['title']}{n} {arrow}")
+        head += ["params removed", "KV cache", "search time"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|")
+        best: dict[str, float | None] = {}
+        for t in tasks:
+            vals = [r["scores"][t["name"]]["value"] for r in rows]
+            hib = original["scores"][t["name"]]["higher_is_better"]
+            best[t["name"]] = (max(vals) if hib else min(vals)) if len(set(vals)) > 1 else None  # no bold for ties
+        for r in [original] + rows:
+            cells = [f"`{r['method']}`" if r["k"] else "original", _what(r)]
+            for t in tasks:
+                sc = r["scores"][t["name"]]
+                cell = _fmt_score(sc)
+                if r["k"] and sc["value"] == best[t["name"]]:
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            if r["k"]:
+                cells += [f"{r['params_removed'] / 1e6:.2f} M ({r['params_removed_pct']:.1f} %)",
+                          f"−{100 * r['kv_reduction']:.1f} %", _fmt_time(r["search_seconds"])]
+            else:
+                cells += [f"0 of {rep.params_before / 1e6:.1f} M", "–", "–"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Alphas (layer:alpha, top first): " + "; ".join(
+            f"`{r['method']}` {', '.join(f'{i}:{a:g}' for i, a in sorted(zip(r['layers'], r['alphas'], strict=True), reverse=True))}"  # noqa: E501
+            for r in rows if r["kind"] == "attention" and r["method"] in ("harp", "harp-refine", "harp-low")))
+        lines.append("")
+        lines += _notes(rep, k, rows)
+        lines.append("")
+    lines += _footer(rep)
+    return "\n".join(lines) + "\n"
+
+
+def _notes(rep: CompareReport, k: int, rows: list[dict[str, Any]]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    notes: list[str] = []
+    ppl = lambda r: r["scores"][PERPLEXITY_TASK]["value"]  # noqa: E731
+    if "harp" in by:
+        h = by["harp"]
+        refs = [m for m in ("no-rescale", "attn-drop-top") if m in by]
+        if refs:
+            notes.append(f"- WikiText-2 perplexity: `harp` {ppl(h):.2f} vs " + ", ".join(
+                f"`{m}` {ppl(by[m]):.2f} ({'harp lower' if ppl(h) < ppl(by[m]) else 'harp NOT lower'})"
+                for m in refs) + ".")
+        winners = []
+        for t in rep.tasks:
+            if t["name"] == PERPLEXITY_TASK:
+                continue
+            sc = h["scores"][t["name"]]
+            hib = sc["higher_is_better"]
+            better = [m for m, r in by.items() if m != "harp" and
+                      ((r["scores"][t["name"]]["value"] > sc["value"]) if hib else
+                       (r["scores"][t["name"]]["value"] < sc["value"]))]
+            if better:
+                winners.append(f"{t['title']}: " + ", ".join(
+                    f"`{m}` {by[m]['scores'][t['name']]['value']:.3f}" for m in better) + f" (harp {sc['value']:.3f})")
+        if winners:
+            notes.append("- Where another method beats `harp`: " + "; ".join(winners) + ".")
+        others = [m for m, r in by.items() if m != "harp" and ppl(r) < ppl(h)]
+        if others:
+            notes.append("- Lower WikiText-2 perplexity than `harp`: " + ", ".join(
+                f"`{m}` {ppl(by[m]):.2f}" for m in others) + ".")
+    if "harp-refine" in by:
+        info = by["harp-refine"]["info"]
+        line = (f"- `harp-refine`: calibration perplexity {info['greedy_calib_ppl']:.3f} (one greedy pass) → "
+                f"{info['refined_calib_ppl']:.3f} ({100 * info['gain']:.2f} % lower) after {len(info['passes'])} "
+                f"coordinate-descent passes ({_fmt_time(info['refine_seconds'])} on top of the greedy search)")
+        if "harp" in by:
+            line += f"; WikiText-2 {ppl(by['harp']):.2f} → {ppl(by['harp-refine']):.2f}"
+        notes.append(line + ".")
+    blocks = [m for m in ("shortgpt", "sleb") if m in by]
+    if blocks and "harp" in by:
+        notes.append("- Whole-layer methods remove attention and MLP: " + ", ".join(
+            f"`{m}` {by[m]['params_removed_pct']:.1f} %" for m in blocks)
+            + f" of parameters vs `harp`'s {by['harp']['params_removed_pct']:.1f} % at the same KV reduction.")
+    return notes
+
+
+def _footer(rep: CompareReport) -> list[str]:
+    d = rep.data
+    st = rep.settings
+    lim = d.get("limit")
+    out = ["## Setup", ""]
+    out.append(f"- Calibration (all methods): {d['calibration']}, {d['calib_windows']} windows x "
+               f"{d['calib_seq_len']} tokens, seed {st.get('seed')}; alpha grid {st.get('grid')}.")
+    out.append(f"- Perplexity: {d['evaluation']}, {d['eval_windows']} x {d['eval_seq_len']} tokens (the first "
+               f"{d['eval_windows'] * d['eval_seq_len']:,} tokens, non-overlapping windows).")
+    if len(rep.tasks) > 1:
+        out.append(f"- Tasks: lm-evaluation-harness 0.4.13, harp's offline task YAMLs on {d.get('data_dir')}; "
+                   f"--limit {lim if lim is not None else 'none'} (the first N items of each set). "
+                   "± is one standard error.")
+    if rep.auto_k:
+        a = rep.auto_k
+        out.append(f"- auto-k: largest k with calibration perplexity ≤ {a['budget_ppl']:.3f} "
+                   f"(original {a['base_ppl']:.3f} +{100 * a['max_increase']:g} %) → k = {a['k']} "
+                   f"(searched {len(a['per_k'])} layers in {_fmt_time(a['seconds'])}).")
+    sec = rep.seconds
+    h = rep.host
+    la = h.get("load_average_at_start")
+    out.append(f"- Wall time {_fmt_time(sec.get('total', 0))} (load {_fmt_time(sec.get('load', 0))}, searches "
+               f"{_fmt_time(sec.get('search', 0))}, evaluation {_fmt_time(sec.get('eval', 0))}) on {h.get('cpus')} "
+               f"CPU cores, {st.get('threads')} torch threads"
+               + (f", load average {la:.1f} at the start" if la is not None else "") + ".")
+    out.append(f"- harp {h.get('harp')}, torch {h.get('torch')}, Python {h.get('python')}.")
+    if st.get("command"):
+        out += ["", "```", st["command"], "```"]
+    return out
+
+
+def plot(rep: CompareReport, path: str | Path) -> Path:
+    """Per k: WikiText-2 perplexity (log scale) and task scores, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    ks = rep.ks
+    tasks = [t for t in rep.tasks if t["name"] != PERPLEXITY_TASK]
+    ncols = 2 if tasks else 1
+    size = (6.5 * ncols + (1.3 if tasks else 0), 3.6 * len(ks))
+    fig, axes = plt.subplots(len(ks), ncols, figsize=size, squeeze=False)
+    original = rep.row(0, "original")
+    cmap = plt.get_cmap("tab10")
+    for i, k in enumerate(ks):
+        rows = [original] + [r for r in rep.rows if r["k"] == k]
+        labels = [r["method"] for r in rows]
+        palette = [cmap(j) for j in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # tab10 without its grey (grey = original)
+        colors = ["0.6"] + [palette[j % len(palette)] for j in range(len(rows) - 1)]
+        ax = axes[i][0]
+        vals = [r["scores"][PERPLEXITY_TASK]["value"] for r in rows]
+        ax.bar(range(len(rows)), vals, color=colors)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_title(f"k = {k} of {rep.num_layers}: perplexity (lower is better)", fontsize=9)
+        for x, v in enumerate(vals):
+            ax.text(x, v, f"{v:.1f}" if v < 1000 else f"{v:.2g}", ha="center", va="bottom", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        if tasks:
+            ax = axes[i][1]
+            width = 0.8 / len(rows)
+            for j, r in enumerate(rows):
+                ys = [r["scores"][t["name"]]["value"] for t in tasks]
+                errs = [r["scores"][t["name"]]["stderr"] or 0.0 for t in tasks]
+                ax.bar([x + j * width for x in range(len(tasks))], ys, width, yerr=errs, color=colors[j],
+                       label=labels[j], error_kw={"elinewidth": 0.6, "capsize": 1.5})
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], [t["title"] for t in tasks], fontsize=8)
+            ax.set_ylabel("score (higher is better)")
+            ax.set_title(f"k = {k}: downstream tasks (±1 s.e.)", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{rep.model}: methods at equal KV-cache reduction", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def refine_gain(rep: CompareReport, k: int) -> float | None:
+    r = rep.row(k, "harp-refine")
+    return None if r is None else float(r["info"]["gain"])
