@@ -1,7 +1,7 @@
 """Reproduce the README's "Speed and memory" table: HARP vs original on the default model.
 
-    python benchmarks/bench_speed.py                      # contexts 256..4096, 2 threads, 3 repeats
-    python benchmarks/bench_speed.py --context 256,512,1024,2048,4096,8192 --repeats 5
+    python benchmarks/bench_speed.py                      # contexts 256..4096, 2 threads, 5 repeats
+    python benchmarks/bench_speed.py --context 256,512,1024,2048,4096,8192 --out runs/bench_8k
 
 What it does:
 1. Loads the bundled default model (SmolLM2-135M-Instruct, 30 layers, float32) and prunes its top 8
@@ -21,7 +21,7 @@ What it does:
 The equivalent CLI call, once the pruned checkpoint exists:
 
     harp bench --pruned runs/bench_speed/pruned-k8 --context 256,512,1024,2048,4096 --threads 2 \\
-        --repeats 3 --new-tokens 32 --out runs/bench_speed --overwrite
+        --repeats 5 --new-tokens 32 --out runs/bench_speed --overwrite
 """
 
 from __future__ import annotations
@@ -95,17 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pruned", default=None, help="a HARP checkpoint to use instead of pruning with PLAN")
     ap.add_argument("--context", default="256,512,1024,2048,4096")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-isolated-memory", action="store_true", help="skip the per-model peak-RSS processes")
     ap.add_argument("--out", default="runs/bench_speed")
+    ap.add_argument("--overwrite", action="store_true", help="replace bench.json/.md/.png from an earlier run")
     a = ap.parse_args(argv)
 
-    from harp.bench import bench_table, parse_contexts, run_bench, write_bench
+    from harp.bench import bench_table, output_paths, parse_contexts, run_bench, write_bench
 
     out = Path(a.out)
     contexts = parse_contexts(a.context)
+    output_paths(out, a.overwrite)  # refuse to clobber before the long run, not after it
     pruned = Path(a.pruned) if a.pruned else pruned_checkpoint(out, a.model)
     result = run_bench(
         a.model,
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     result["command"] = "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    written = write_bench(result, out, overwrite=True)
+    written = write_bench(result, out, overwrite=a.overwrite)
     print(bench_table(result))
     print()
     print("\n".join(acceptance(result)))
