@@ -16,11 +16,13 @@ from torch import nn
 from . import __version__
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
+from .flops import parameter_count
 from .modeling import decoder_layers
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL
 from .perplexity import perplexity
 from .search import parse_grid, search_alphas, top_layers
 from .stats import count_parameters, kv_cache_bytes, output_cache, removed_parameters
+from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
 from .text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
@@ -50,6 +52,9 @@ class PruneSettings:
     method: str = "cached"
     references: bool = True
     dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto (accelerate device_map="auto" for the full model)
+    streamed: bool = False  # search without the whole model resident (harp.streaming)
+    activations: str = "device"  # streamed search: keep calibration activations on device | cpu | disk
     threads: int | None = None
     out: str | None = None
     overwrite: bool = False
@@ -108,10 +113,36 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
 
     t = time.perf_counter()
-    model, tok = load_model(s.model, dtype=s.dtype)
-    if getattr(model.config, "harp", None):
+    model: nn.Module | None = None
+    streamer = None
+    if s.activations not in ACTIVATIONS:
+        raise ValueError(f"Unknown activations place {s.activations!r}: use one of {', '.join(ACTIVATIONS)}.")
+    if s.activations != "device" and not s.streamed:
+        raise ValueError("--activations applies to the streamed search; add --streamed (or drop --activations).")
+    if s.device != "auto":
+        resolve_device(s.device)  # a clear error now, not after the data is prepared
+    if s.streamed and s.method != "cached":
+        raise ValueError("--streamed runs the cached search; --method naive needs the whole model resident.")
+    if s.streamed and s.alphas is None:
+        # the search comes first and never has the whole model resident; the model is loaded afterwards
+        # for evaluation, pruning and saving
+        from transformers import AutoTokenizer
+
+        from .streaming import StreamedModel
+
+        streamer = StreamedModel(s.model, dtype=s.dtype, device=s.device)
+        config = streamer.model.config
+        tok = AutoTokenizer.from_pretrained(str(streamer.folder))
+        model_desc = f"{type(streamer.model).__name__}, {config.num_hidden_layers} layers, " \
+            f"{parameter_count(config) / 1e6:.1f} M parameters, streamed from {streamer.folder}"
+    else:
+        model, tok = load_on_device(s.model, dtype=s.dtype, device=s.device)
+        config = model.config
+        model_desc = f"{type(model).__name__}, {len(decoder_layers(model))} layers, " \
+            f"{count_parameters(model) / 1e6:.1f} M parameters"
+    if getattr(config, "harp", None):
         raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
-    num = len(decoder_layers(model))
+    num = config.num_hidden_layers
     if s.layers:
         layers = sorted({int(i) for i in s.layers}, reverse=True)
         if len(layers) != len(list(s.layers)) or layers[0] >= num or layers[-1] < 0:
@@ -121,8 +152,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if s.alphas is not None and len(s.alphas) != len(layers):
         raise ValueError(f"--alphas gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
     seconds = {"load": time.perf_counter() - t}
-    log(f"model: {s.model or DEFAULT_MODEL} ({type(model).__name__}, {num} layers, "
-        f"{count_parameters(model) / 1e6:.1f} M parameters), pruning layers {sorted(layers)}")
+    log(f"model: {s.model or DEFAULT_MODEL} ({model_desc}), pruning layers {sorted(layers)}")
 
     t = time.perf_counter()
     calib_text = load_text(s.calib, DEFAULT_CALIB)
@@ -134,6 +164,42 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
         f"evaluation: {eval_text.description}, {ev.shape[0]} x {ev.shape[1]} tokens")
 
+    search_info: dict[str, Any] = {}
+    state = state_file_for(out) if out else None
+    seconds["search"] = 0.0
+    alphas: list[float] = []
+
+    def search(target: Any) -> None:
+        nonlocal alphas, search_info
+        t = time.perf_counter()
+        if streamer is not None:
+            from .streaming import streamed_search
+
+            res = streamed_search(None, calib, layers, grid=grid, batch_size=s.batch_size, state_path=state,
+                                  progress=s.progress, activations=s.activations, model=target)
+        else:
+            res = search_alphas(
+                target, calib, layers, grid=grid, method=s.method, batch_size=s.batch_size,
+                state_path=state, progress=s.progress,
+            )
+        alphas = res.alphas
+        search_info = res.to_dict()
+        if res.resumed_layers:
+            log(f"resumed a search: {res.resumed_layers} of {len(layers)} layers were already done")
+        seconds["search"] += time.perf_counter() - t
+
+    if s.alphas is not None:
+        alphas = [float(a) for a in s.alphas]
+        search_info = {"method": "given", "alphas": alphas}
+    elif streamer is not None:
+        search(streamer)
+        streamer = None  # drop the partially loaded model before loading the whole one
+        t = time.perf_counter()
+        model, _ = load_on_device(s.model, dtype=s.dtype, device=s.device, with_tokenizer=False)
+        seconds["load"] += time.perf_counter() - t
+    assert model is not None
+    check_resident(model, layers)
+
     ppl: dict[str, float] = {}
     t = time.perf_counter()
     ppl["original"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: original").ppl
@@ -141,22 +207,8 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     params_before = count_parameters(model)
     kv_before = _kv_bytes_after_prefill(model)
 
-    search_info: dict[str, Any] = {}
-    t = time.perf_counter()
-    state = state_file_for(out) if out else None
-    if s.alphas is None:
-        res = search_alphas(
-            model, calib, layers, grid=grid, method=s.method, batch_size=s.batch_size,
-            state_path=state, progress=s.progress,
-        )
-        alphas = res.alphas
-        search_info = res.to_dict()
-        if res.resumed_layers:
-            log(f"resumed a search: {res.resumed_layers} of {len(layers)} layers were already done")
-    else:
-        alphas = [float(a) for a in s.alphas]
-        search_info = {"method": "given", "alphas": alphas}
-    seconds["search"] = time.perf_counter() - t
+    if s.alphas is None and not s.streamed:
+        search(model)
 
     t = time.perf_counter()
     if s.references:

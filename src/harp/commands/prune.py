@@ -77,6 +77,14 @@ def prune_cmd(
     method: str = typer.Option("cached", "--method", help="'cached' (fast) or 'naive' (reference) search."),
     no_reference: bool = typer.Option(False, "--no-reference", help="Skip the alpha=1 / alpha=0 reference runs."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", "--device",
+                               help="cpu | cuda | cuda:N | auto (GPUs if any; the whole model via device_map='auto')."),
+    streamed: bool = typer.Option(False, "--streamed",
+                                  help="Search without the whole model resident: bottom layers are streamed one "
+                                       "at a time from the safetensors shards (see `harp plan`)."),
+    activations: str = typer.Option("device", "--activations",
+                                    help="With --streamed: keep calibration activations on the device, cpu, or disk "
+                                         "(memory-mapped)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     json_out: Path = typer.Option(None, "--json", help="Also write the summary to this JSON file."),
@@ -87,7 +95,7 @@ def prune_cmd(
         model=model, k=layers, layers=_ints(layer_ids), alphas=_floats(alphas), calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
-        threads=threads, out=str(out), overwrite=overwrite,
+        device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
     report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
     console.print(summary_table(report))

@@ -1,0 +1,334 @@
+"""`harp plan`: what a HARP alpha search will need, and what its result saves, from the config alone.
+
+No weights are read. The peak of the search is the largest of its phases, each the sum of:
+
+* weights resident: the whole model (in-memory search); for the streamed search the embedding + one
+  decoder layer while the bottom of the model is streamed, then the searched layers + final norm +
+  LM head (an untied embedding is dropped by then). Plus the folded `o_proj` a candidate adds to each
+  pruned layer (`temporarily_pruned` keeps the original to restore it).
+* calibration activations: the cached residual stream entering the lowest searched layer and the
+  stream entering the layer being searched, `2 * N * S * hidden` elements (one copy while caching);
+  rotary tables; `N * S * S` masks with eager attention (none with SDPA, which builds no mask here).
+* workspace of one batch: a decoder layer's largest live tensors (MLP: input, normed input, the
+  activation, the up projection and their product; eager attention adds heads x S x S scores), or
+  the LM head's: the final hidden states twice (normed, flattened) and a chunk of `chunk_tokens`
+  logits in the model dtype, again in float32, and their float32 log-softmax.
+* runtime: Python + torch + transformers on the CPU (measured on the development machine: ~0.39 GiB
+  RSS before any weight); on a GPU, an estimate of the CUDA context (~0.5 GiB, not measured here).
+
+The formulas count tensors, not allocator behaviour: on the CPU, glibc keeps some freed memory, which
+the benchmark (benchmarks/bench_streamed_memory.py) measures against these figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .flops import dtype_bytes, kv_cache_bytes_expected, parameter_count
+from .modeling import arch_for, attention_geometry
+from .stats import attention_parameters, removed_parameters
+
+GiB = 2**30
+MiB = 2**20
+CPU_RUNTIME_BYTES = 400 * MiB  # RSS of `import torch, transformers, harp` + model code, no weights (measured)
+CUDA_RUNTIME_BYTES = 512 * MiB  # typical CUDA context + allocator slack (an estimate; no GPU here)
+
+# Public config values (config.json of each model), so `harp plan` works offline for these names.
+_LLAMA31 = dict(
+    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=128256,
+    max_position_embeddings=131072, head_dim=128, attention_bias=False, mlp_bias=False,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(
+        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
+    "llama-3.1-8b": dict(_LLAMA31, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336),
+    "llama-3.1-70b": dict(_LLAMA31, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, intermediate_size=28672),
+}
+_ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+            "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b"}
+
+
+def config_from_dict(d: dict[str, Any]) -> Any:
+    from transformers import CONFIG_MAPPING
+
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"config has model_type {model_type!r}, which transformers does not know.")
+    cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in d.items() if k != "model_type"})
+    arch_for(cfg)  # a clear error for families harp does not support
+    return cfg
+
+
+def load_config(spec: str | Path | None) -> Any:
+    """A config from a preset name (smollm2-135m, llama-3.1-8b, llama-3.1-70b), a config.json file, a
+    model folder, or (online) a hub id. Never reads weights."""
+    name = "smollm2-135m" if spec is None else str(spec)
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in PRESETS:
+        return config_from_dict(PRESETS[key])
+    p = Path(name).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        if p.suffix == ".gguf":
+            raise ValueError(f"{p} is a GGUF file: pass the config.json of the model (or a preset: "
+                             f"{', '.join(PRESETS)}).")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{p} is not a JSON config file.") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p} is not a JSON config file.")
+        return config_from_dict(d)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name)
+        except (OSError, ValueError):
+            raise FileNotFoundError(
+                f"Could not get the config of {name!r} (offline?). Pass a config.json path, a model folder, or "
+                f"a preset: {', '.join(PRESETS)}."
+            ) from None
+    raise FileNotFoundError(
+        f"No config at {name!r}: pass a config.json file, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."
+    )
+
+
+def parse_calib(spec: str) -> tuple[int, int]:
+    """'16x512' (also 16×512, 16*512) -> (windows, seq_len)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[x×X*]\s*(\d+)\s*", str(spec))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 2:
+        raise ValueError(f"--calib {spec!r}: give windows x tokens, e.g. 16x512 (at least 1 x 2).")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _uses_eager(config: Any, attn_implementation: str | None) -> bool:
+    impl = attn_implementation or getattr(config, "_attn_implementation", None)
+    return impl == "eager"
+
+
+def _mask_kinds(config: Any) -> int:
+    types = getattr(config, "layer_types", None)
+    return len(set(types)) if types else 1
+
+
+def layer_parameters(config: Any) -> int:
+    """Parameters of one original decoder layer."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    outside = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2) + hidden
+    return (parameter_count(config) - outside) // config.num_hidden_layers
+
+
+def search_memory(
+    config: Any,
+    k: int,
+    windows: int,
+    seq_len: int,
+    *,
+    dtype: Any = "float32",
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    streamed: bool = True,
+    activations: str = "device",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+) -> dict[str, int]:
+    """Peak memory of the alpha search over the top `k` layers with `windows` x `seq_len` calibration
+    tokens, by component (bytes): 'weights', 'activations', 'workspace', 'runtime', 'total' (on the
+    compute device; for a CPU run, the process RSS), 'host_activations' (kept off the device), and the
+    peak phase ('phase': 'cache' or 'search', as an int flag 0/1)."""
+    arch_for(config)
+    layers = config.num_hidden_layers
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layers:
+        raise ValueError(f"--layers {k!r}: must be between 1 and the model's {layers} layers.")
+    if batch_size < 1 or chunk_tokens < 1:
+        raise ValueError("batch size and chunk tokens must be positive.")
+    if activations not in ("device", "cpu", "disk"):
+        raise ValueError(f"Unknown activations place {activations!r}: use device, cpu or disk.")
+    b = dtype_bytes(dtype)
+    g = attention_geometry(config)
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    n, s = windows, seq_len
+    bs = min(batch_size, n)
+    p_layer = layer_parameters(config)
+    embed = vocab * hidden
+
+    # weights (elements)
+    pruned_extra = k * hidden * g["kv_heads"] * g["head_dim"]  # folded o_proj per pruned layer (+ original kept)
+    if streamed:
+        w_cache = embed + p_layer
+        w_search = k * p_layer + hidden + embed + pruned_extra  # head (= the embedding when tied)
+    else:
+        w_cache = w_search = parameter_count(config) + pruned_extra
+    # activations (elements): cached stream(s), rotary tables, masks
+    stream = n * s * hidden
+    batches = math.ceil(n / bs)
+    rotary = batches * 2 * s * g["head_dim"]
+    masks = n * s * s * _mask_kinds(config) if _uses_eager(config, attn_implementation) else 0
+    a_cache, a_search = stream + rotary + masks, 2 * stream + rotary + masks
+    # workspace of one batch (bytes)
+    q_dim, kv_dim = g["heads"] * g["head_dim"], g["kv_heads"] * g["head_dim"]
+    tok = bs * s
+    layer_ws = tok * b * max(3 * hidden + 3 * inter, 3 * hidden + 2 * q_dim + 4 * kv_dim)
+    if _uses_eager(config, attn_implementation):
+        layer_ws += bs * g["heads"] * s * s * (2 * b + 4)
+    rows = min(chunk_tokens, bs * (s - 1))
+    head_ws = 2 * tok * hidden * b + rows * vocab * (b + 4 + (4 if b != 4 else 0))
+    ws_cache = layer_ws + tok * hidden * b
+    ws_search = max(layer_ws, head_ws) + tok * hidden * b
+
+    off_device = streamed and activations != "device" and not str(device).startswith("cpu")
+    on_dev = (lambda x: 0) if off_device else (lambda x: x)
+    cache_total = w_cache * b + on_dev(a_cache * b) + ws_cache
+    search_total = w_search * b + on_dev(a_search * b) + ws_search
+    search_phase = search_total >= cache_total
+    runtime = CPU_RUNTIME_BYTES if str(device).startswith("cpu") else CUDA_RUNTIME_BYTES
+    return {
+        "weights": (w_search if search_phase else w_cache) * b,
+        "activations": on_dev((a_search if search_phase else a_cache) * b),
+        "workspace": ws_search if search_phase else ws_cache,
+        "runtime": runtime,
+        "total": max(cache_total, search_total) + runtime,
+        "host_activations": (a_search * b) if off_device and activations == "cpu" else 0,
+        "phase": int(search_phase),
+    }
+
+
+def result_summary(config: Any, k: int, *, dtype: Any = "bfloat16", context: int = 8192) -> dict[str, Any]:
+    """Size and KV cache of the model before and after pruning its top k layers. The alphas are not known
+    before the search, so the parameter count is a range: all alpha != 0 (q, k deleted, o folded) to all
+    alpha = 0 (whole attention sub-layers removed). The KV saving does not depend on the alphas."""
+    b = dtype_bytes(dtype)
+    layers_n = config.num_hidden_layers
+    top = list(range(layers_n - 1, layers_n - 1 - k, -1))
+    before = parameter_count(config)
+    least = removed_parameters(config, top, [1.0] * k)
+    most = removed_parameters(config, top, [0.0] * k)
+    plan = {"layers": top, "alphas": [1.0] * k}
+    kv_before = kv_cache_bytes_expected(config, context, None, b)
+    kv_after = kv_cache_bytes_expected(config, context, plan, b)
+    attn = attention_parameters(config)
+    return {
+        "layers": top,
+        "params_before": before,
+        "params_after_max": before - least,
+        "params_after_min": before - most,
+        "bytes_before": before * b,
+        "bytes_after_max": (before - least) * b,
+        "bytes_after_min": (before - most) * b,
+        "context": context,
+        "kv_before": kv_before,
+        "kv_after": kv_after,
+        "kv_saving": 1 - kv_after / kv_before if kv_before else 0.0,
+        "attention_params_per_layer": attn["q"] + attn["k"] + attn["v"] + attn["o"],
+    }
+
+
+def plan(
+    config: Any,
+    k: int,
+    windows: int,
+    seq_len: int,
+    *,
+    dtype: Any = "float32",
+    device: str = "cpu",
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    activations: str = "device",
+    context: int = 8192,
+) -> dict[str, Any]:
+    """Everything `harp plan` prints, as a dict."""
+    kw = dict(dtype=dtype, batch_size=batch_size, chunk_tokens=chunk_tokens, activations=activations, device=device)
+    return {
+        "model": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                  "params": parameter_count(config), "model_type": config.model_type},
+        "settings": {"k": k, "calib": [windows, seq_len], "dtype": str(dtype), "device": device,
+                     "batch_size": batch_size, "chunk_tokens": chunk_tokens, "activations": activations},
+        "streamed": search_memory(config, k, windows, seq_len, streamed=True, **kw),
+        "in_memory": search_memory(config, k, windows, seq_len, streamed=False, **kw),
+        "result": result_summary(config, k, dtype=dtype, context=context),
+    }
+
+
+def human(nbytes: float) -> str:
+    if abs(nbytes) >= GiB:
+        return f"{nbytes / GiB:.2f} GiB"
+    return f"{nbytes / MiB:.0f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Handing a pruned model to vLLM with tensor parallelism
+# ------------------------------------------------------------------------------------------------
+
+
+def _ffn_width(ffn_mult: float, hidden: int) -> int:
+    width = int(2 * ffn_mult * hidden / 3)  # DeciLM's rule (vLLM's _ffn_mult_to_intermediate_size)
+    return width if width % 256 == 0 else width + 256 - width % 256
+
+
+def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """What vLLM's `DeciLMForCausalLM` will make of a `harp export --format deci` folder, from its
+    config.json alone (vLLM itself needs a GPU and is not run here).
+
+    Mirrors the rules of vLLM's nemotron_nas model: attention layers are normal (`n_heads_in_group`) or
+    `no_op`; `replace_with_linear` is not implemented there (HARP layers with alpha != 0). The KV head count
+    is read from the first layer with attention; tensor parallelism splits query heads, KV heads (or
+    replicates them when tp > kv heads), and each FFN. vLLM reads `block_configs` as objects, through the
+    DeciLM config class of NVIDIA's remote code (`--trust-remote-code` and an `auto_map` in config.json).
+
+    Returns {'problems': [...], 'layers', 'kv_layers' (layers vLLM keeps a KV cache for), 'kv_heads'}.
+    """
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: pass the folder written by harp export --format deci.")
+    cfg = json.loads(cfg_path.read_text())
+    tp = int(tensor_parallel_size)
+    if tp < 1:
+        raise ValueError(f"tensor parallel size {tensor_parallel_size!r}: must be >= 1.")
+    problems: list[str] = []
+    if cfg.get("model_type") != "nemotron-nas" or "DeciLMForCausalLM" not in (cfg.get("architectures") or []):
+        problems.append("config.json is not a DeciLM / nemotron-nas checkpoint: use harp export --format deci.")
+        return {"problems": problems, "layers": cfg.get("num_hidden_layers"), "kv_layers": None, "kv_heads": None}
+    blocks = cfg.get("block_configs") or []
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    linear = [i for i, b in enumerate(blocks) if b["attention"].get("replace_with_linear")]
+    if linear:
+        problems.append(
+            f"layers {linear} are replace_with_linear (HARP alpha != 0), which vLLM does not implement: "
+            "prune those layers with alpha = 0 (--alphas 0,...) for vLLM, or serve with llama.cpp."
+        )
+    attn = [b for b in blocks if not b["attention"].get("no_op") and not b["attention"].get("replace_with_linear")]
+    kv_heads = heads // attn[0]["attention"]["n_heads_in_group"] if attn else None
+    if kv_heads is None:
+        problems.append("no layer keeps attention: vLLM cannot determine the number of KV heads.")
+    if heads % tp:
+        problems.append(f"{heads} attention heads do not split over tensor parallel size {tp}.")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        problems.append(f"{kv_heads} KV heads neither split over nor replicate to tensor parallel size {tp}.")
+    widths = sorted({_ffn_width(b["ffn"]["ffn_mult"], hidden) for b in blocks if not b["ffn"].get("no_op")})
+    bad = [w for w in widths if w % tp]
+    if bad:
+        problems.append(f"FFN widths {bad} do not split over tensor parallel size {tp}.")
+    if "auto_map" not in cfg or not any(folder.glob("configuration_*.py")):
+        problems.append(
+            "vLLM reads block_configs through NVIDIA's DeciLM config class: copy configuration_decilm.py and "
+            "block_config.py from an NVIDIA Nemotron-NAS model repository into the folder, add "
+            '"auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"} to config.json, and pass '
+            "--trust-remote-code."
+        )
+    return {"problems": problems, "layers": len(blocks), "kv_layers": len(attn), "kv_heads": kv_heads}
