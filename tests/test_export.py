@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +201,7 @@ def test_ffn_width_not_multiple_of_256(tmp_path: Path) -> None:
 
 def test_cli_unsupported_is_one_clean_error(tmp_path: Path) -> None:
     ckpt = harp.save(pruned("qwen2", [5], [0.5]), tmp_path / "ckpt")
-    res = CliRunner().invoke(
-        get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "o")]
-    )
+    res = CliRunner().invoke(get_app(), ["export", str(ckpt), "--format", "deci", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and isinstance(res.exception, ExportError)
     assert "v_proj bias" in str(res.exception) and not (tmp_path / "o").exists()
 
@@ -235,10 +236,32 @@ def test_gguf_layout(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def llama_cpp_works(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fail with a clear message, instead of killing the whole test session, when llama-cpp-python is
+    missing or was built for instructions this CPU lacks (e.g. AVX-512 on an AVX2-only machine)."""
+    path = export_gguf(pruned("llama", [5], [0.5]), tmp_path_factory.mktemp("canary") / "c.gguf", dtype="f32")
+    code = (
+        "from harp.export import llamacpp\n"
+        f"llm = llamacpp.open_gguf({str(path)!r}, n_ctx=32, logits_all=True, n_threads=1)\n"
+        "llamacpp.logits(llm, [1, 2, 3, 4, 5, 6, 7, 8])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        hint = ""
+        if r.returncode == -signal.SIGILL:
+            hint = (
+                " (SIGILL: llama-cpp-python was built for instructions this CPU lacks; rebuild it with "
+                "CMAKE_ARGS including -DGGML_NATIVE=OFF and only the instruction sets this CPU has, e.g. "
+                "-DGGML_AVX512=OFF on AVX2-only CPUs)"
+            )
+        pytest.fail(f"llama.cpp cannot run a GGUF here: exit code {r.returncode}{hint}\n{r.stderr[-2000:]}")
+
+
 def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
     from harp.export import llamacpp
 
-    llm = llamacpp.open_gguf(path, n_ctx=64, logits_all=True, n_threads=2)
+    llm = llamacpp.open_gguf(path, n_ctx=64, logits_all=True, n_threads=1)
     try:
         return llamacpp.logits(llm, ids)
     finally:
@@ -270,8 +293,62 @@ def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
         ("qwen2", [5, 4], [0.0, 0.0], {}),
     ],
 )
-def test_llamacpp_runs_tiny_gguf(tmp_path: Path, family, layers, alphas, overrides) -> None:
+def test_llamacpp_runs_tiny_gguf(llama_cpp_works: None, tmp_path: Path, family, layers, alphas, overrides) -> None:
     model = pruned(family, layers, alphas, **overrides)
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32")
     got = _llama_logits(path, IDS)
     np.testing.assert_allclose(got, harp_logits(model).float().numpy(), atol=2e-4, rtol=1e-3)
+
+
+# The default model pruned at k = 8 with Llama-3.1-8B's released alphas (HARP.md section 3) applied to
+# its top 8 layers: a fixed plan, so the test does not depend on the alpha search.
+PLAN_LAYERS = [29, 28, 27, 26, 25, 24, 23, 22]
+PLAN_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_llamacpp_runs_pruned_default_model(llama_cpp_works: None, tmp_path: Path) -> None:
+    """Acceptance: llama.cpp loads the f32 GGUF of SmolLM2 pruned at k = 8, tokenises like harp, its
+    greedy continuation matches harp's for 32 tokens and its perplexity is within 1 %."""
+    import gguf
+
+    from harp.export import llamacpp
+    from harp.models import _default_gguf, load_model
+    from harp.text import load_text
+
+    model, tok = load_model(None)
+    harp.prune(model, layers=PLAN_LAYERS, alphas=PLAN_ALPHAS)
+    path = export_gguf(model, tmp_path / "pruned.gguf", dtype="f32", tokenizer=tok)
+
+    # tokenizer metadata built from the HF tokenizer = what the original GGUF carries
+    mine, ref = gguf.GGUFReader(path), gguf.GGUFReader(_default_gguf())
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+    ):
+        assert mine.get_field(key).contents() == ref.get_field(key).contents(), key
+
+    text = load_text("wikitext2-raw-test").text  # WikiText-2-raw test, bundled with harp
+    ids = tok(text[:6000], add_special_tokens=False)["input_ids"][:512]
+    prompt = tok("The history of the printing press begins in", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        h_logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    want = want[0, len(prompt) :].tolist()
+    h_nll = torch.nn.functional.cross_entropy(h_logits, torch.tensor(ids[1:]), reduction="sum").item()
+
+    llm = llamacpp.open_gguf(path, n_ctx=512, logits_all=True, n_threads=1)  # 1: robust on a busy CI box
+    try:
+        sample = tok.decode(ids[:200])
+        assert llm.tokenize(sample.encode(), add_bos=False, special=False) == tok(sample)["input_ids"]
+        assert llamacpp.greedy(llm, prompt, 32) == want
+        l_nll, n = llamacpp.nll(llm, ids)
+    finally:
+        llm.close()
+    assert n == len(ids) - 1
+    assert abs(math.exp(l_nll / n) / math.exp(h_nll / n) - 1) < 0.01

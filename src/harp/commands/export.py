@@ -68,8 +68,6 @@ def export_cmd(
         console.print(
             "note: layer 0 (alpha = 0) written as a zero linear layer: llama.cpp cannot load a no-op layer 0."
         )
-    console.print(f"wrote {path}", highlight=False)
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     if fmt == "gguf":
-        console.print(
-            f"run it: python -m llama_cpp.server --model {path}   (or llama-cli -m {path})", highlight=False
-        )
+        console.print(f"serve it: llama-server -m {path}", highlight=False, soft_wrap=True)
