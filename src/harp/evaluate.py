@@ -306,10 +306,11 @@ def _run_lm_eval(
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out: dict[str, TaskScore] = {}
-    # lm-eval attaches an environment report (it runs `pip list` and more in subprocesses, seconds per
-    # call) to every result; harp records its own provenance, so skip it.
-    saved_env_info = _ev.add_env_info
+    # lm-eval attaches an environment report (it runs `pip list` and git in subprocesses, seconds per
+    # call, and git complains outside a repository) to every result; harp records its own provenance.
+    saved = (_ev.add_env_info, _ev.get_git_commit_hash)
     _ev.add_env_info = lambda results: None
+    _ev.get_git_commit_hash = lambda: None
     try:
         for s in specs:
             n = limits.get(s.name, limits["*"])
@@ -336,7 +337,7 @@ def _run_lm_eval(
             sc = out[s.name]
             say(f"{s.name}: {sc.metric} {sc.value:.4f} ({sc.samples} of {sc.total} items, {sc.seconds:.0f} s)")
     finally:
-        _ev.add_env_info = saved_env_info
+        _ev.add_env_info, _ev.get_git_commit_hash = saved
         if was_training:
             model.train()
     return out
