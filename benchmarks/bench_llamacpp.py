@@ -16,7 +16,9 @@ windows (same token ids for both; llama.cpp's logits scored here).
 `speed` times prefill and decode of the two GGUFs in llama.cpp at each context length. The two models
 are loaded once and measured interleaved (original, pruned, original, ...) after a warm-up round, and
 medians over the repeats are reported with the pruned/original ratio of each pair. Prefill: `n` tokens
-into an empty KV cache (batch 512). Decode: `--decode` single-token steps on top of an `n`-token cache.
+into an empty KV cache (batch 512). Decode: `--decode` single-token steps right after that prefill, on
+top of its `n`-token cache. The 1-minute load average before and after is recorded: on a shared
+machine, numbers taken under load are noisy (the interleaving keeps the ratios fair, not the speeds).
 The ideal bounds are computed from the GGUFs themselves (HARP.md section 5): prefill FLOPs ratio
 (2 FLOPs per weight per token + 4 d per attended key) and decode bytes-read ratio (every weight
 once + the K and V cache of layers that still have attention, f16).
@@ -119,7 +121,8 @@ def cmd_check(a: argparse.Namespace) -> None:
     results = {"prompt": PROMPT, "harp_ppl": ppl_harp, "windows": a.windows, "window": a.window, "gguf": {}}
     for dtype in a.dtype.split(","):
         path = Path(a.out_dir) / f"pruned-{dtype}.gguf"
-        llm = llamacpp.open_gguf(path, n_ctx=max(a.window, len(prompt) + a.tokens + 8), logits_all=True)
+        n_ctx = max(a.window, len(prompt) + a.tokens + 8)
+        llm = llamacpp.open_gguf(path, n_ctx=n_ctx, logits_all=True, n_threads=a.threads)
         lc_prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
         got = llamacpp.greedy(llm, prompt, a.tokens)
         l_nll = sum(llamacpp.nll(llm, w)[0] for w in windows)
@@ -198,21 +201,16 @@ def decode_bytes(c: dict[str, Any], n: int, kv_bytes: int = 2) -> float:
     return c["weight_bytes"] + 2.0 * kv_bytes * c["kv_dim"] * c["attn_layers"] * n
 
 
-def _time_prefill(llm: Any, ids: list[int]) -> float:
+def _time_prefill_decode(llm: Any, ids: list[int], steps: list[int]) -> tuple[float, float]:
+    """Seconds for a prefill of `ids` into an empty KV cache, then seconds per token of single-token
+    decode steps on top of it."""
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    return time.perf_counter() - t0
-
-
-def _time_decode(llm: Any, ids: list[int], steps: list[int]) -> float:
-    """Seconds per token of single-token steps after a prefill of `ids` (prefill not timed)."""
-    llm.reset()
-    llm.eval(ids)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for tok in steps:
         llm.eval([tok])
-    return (time.perf_counter() - t0) / len(steps)
+    return t1 - t0, (time.perf_counter() - t1) / len(steps)
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -232,13 +230,13 @@ def cmd_speed(a: argparse.Namespace) -> None:
         for k, p in paths.items()
     }
     rows = []
+    load_before = os.getloadavg()
     for n in contexts:
         prompt, steps = ids[:n], ids[n : n + a.decode]
         t: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in paths}
         for rep in range(a.repeats + 1):  # round 0 is warm-up
             for k in paths:  # interleaved: original, pruned, original, pruned, ...
-                p = _time_prefill(llms[k], prompt)
-                d = _time_decode(llms[k], prompt, steps)
+                p, d = _time_prefill_decode(llms[k], prompt, steps)
                 if rep:
                     t[k]["prefill"].append(p)
                     t[k]["decode"].append(d)
@@ -267,6 +265,7 @@ def cmd_speed(a: argparse.Namespace) -> None:
         "repeats": a.repeats,
         "decode_steps": a.decode,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "files": {k: {"path": str(p), "MiB": costs[k]["size"] / 2**20} for k, p in paths.items()},
         "rows": rows,
     }
@@ -318,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--tokens", type=int, default=64)
     c.add_argument("--windows", type=int, default=4)
     c.add_argument("--window", type=int, default=512)
+    c.add_argument("--threads", type=int, default=1)
     c.add_argument("--json")
     s = sub.add_parser("speed", help="prefill/decode speed, original vs pruned GGUF")
     s.add_argument("original")
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--contexts", default="512,1024,2048,4096")
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--decode", type=int, default=32)
-    s.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    s.add_argument("--threads", type=int, default=1)
     s.add_argument("--batch", type=int, default=512)
     s.add_argument("--flash-attn", action="store_true")
     s.add_argument("--json")

@@ -231,6 +231,49 @@ def test_gguf_layout(tmp_path: Path) -> None:
         export_gguf(model, path)
 
 
+def _tokenizer_gguf(path: Path, n_tokens: int) -> Path:
+    """A GGUF holding only tokenizer metadata, standing in for 'a GGUF of the same base model'."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list([f"t{i}" for i in range(n_tokens)])
+    w.add_token_types([1] * n_tokens)
+    w.add_token_merges(["t 1", "t 2"])
+    w.add_bos_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_cli_export_gguf_tokenizer_sources(tmp_path: Path) -> None:
+    import gguf
+
+    ckpt = harp.save(pruned("llama", [5, 0], [0.5, 0.0]), tmp_path / "ckpt")  # no tokenizer files
+    runner = CliRunner()
+    out = tmp_path / "m.gguf"
+    res = runner.invoke(get_app(), ["export", str(ckpt), "--format", "gguf", "--out", str(out)])
+    assert isinstance(res.exception, ExportError) and "--tokenizer-gguf" in str(res.exception)
+    assert not out.exists()
+    wrong = _tokenizer_gguf(tmp_path / "wrong.gguf", 100)
+    res = runner.invoke(get_app(), ["export", str(ckpt), "-f", "gguf", "-o", str(out), "--tokenizer-gguf", str(wrong)])
+    assert isinstance(res.exception, ExportError) and "100 tokens" in str(res.exception) and not out.exists()
+    ref = _tokenizer_gguf(tmp_path / "tok.gguf", 128)
+    res = runner.invoke(
+        get_app(), ["export", str(ckpt), "-f", "gguf", "-o", str(out), "--tokenizer-gguf", str(ref), "--dtype", "q8_0"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "zero linear layer" in res.output
+    mine, theirs = gguf.GGUFReader(out), gguf.GGUFReader(ref)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        assert mine.get_field(key).contents() == theirs.get_field(key).contents()
+    kinds = {t.name: t.tensor_type.name for t in mine.tensors}
+    assert kinds["blk.1.ffn_up.weight"] == "Q8_0" and kinds["blk.1.attn_norm.weight"] == "F32"
+
+
 # --------------------------------------------------------------------------------------------
 # llama.cpp runs the GGUFs (slow: needs llama-cpp-python, which CI installs)
 # --------------------------------------------------------------------------------------------

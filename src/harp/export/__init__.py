@@ -164,7 +164,10 @@ def export(
     src = resolve_model_source(source)
     src_path = Path(src)
     is_gguf = src_path.is_file() and src_path.suffix == ".gguf"
-    model, tok = load_model(source, dtype=torch.float32, with_tokenizer=is_gguf)
+    # Load in the precision that is written (the whole model is resident while exporting): f32 unless
+    # the output is 16-bit anyway; q8_0 is quantised from f32.
+    load_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "", torch.float32)
+    model, tok = load_model(source, dtype=load_dtype, with_tokenizer=is_gguf)
     if not is_gguf:
         tok = _tokenizer_or_none(src)
     check_exportable(model, ffn_multiple_of_256=fmt == "deci")
