@@ -146,10 +146,10 @@ def main() -> None:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="harp-bench-mem-"))
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"settings": vars(a), "synthetic": [], "default": None}
-    print(f"streamed vs in-memory alpha search, peak RSS (fresh process each); k={a.k}, calibration {n}x{s}, "
-          f"grid {a.grid}, batch {a.batch_size}, float32, {a.threads} thread(s)", flush=True)
     try:
         if not a.no_synthetic:
+            print(f"streamed vs in-memory alpha search, peak RSS (fresh process each); k={a.k}, calibration {n}x{s}, "
+                  f"grid {a.grid}, batch {a.batch_size}, float32, {a.threads} thread(s)", flush=True)
             windows_file = work / "windows.pt"
             torch.save(torch.randint(0, SMOLLM2["vocab_size"], (n, s), generator=torch.Generator().manual_seed(0)),
                        windows_file)
