@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import harp
+from harp.cli import get_app
 from harp.models import load_model
 from harp.perplexity import perplexity
 from harp.text import evaluation_windows, load_text, tokenize
@@ -67,7 +68,7 @@ def test_harp_prune_cli_small_budget_then_reload_same_perplexity(tmp_path):
     """`harp prune` with a small budget on the default model; the checkpoint reproduces its numbers."""
     out = tmp_path / "smollm2-k2"
     r = CliRunner().invoke(
-        harp.cli.get_app(),
+        get_app(),
         ["prune", "--layers", "2", "--calib-windows", "4", "--seq-len", "128", "--eval-tokens", "2048",
          "--eval-seq-len", "512", "--grid", "0:1:0.5", "--out", str(out), "--json", str(tmp_path / "s.json")],
         catch_exceptions=False,
