@@ -6,7 +6,7 @@
 It is exactly this harp command (printed, and recorded in compare.md):
 
     harp compare --layers 4,8 --methods all --tasks lambada,piqa,gsm8k,nq_open \\
-        --limit 100,gsm8k=20,nq_open=50 --calib-windows 4 --seq-len 256 --eval-tokens 16384 \\
+        --limit 100,gsm8k=16,nq_open=50 --calib-windows 4 --seq-len 256 --eval-tokens 16384 \\
         --max-gen-toks 128 --out runs/compare-smollm2
 
 Needs the task data folder (--data-dir, $HARP_DATA_DIR, ./data or ../shared/data). A long run is
@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 README = {
     "methods": "all",
     "tasks": "lambada,piqa,gsm8k,nq_open",
-    "limit": "100,gsm8k=20,nq_open=50",
+    "limit": "100,gsm8k=16,nq_open=50",  # 16 = two lm-eval batches of 8 long 8-shot prompts
     "calib_windows": 4,
     "seq_len": 256,
     "eval_tokens": 16384,

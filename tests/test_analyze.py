@@ -112,3 +112,20 @@ def test_plot_marks_pruned_layers(tmp_path):
     res = analyze(model, _ids(seed=3))
     p = plot(res, tmp_path / "a.png", highlight_top=1)
     assert p.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_smollm2_high_layers_are_more_over_smoothed():
+    """The paper's evidence on the real default model: token states grow more alike with depth."""
+    from harp.models import load_model
+    from harp.text import calibration_windows, load_text, tokenize
+
+    model, tok = load_model(None, attn_implementation="eager")
+    w = calibration_windows(tokenize(tok, load_text(None)), 2, 128, 0)
+    res = analyze(model, w, name="smollm2")
+    sims = [r["sim"] for r in res.layers]
+    assert len(sims) == 30
+    top = sum(sims[-6:]) / 6
+    middle = sum(sims[2:11]) / 9
+    assert top > middle + 0.05, (top, middle)
+    assert all(r["attn_self"] is not None and 0 < r["attn_self"] < 1 for r in res.layers)

@@ -149,3 +149,15 @@ def test_layers_str():
     assert layers_str([29, 22, 23, 24, 28]) == "22-24,28-29"
     assert layers_str([3]) == "3"
     assert layers_str([]) == ""
+
+
+@pytest.mark.slow
+def test_smollm2_searched_alpha_beats_both_fixed_alphas_at_k8(tmp_path):
+    """The acceptance claim, small: at k = 8, searched-alpha HARP has lower WikiText-2-raw test
+    perplexity than alpha = 1 (no-rescale) and alpha = 0 (attn-drop-top) on the same layers."""
+    rep = run_compare(CompareSettings(ks=[8], methods="harp,no-rescale,attn-drop-top", calib_windows=4, seq_len=128,
+                                      eval_tokens=2048, out=str(tmp_path / "c"), progress=False), log=lambda m: None)
+    ppl = {r["method"]: r["scores"]["wikitext"]["value"] for r in rep.rows}
+    assert ppl["harp"] < ppl["no-rescale"] and ppl["harp"] < ppl["attn-drop-top"], ppl
+    assert ppl["original"] < ppl["harp"]
+    assert all(r["kv_reduction"] == pytest.approx(8 / 30) for r in rep.rows[1:])

@@ -190,3 +190,35 @@ def test_hub_task_offline_gives_a_clear_error(tiny, monkeypatch):
         evaluate(model, tok, "no_such_task_xyz", limit=1)
     with pytest.raises(ValueError, match="hub tasks need internet"):
         evaluate(model, tok, "hub:piqa", limit=1)
+
+
+@pytest.mark.slow
+def test_smollm2_lambada_and_piqa_score_above_zero():
+    """The shipped YAMLs on the real model and data: a broken prompt/target gives 0 accuracy."""
+    from harp.models import load_model
+
+    assert REAL_DATA.is_dir(), f"real task data expected at {REAL_DATA} (set up by the machine image)"
+    model, tok = load_model(None)
+    res = evaluate(model, tok, "lambada,piqa", limit=16, data_dir=REAL_DATA)
+    assert res.scores["lambada"].samples == 16 and res.scores["piqa"].samples == 16
+    assert res.scores["lambada"].value >= 1 / 16  # SmolLM2-135M: 0.30 on the first 100
+    assert res.scores["piqa"].value >= 0.5  # 0.65 on the first 100; chance is 0.5
+
+
+def test_generation_cap_never_raises_a_tasks_own_cap(tiny, data_dir, monkeypatch):
+    import lm_eval
+
+    seen = {}
+    real = lm_eval.simple_evaluate
+
+    def spy(*a, **k):
+        seen[k["tasks"][0]] = k.get("gen_kwargs")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    model, tok = tiny
+    evaluate(model, tok, "nq_open,gsm8k", limit=1, data_dir=data_dir, max_gen_toks=8)
+    evaluate(model, tok, "nq_open", limit=1, data_dir=data_dir, max_gen_toks=128)
+    assert seen["harp_gsm8k"] == {"max_gen_toks": 8}
+    assert seen["harp_nq_open"] == {"max_gen_toks": 32}  # the YAML's 32, not 128
+    assert "max_gen_toks: 32" in (TASKS_DIR / "harp_nq_open.yaml").read_text()

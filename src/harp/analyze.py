@@ -128,7 +128,7 @@ def plot(result: AnalyzeResult, path: str | Path, highlight_top: int | None = No
         n = len(xs)
         for ax in (a1, a2):
             ax.axvspan(n - highlight_top - 0.5, n - 0.5, color="tab:orange", alpha=0.12, lw=0)
-        a1.text(n - highlight_top / 2 - 0.5, a1.get_ylim()[0], f"top {highlight_top}", ha="center", va="bottom",
+        a2.text(n - highlight_top / 2 - 0.5, 0.98, f"top {highlight_top}", ha="center", va="top",
                 fontsize=8, color="tab:orange")
     for r in result.layers:
         if r["alpha"] is not None:

@@ -39,6 +39,7 @@ class LocalTask:
     metric: str  # primary metric key in lm-eval's results ("metric,filter")
     title: str
     hub: str  # the lm-eval hub task with the same prompt and metric
+    max_gen_toks: int | None = None  # the YAML's own generation cap (a --max-gen-toks never raises it)
 
     @property
     def generation(self) -> bool:
@@ -51,7 +52,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "piqa": LocalTask("piqa", "harp_piqa", "piqa", "acc,none", "PIQA acc", "piqa"),
     "gsm8k": LocalTask("gsm8k", "harp_gsm8k", "gsm8k", "exact_match,strict-match", "GSM8K EM", "gsm8k_cot"),
     "nq_open": LocalTask("nq_open", "harp_nq_open", "nq_open", "exact_match,remove_whitespace", "NQ-open EM",
-                         "nq_open"),
+                         "nq_open", max_gen_toks=32),
 }
 ALIASES = {"nq": "nq_open", "lambada_local": "lambada", "ppl": PERPLEXITY_TASK, "wikitext2": PERPLEXITY_TASK}
 ALIASES.update({t.lm_eval_name: t.name for t in LOCAL_TASKS.values()})
@@ -317,7 +318,9 @@ def _run_lm_eval(
             t = time.perf_counter()
             kwargs: dict[str, Any] = {}
             if max_gen_toks is not None:
-                kwargs["gen_kwargs"] = {"max_gen_toks": int(max_gen_toks)}
+                cap = int(max_gen_toks)
+                own = LOCAL_TASKS[s.name].max_gen_toks if s.kind == "local" else None
+                kwargs["gen_kwargs"] = {"max_gen_toks": min(cap, own) if own else cap}
             if num_fewshot is not None:
                 kwargs["num_fewshot"] = num_fewshot
             try:
