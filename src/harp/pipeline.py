@@ -42,9 +42,9 @@ class PruneSettings:
     alphas: Sequence[float] | None = None  # skip the search and use these
     calib: str | None = None
     eval: str | None = None
-    calib_windows: int = 16
-    seq_len: int = 512
-    eval_tokens: int = 16384
+    calib_windows: int = 8
+    seq_len: int = 256
+    eval_tokens: int = 8192
     eval_seq_len: int = 1024
     grid: str | Sequence[float] | None = None
     seed: int = 0
