@@ -108,35 +108,37 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def cmd_check(a: argparse.Namespace) -> None:
     from harp.export import llamacpp
 
-    _, pruned, tok = _harp_model(a.checkpoint)
+    original, pruned, tok = _harp_model(a.checkpoint)
     prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
-    want = harp_greedy(pruned, prompt, a.tokens)
     ids = _wikitext_ids(tok, a.windows * a.window)
     windows = [ids[i * a.window : (i + 1) * a.window] for i in range(a.windows)]
-    h_nll = sum(harp_nll(pruned, w) for w in windows)
     n_scored = sum(len(w) - 1 for w in windows)
-    ppl_harp = math.exp(h_nll / n_scored)
-    print(f"harp (transformers) pruned: ppl {ppl_harp:.4f} on {a.windows} x {a.window} tokens")
-    print(f"harp greedy: {tok.decode(want)!r}")
-    results = {"prompt": PROMPT, "harp_ppl": ppl_harp, "windows": a.windows, "window": a.window, "gguf": {}}
-    for dtype in a.dtype.split(","):
-        path = Path(a.out_dir) / f"pruned-{dtype}.gguf"
-        n_ctx = max(a.window, len(prompt) + a.tokens + 8)
-        llm = llamacpp.open_gguf(path, n_ctx=n_ctx, logits_all=True, n_threads=a.threads)
-        lc_prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
-        got = llamacpp.greedy(llm, prompt, a.tokens)
-        l_nll = sum(llamacpp.nll(llm, w)[0] for w in windows)
-        ppl_lc = math.exp(l_nll / n_scored)
-        match = common_prefix(want, got)
-        rel = ppl_lc / ppl_harp - 1
-        print(
-            f"{dtype}: greedy match {match}/{a.tokens} tokens; llama.cpp ppl {ppl_lc:.4f} "
-            f"({100 * rel:+.3f} % vs harp); llama.cpp tokenises the prompt identically: {lc_prompt == prompt}"
-        )
-        if match < a.tokens:
-            print(f"   llama.cpp greedy: {tok.decode(got)!r}")
-        results["gguf"][dtype] = {"match": match, "of": a.tokens, "ppl": ppl_lc, "rel_diff": rel}
-        llm.close()
+    results: dict[str, Any] = {"prompt": PROMPT, "windows": a.windows, "window": a.window}
+    for which in a.models.split(","):
+        model = {"original": original, "pruned": pruned}[which]
+        want = harp_greedy(model, prompt, a.tokens)
+        ppl_harp = math.exp(sum(harp_nll(model, w) for w in windows) / n_scored)
+        print(f"harp (transformers) {which}: ppl {ppl_harp:.4f} on {a.windows} x {a.window} tokens")
+        print(f"  harp greedy: {tok.decode(want)!r}")
+        res: dict[str, Any] = {"harp_ppl": ppl_harp, "gguf": {}}
+        for dtype in a.dtype.split(","):
+            path = Path(a.out_dir) / f"{which}-{dtype}.gguf"
+            n_ctx = max(a.window, len(prompt) + a.tokens + 8)
+            llm = llamacpp.open_gguf(path, n_ctx=n_ctx, logits_all=True, n_threads=a.threads)
+            same_tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == prompt
+            got = llamacpp.greedy(llm, prompt, a.tokens)
+            ppl_lc = math.exp(sum(llamacpp.nll(llm, w)[0] for w in windows) / n_scored)
+            llm.close()
+            match = common_prefix(want, got)
+            rel = ppl_lc / ppl_harp - 1
+            print(
+                f"  {which} {dtype}: greedy match {match}/{a.tokens} tokens; llama.cpp ppl {ppl_lc:.4f} "
+                f"({100 * rel:+.3f} % vs harp); llama.cpp tokenises the prompt identically: {same_tokens}"
+            )
+            if match < a.tokens:
+                print(f"    llama.cpp greedy: {tok.decode(got)!r}")
+            res["gguf"][dtype] = {"match": match, "of": a.tokens, "ppl": ppl_lc, "rel_diff": rel}
+        results[which] = res
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--windows", type=int, default=4)
     c.add_argument("--window", type=int, default=512)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--models", default="pruned,original", help="which GGUFs to check: pruned, original")
     c.add_argument("--json")
     s = sub.add_parser("speed", help="prefill/decode speed, original vs pruned GGUF")
     s.add_argument("original")

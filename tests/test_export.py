@@ -373,6 +373,7 @@ def test_llamacpp_runs_pruned_default_model(llama_cpp_works: None, tmp_path: Pat
         "tokenizer.ggml.token_type",
         "tokenizer.ggml.bos_token_id",
         "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
     ):
         assert mine.get_field(key).contents() == ref.get_field(key).contents(), key
 

@@ -136,6 +136,16 @@ def hf_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: i
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
         if not special.merges:
             raise ExportError("The tokenizer has no BPE merges; cannot write llama.cpp tokenizer metadata.")
+        # what the HF tokenizer really does decides add_bos/add_eos when its files do not say
+        plain = tokenizer.encode("a", add_special_tokens=False)
+        full = tokenizer.encode("a")
+        extra = len(full) > len(plain)
+        flags = {
+            "bos": extra and full[0] == tokenizer.bos_token_id,
+            "eos": extra and full[-1] == tokenizer.eos_token_id,
+        }
+        for typ, value in flags.items():
+            special.add_special_token.setdefault(typ, bool(value))
         special.add_to_gguf(writer, quiet=True)
 
 
