@@ -203,16 +203,34 @@ def decode_bytes(c: dict[str, Any], n: int, kv_bytes: int = 2) -> float:
     return c["weight_bytes"] + 2.0 * kv_bytes * c["kv_dim"] * c["attn_layers"] * n
 
 
-def _time_prefill_decode(llm: Any, ids: list[int], steps: list[int]) -> tuple[float, float]:
-    """Seconds for a prefill of `ids` into an empty KV cache, then seconds per token of single-token
-    decode steps on top of it."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_prefill_decode(llm: Any, ids: list[int], steps: list[int]) -> dict[str, tuple[float, float]]:
+    """Per clock: seconds for a prefill of `ids` into an empty KV cache, and seconds per token of the
+    single-token decode steps on top of it. 'cpu' is the process's CPU time: with one thread it is the
+    compute time alone, much less disturbed by other processes competing for the cores than 'wall'."""
     llm.reset()
-    t0 = time.perf_counter()
+    t0 = {k: c() for k, c in CLOCKS.items()}
     llm.eval(ids)
-    t1 = time.perf_counter()
+    t1 = {k: c() for k, c in CLOCKS.items()}
     for tok in steps:
         llm.eval([tok])
-    return t1 - t0, (time.perf_counter() - t1) / len(steps)
+    t2 = {k: c() for k, c in CLOCKS.items()}
+    return {k: (t1[k] - t0[k], (t2[k] - t1[k]) / len(steps)) for k in CLOCKS}
+
+
+def _summary(n: int, t: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    pre = [o / q for o, q in zip(t["original"]["prefill"], t["pruned"]["prefill"], strict=True)]
+    dec = [o / q for o, q in zip(t["original"]["decode"], t["pruned"]["decode"], strict=True)]
+    return {
+        "prefill_tok_s": {k: n / statistics.median(v["prefill"]) for k, v in t.items()},
+        "decode_tok_s": {k: 1 / statistics.median(v["decode"]) for k, v in t.items()},
+        "prefill_speedup": statistics.median(pre),
+        "prefill_speedup_range": [min(pre), max(pre)],
+        "decode_speedup": statistics.median(dec),
+        "decode_speedup_range": [min(dec), max(dec)],
+    }
 
 
 def cmd_speed(a: argparse.Namespace) -> None:
@@ -231,32 +249,29 @@ def cmd_speed(a: argparse.Namespace) -> None:
         k: llamacpp.open_gguf(p, n_ctx=n_ctx, n_threads=a.threads, n_batch=a.batch, flash_attn=a.flash_attn)
         for k, p in paths.items()
     }
+    clocks = ["wall", "cpu"] if a.threads == 1 else ["wall"]  # CPU time of >1 thread counts spinning
     rows = []
     load_before = os.getloadavg()
     for n in contexts:
         prompt, steps = ids[:n], ids[n : n + a.decode]
-        t: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": []} for k in paths}
+        t = {c: {k: {"prefill": [], "decode": []} for k in paths} for c in clocks}
         for rep in range(a.repeats + 1):  # round 0 is warm-up
             for k in paths:  # interleaved: original, pruned, original, pruned, ...
-                p, d = _time_prefill_decode(llms[k], prompt, steps)
-                if rep:
-                    t[k]["prefill"].append(p)
-                    t[k]["decode"].append(d)
-        pre_ratio = [o / q for o, q in zip(t["original"]["prefill"], t["pruned"]["prefill"], strict=True)]
-        dec_ratio = [o / q for o, q in zip(t["original"]["decode"], t["pruned"]["decode"], strict=True)]
-        row = {
+                res = _time_prefill_decode(llms[k], prompt, steps)
+                for c in clocks:
+                    if rep:
+                        t[c][k]["prefill"].append(res[c][0])
+                        t[c][k]["decode"].append(res[c][1])
+        row: dict[str, Any] = {
             "context": n,
-            "prefill_tok_s": {k: n / statistics.median(v["prefill"]) for k, v in t.items()},
-            "decode_tok_s": {k: 1 / statistics.median(v["decode"]) for k, v in t.items()},
-            "prefill_speedup": statistics.median(pre_ratio),
-            "prefill_speedup_range": [min(pre_ratio), max(pre_ratio)],
             "prefill_bound": prefill_flops(costs["original"], n) / prefill_flops(costs["pruned"], n),
-            "decode_speedup": statistics.median(dec_ratio),
-            "decode_speedup_range": [min(dec_ratio), max(dec_ratio)],
             "decode_bound": decode_bytes(costs["original"], n) / decode_bytes(costs["pruned"], n),
         }
+        for c in clocks:
+            row[c] = _summary(n, t[c])
         rows.append(row)
-        print(_fmt_row(row), flush=True)
+        for c in clocks:
+            print(f"[{c}] " + _fmt_row(row, c), flush=True)
     for llm in llms.values():
         llm.close()
     info = {
@@ -271,34 +286,37 @@ def cmd_speed(a: argparse.Namespace) -> None:
         "files": {k: {"path": str(p), "MiB": costs[k]["size"] / 2**20} for k, p in paths.items()},
         "rows": rows,
     }
-    print(markdown_table(info))
+    for c in clocks:
+        print(f"\n{c} clock:\n" + markdown_table(info, c))
     if a.json:
         Path(a.json).write_text(json.dumps(info, indent=2))
 
 
-def _fmt_row(r: dict[str, Any]) -> str:
+def _fmt_row(r: dict[str, Any], clock: str) -> str:
+    m = r[clock]
     return (
-        f"ctx {r['context']:5d}: prefill {r['prefill_tok_s']['original']:7.1f} -> "
-        f"{r['prefill_tok_s']['pruned']:7.1f} tok/s "
-        f"(x{r['prefill_speedup']:.3f}, bound x{r['prefill_bound']:.3f}); decode "
-        f"{r['decode_tok_s']['original']:6.1f} -> {r['decode_tok_s']['pruned']:6.1f} tok/s "
-        f"(x{r['decode_speedup']:.3f}, bound x{r['decode_bound']:.3f})"
+        f"ctx {r['context']:5d}: prefill {m['prefill_tok_s']['original']:7.1f} -> "
+        f"{m['prefill_tok_s']['pruned']:7.1f} tok/s "
+        f"(x{m['prefill_speedup']:.3f}, bound x{r['prefill_bound']:.3f}); decode "
+        f"{m['decode_tok_s']['original']:6.1f} -> {m['decode_tok_s']['pruned']:6.1f} tok/s "
+        f"(x{m['decode_speedup']:.3f}, bound x{r['decode_bound']:.3f})"
     )
 
 
-def markdown_table(info: dict[str, Any]) -> str:
+def markdown_table(info: dict[str, Any], clock: str = "wall") -> str:
     lines = [
         "| context | prefill tok/s original | pruned | speed-up (min-max) | FLOP bound "
         "| decode tok/s original | pruned | speed-up (min-max) | bytes bound |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in info["rows"]:
-        pr, dr = r["prefill_speedup_range"], r["decode_speedup_range"]
+        m = r[clock]
+        pr, dr = m["prefill_speedup_range"], m["decode_speedup_range"]
         lines.append(
-            f"| {r['context']} | {r['prefill_tok_s']['original']:.0f} | {r['prefill_tok_s']['pruned']:.0f} "
-            f"| x{r['prefill_speedup']:.2f} ({pr[0]:.2f}-{pr[1]:.2f}) | x{r['prefill_bound']:.2f} "
-            f"| {r['decode_tok_s']['original']:.1f} | {r['decode_tok_s']['pruned']:.1f} "
-            f"| x{r['decode_speedup']:.2f} ({dr[0]:.2f}-{dr[1]:.2f}) | x{r['decode_bound']:.2f} |"
+            f"| {r['context']} | {m['prefill_tok_s']['original']:.0f} | {m['prefill_tok_s']['pruned']:.0f} "
+            f"| x{m['prefill_speedup']:.2f} ({pr[0]:.2f}-{pr[1]:.2f}) | x{r['prefill_bound']:.2f} "
+            f"| {m['decode_tok_s']['original']:.1f} | {m['decode_tok_s']['pruned']:.1f} "
+            f"| x{m['decode_speedup']:.2f} ({dr[0]:.2f}-{dr[1]:.2f}) | x{r['decode_bound']:.2f} |"
         )
     return "\n".join(lines)
 
