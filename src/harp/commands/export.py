@@ -50,8 +50,9 @@ def export_cmd(
 ) -> None:
     """Export to a format existing inference engines run without custom code.
 
-    alpha != 0 layers become DeciLM 'replace_with_linear' attention (weight alpha * W_O R W_V), alpha = 0
-    layers 'no_op'; the model is validated first and nothing is written if the format cannot hold it.
+    Layers pruned with alpha != 0 become 'replace_with_linear' attention, alpha = 0 layers 'no_op'.
+
+    The model is validated first: nothing is written if the format cannot hold it.
     """
     from harp.export import export
 
