@@ -38,11 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from default_plan import PLAN_ALPHAS, PLAN_LAYERS  # what `make prune` finds on the default model
 
-# SmolLM2-135M has 30 layers. The alpha search is not part of this script: the plan is Llama-3.1-8B's
-# released alphas (HARP.md section 3, k = 8) applied to the top 8 layers, as a fixed, reproducible plan.
-PLAN_LAYERS = [29, 28, 27, 26, 25, 24, 23, 22]
-PLAN_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
 PROMPT = "The history of the printing press begins in"
 
 

@@ -6,9 +6,9 @@
 What it does:
 1. Loads the bundled default model (SmolLM2-135M-Instruct, 30 layers, float32) and prunes its top 8
    layers with PLAN below, unless --pruned DIR names a HARP checkpoint to use instead. The alpha
-   search is not part of this script: the plan is Llama-3.1-8B's released alphas (HARP.md section 3,
-   top layer first) applied to SmolLM2's top 8 layers. Speed depends on the alphas only through
-   alpha == 0 (attention sub-layer gone) vs alpha != 0 (v_proj + folded o_proj kept): 5 + 3 here.
+   search is not part of this script: PLAN is what `make prune` finds on the default settings
+   (benchmarks/results/prune_smollm2_k8.json). Speed depends on the alphas only through
+   alpha == 0 (attention sub-layer gone) vs alpha != 0 (v_proj + folded o_proj kept): 1 + 7 here.
 2. Saves the pruned model as a HARP checkpoint (under --out, reused on later runs) so that each
    model's peak memory can be measured alone in a fresh process.
 3. Runs `harp.bench.run_bench` (the code behind `harp bench`): per context, a warm-up round, then
@@ -32,11 +32,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from default_plan import PLAN_ALPHAS, PLAN_LAYERS  # what `make prune` finds on the default model
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-PLAN_LAYERS = [29, 28, 27, 26, 25, 24, 23, 22]
-PLAN_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
 
 
 def pruned_checkpoint(out: Path, model: str | None) -> Path:

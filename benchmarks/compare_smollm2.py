@@ -6,8 +6,12 @@
 It is exactly this harp command (printed, and recorded in compare.md):
 
     harp compare --layers 4,8 --methods all --tasks lambada,piqa,gsm8k,nq_open \\
-        --limit 100,gsm8k=16,nq_open=50 --calib-windows 4 --seq-len 256 --eval-tokens 16384 \\
-        --max-gen-toks 128 --out runs/compare-smollm2
+        --limit 50,gsm8k=8,nq_open=32 --calib-windows 2 --seq-len 256 --eval-tokens 8192 \\
+        --max-gen-toks 64 --out runs/compare-smollm2
+
+The budget is sized so that the k = 8 part (original + 8 methods, 4 tasks + perplexity) finishes
+within 30 minutes on 2 CPU cores: k = 8 rows come first, and the log's timestamps say when they are
+done. Small limits make task scores coarse (50 items: +-7 points); their stderr is in the table.
 
 Needs the task data folder (--data-dir, $HARP_DATA_DIR, ./data or ../shared/data). A long run is
 resumable: rerun the same command after an interruption.
@@ -29,13 +33,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 README = {
     "methods": "all",
     "tasks": "lambada,piqa,gsm8k,nq_open",
-    "limit": "100,gsm8k=16,nq_open=50",  # 16 = two lm-eval batches of 8 long 8-shot prompts
-    "calib_windows": 4,
+    # per row at these limits, 2 threads: perplexity ~30 s, LAMBADA/PIQA ~15 s each, GSM8K (one lm-eval
+    # batch of 8 long 8-shot prompts) ~40 s, NQ-open ~30 s
+    "limit": "50,gsm8k=8,nq_open=32",
+    "calib_windows": 2,
     "seq_len": 256,
-    "eval_tokens": 16384,
-    # GSM8K's 8-shot chain-of-thought answers are 30-80 tokens; lm-eval's default cap of 256 mostly buys
-    # a small model's rambling, which costs minutes per batch on a CPU and never turns into a match.
-    "max_gen_toks": 128,
+    "eval_tokens": 8192,
+    # GSM8K's 8-shot chain-of-thought answers are 30-80 tokens; a 135M model rambles to the cap and
+    # never reaches "The answer is N", and decoding is most of a row's time on a CPU.
+    "max_gen_toks": 64,
 }
 
 

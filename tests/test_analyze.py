@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_model
-from tiny_tok import VOCAB, byte_tokenizer
+from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 import harp

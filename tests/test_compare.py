@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_evaluate import data_dir  # noqa: F401  (fixture)
-from tiny import tiny_model
-from tiny_tok import VOCAB, byte_tokenizer
+from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 import harp.compare as compare_mod

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
-from tiny_tok import VOCAB, byte_tokenizer
+from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from harp.cli import get_app

@@ -81,3 +81,16 @@ def test_harp_prune_cli_small_budget_then_reload_same_perplexity(tmp_path):
     model, tok = load_model(out)
     ev = evaluation_windows(tokenize(tok, load_text(None, "wikitext2-raw-test")), 512, 2048)
     assert perplexity(model, ev).ppl == pytest.approx(s["ppl"]["harp"], rel=1e-6)
+
+    # `harp eval DIR` (a separate command, a fresh load) reproduces the number `harp prune` printed
+    r = CliRunner().invoke(
+        get_app(),
+        ["eval", str(out), "--eval-tokens", "2048", "--eval-seq-len", "512", "--json", str(tmp_path / "e.json")],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["harp"]["layers"] == [29, 28] and e["harp"]["alphas"] == s["alphas"]
+    wt = e["scores"]["wikitext"]
+    assert wt["samples"] == s["eval_tokens"]  # the same tokens, counted the same way
+    assert wt["value"] == pytest.approx(s["ppl"]["harp"], rel=1e-6)

@@ -68,3 +68,26 @@ def tiny_folder(path, family: str = "llama", **overrides):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+BYTE_SPECIALS = ["<|endoftext|>", "<|pad|>"]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory: 256 byte tokens + 2 specials (vocab 258), so every string
+    round-trips exactly (tiny-model tests that generate or score text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for s in BYTE_SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=BYTE_SPECIALS[0], pad_token=BYTE_SPECIALS[1])
+    return fast
+
+
+VOCAB = 258  # len(byte_tokenizer())

@@ -22,6 +22,11 @@ console = Console(stderr=True)
 @app.callback()
 def _root() -> None:
     """HARP: prune the attention of high decoder layers with rescaling, measure, save, export."""
+    # harp draws its own progress bars; transformers' per-file "Loading weights" bars are noise here
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 # Errors that mean "the user asked for something wrong": shown as one clear line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)

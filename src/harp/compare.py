@@ -30,7 +30,7 @@ from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexi
 from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
 from .modeling import decoder_layers
 from .models import DEFAULT_MODEL, load_model
-from .stats import count_parameters, kv_cache_bytes, output_cache
+from .stats import count_parameters, kv_bytes_after_prefill
 from .text import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, check_disjoint, load_text, tokenize
 
 STATE_VERSION = 1
@@ -103,13 +103,6 @@ class CompareReport:
 # ------------------------------------------------------------------------------------------------
 # Measuring one row
 # ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
-    """Bytes in the KV cache after a prefill of `tokens` tokens (a real cache object, measured)."""
-    ids = torch.arange(1, tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
-    return kv_cache_bytes(output_cache(model(input_ids=ids, use_cache=True)))
 
 
 def _compact_info(info: dict[str, Any]) -> dict[str, Any]:

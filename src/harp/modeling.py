@@ -266,6 +266,25 @@ def prune_layer(model: nn.Module, layer_idx: int, alpha: float) -> None:
     setattr(layer, arch.attn, new)
 
 
+def layer_indices(layers: Any, n: int) -> list[int]:
+    """Distinct integer layer indices in 0..n-1, in the given order. Raises ValueError naming the problem."""
+    out: list[int] = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)
+        except TypeError:
+            raise ValueError(f"Layer index {i!r} is not an integer.") from None
+        if not 0 <= i < n:
+            raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
+        out.append(i)
+    dup = sorted({i for i in out if out.count(i) > 1})
+    if dup:
+        raise ValueError(f"Layer indices must be distinct; repeated: {dup}.")
+    return out
+
+
 def validate_plan(config: Any, layers: Any, alphas: Any) -> tuple[list[int], list[float]]:
     """Check a (layers, alphas) plan against a config; return it normalised. Raises ValueError."""
     arch_for(config)
@@ -278,20 +297,7 @@ def validate_plan(config: Any, layers: Any, alphas: Any) -> tuple[list[int], lis
         raise ValueError(
             f"Got {len(layers)} layer indices but {len(alphas)} alphas: pass exactly one alpha per layer."
         )
-    out_layers: list[int] = []
-    for i in layers:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"Layer index {i!r} is not an integer.") from None
-        if not 0 <= i < n:
-            raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
-        out_layers.append(i)
-    dup = sorted({i for i in out_layers if out_layers.count(i) > 1})
-    if dup:
-        raise ValueError(f"Layer indices must be distinct; repeated: {dup}.")
+    out_layers = layer_indices(layers, n)
     out_alphas: list[float] = []
     for a in alphas:
         try:

@@ -21,7 +21,7 @@ from .modeling import decoder_layers
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
 from .search import parse_grid, search_alphas, top_layers
-from .stats import count_parameters, kv_cache_bytes, output_cache, removed_parameters
+from .stats import count_parameters, kv_bytes_after_prefill, removed_parameters
 from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
 from .text import (
     DEFAULT_CALIB,
@@ -88,13 +88,6 @@ class PruneReport:
         d["params_removed_pct"] = 100.0 * self.params_removed / self.params_before
         d["kv_reduction"] = 1.0 - self.kv_bytes_after / self.kv_bytes_before if self.kv_bytes_before else 0.0
         return d
-
-
-@torch.no_grad()
-def _kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
-    ids = torch.arange(1, tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
-    out = model(input_ids=ids, use_cache=True)
-    return kv_cache_bytes(output_cache(out))
 
 
 def state_file_for(out: Path) -> Path:
@@ -205,7 +198,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     ppl["original"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: original").ppl
     seconds["eval"] = time.perf_counter() - t
     params_before = count_parameters(model)
-    kv_before = _kv_bytes_after_prefill(model)
+    kv_before = kv_bytes_after_prefill(model)
 
     if s.alphas is None and not s.streamed:
         search(model)
@@ -219,7 +212,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     ppl["harp"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: harp").ppl
     seconds["eval"] += time.perf_counter() - t
     params_after = count_parameters(model)
-    kv_after = _kv_bytes_after_prefill(model)
+    kv_after = kv_bytes_after_prefill(model)
 
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},

@@ -1,8 +1,11 @@
-"""Counting what HARP removes, from the config alone (no weights needed)."""
+"""Counting what HARP removes: from the config alone, and measured on a model and its KV cache."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
 
 from .modeling import arch_for, attention_geometry
 
@@ -68,3 +71,10 @@ def output_cache(output: Any) -> Any:
     """The KV cache object of a model output (`cache` in transformers >= 5.2x, `past_key_values` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+@torch.no_grad()
+def kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
+    """Bytes in the KV cache after a prefill of `tokens` tokens (a real cache object, measured)."""
+    ids = torch.arange(1, tokens + 1).unsqueeze(0).to(next(model.parameters()).device)
+    return kv_cache_bytes(output_cache(model(input_ids=ids, use_cache=True)))

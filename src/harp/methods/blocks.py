@@ -8,7 +8,6 @@ Everything that knows the layer count is kept consistent: the ModuleList, `confi
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -16,24 +15,12 @@ from typing import Any
 from torch import nn
 
 from .. import modeling
-from ..modeling import arch_for, get_module
+from ..modeling import arch_for, get_module, layer_indices
 
 
 def _validate(model: nn.Module, layers: Sequence[int]) -> list[int]:
     n = len(get_module(model, arch_for(model.config).layers))
-    out: list[int] = []
-    for i in layers:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"Layer index {i!r} is not an integer.") from None
-        if not 0 <= i < n:
-            raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
-        out.append(i)
-    if len(set(out)) != len(out):
-        raise ValueError(f"Layer indices to remove must be distinct; got {list(layers)}.")
+    out = layer_indices(layers, n)
     if len(out) >= n:
         raise ValueError(f"Cannot remove all {n} decoder layers; remove at most {n - 1}.")
     return sorted(out)
