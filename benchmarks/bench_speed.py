@@ -1,6 +1,6 @@
 """Reproduce the README's "Speed and memory" table: HARP vs original on the default model.
 
-    python benchmarks/bench_speed.py                      # contexts 256..4096, 2 threads, 5 repeats
+    python benchmarks/bench_speed.py                      # contexts 256..4096, 2 threads, lockstep timing
     python benchmarks/bench_speed.py --context 256,512,1024,2048,4096,8192 --out runs/bench_8k
 
 What it does:
@@ -12,16 +12,18 @@ What it does:
 2. Saves the pruned model as a HARP checkpoint (under --out, reused on later runs) so that each
    model's peak memory can be measured alone in a fresh process.
 3. Runs `harp.bench.run_bench` (the code behind `harp bench`): per context, a warm-up round, then
-   --repeats rounds of original and pruned interleaved; prefill of n tokens into an empty cache
-   (last-token logits), then --new-tokens greedy decode steps; pair-by-pair ratios; FLOP and bytes
-   bounds from harp.flops; KV-cache bytes from the cache object.
+   at least --repeats rounds (more until --min-seconds of timed work) of original and pruned
+   interleaved - by default in lockstep: the two prefills take turns at every attention and MLP
+   sub-layer, decode alternates step by step; prefill of n tokens into an empty cache (last-token
+   logits), then --new-tokens greedy decode steps; pair-by-pair ratios with a bootstrap 95 %
+   interval; FLOP and bytes bounds from harp.flops; KV-cache bytes from the cache object.
 4. Writes bench.json, bench.md (the table) and bench.png (runtime vs context, speed-up and bound)
    to --out and prints the table and the acceptance checks of the README.
 
 The equivalent CLI call, once the pruned checkpoint exists:
 
     harp bench --pruned runs/bench_speed/pruned-k8 --context 256,512,1024,2048,4096 --threads 2 \\
-        --repeats 5 --new-tokens 32 --out runs/bench_speed --overwrite
+        --repeats 8 --min-seconds 90 --new-tokens 16 --out runs/bench_speed --overwrite
 """
 
 from __future__ import annotations
@@ -41,16 +43,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pruned_checkpoint(out: Path, model: str | None) -> Path:
     """The HARP checkpoint of PLAN applied to `model`, written once under `out`."""
     import harp
-    from harp.checkpoint import is_harp_checkpoint
+    from harp.checkpoint import is_harp_checkpoint, read_config
     from harp.models import load_model
 
     path = out / "pruned-k8"
     if is_harp_checkpoint(path):
+        harp_cfg = read_config(path)["harp"]
+        if [sorted(harp_cfg["layers"]), harp_cfg["alphas"]] != [sorted(PLAN_LAYERS), _ascending_alphas()]:
+            raise SystemExit(
+                f"{path} was pruned with another plan than benchmarks/default_plan.py "
+                f"(layers {harp_cfg['layers']}, alphas {harp_cfg['alphas']}): delete it to rebuild it, "
+                "or pass --pruned DIR to benchmark it as it is."
+            )
         return path
     m, tok = load_model(model)
     harp.prune(m, layers=PLAN_LAYERS, alphas=PLAN_ALPHAS)
     harp.save(m, path, tokenizer=tok, recipe={"note": "benchmarks/bench_speed.py fixed plan", "search": None})
     return path
+
+
+def _ascending_alphas() -> list[float]:
+    """PLAN_ALPHAS in the order a checkpoint's config stores them (layers ascending)."""
+    return [a for _, a in sorted(zip(PLAN_LAYERS, PLAN_ALPHAS, strict=True))]
 
 
 def acceptance(result: dict[str, Any]) -> list[str]:
@@ -74,8 +88,12 @@ def acceptance(result: dict[str, Any]) -> list[str]:
         "prefill speed-up grows with context: "
         + ("yes" if grows else "not monotonically")
         + " ("
-        + ", ".join(f"{s:.3f}" for s in speedups)
-        + ")"
+        + ", ".join(
+            f"{rows[n]['prefill']['speedup']:.3f} [{rows[n]['prefill']['speedup_ci95'][0]:.3f}-"
+            f"{rows[n]['prefill']['speedup_ci95'][1]:.3f}]"
+            for n in sorted(rows)
+        )
+        + "; median [95 % CI])"
     )
     for n, r in rows.items():
         if "decode" in r:
@@ -93,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="original model (default: the bundled SmolLM2-135M)")
     ap.add_argument("--pruned", default=None, help="a HARP checkpoint to use instead of pruning with PLAN")
     ap.add_argument("--context", default="256,512,1024,2048,4096")
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--min-seconds", type=float, default=90.0, help="per context: rounds until this much timed work")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timing", default="lockstep", choices=["lockstep", "forward"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-isolated-memory", action="store_true", help="skip the per-model peak-RSS processes")
     ap.add_argument("--out", default="runs/bench_speed")
@@ -117,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup=a.warmup,
         threads=a.threads,
         isolated_memory=not a.no_isolated_memory,
+        timing=a.timing,
+        min_seconds=a.min_seconds,
         progress=lambda m: print(m, file=sys.stderr, flush=True),
     )
     result["command"] = "python benchmarks/bench_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -6,6 +6,7 @@ import collections
 import copy
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -44,6 +45,7 @@ def test_run_bench_structure(pair):
     r = bench.run_bench(orig, pruned, [16, 8], new_tokens=3, repeats=2, warmup=1, threads=1)
     assert torch.get_num_threads() == threads  # restored
     assert r["environment"]["torch_threads"] == 1
+    assert r["settings"]["timing"] == "lockstep"
     assert r["settings"]["contexts"] == [8, 16]
     assert r["models"]["pruned"]["harp_layers"] == [4, 5]
     assert r["models"]["pruned"]["parameters"] < r["models"]["original"]["parameters"]
@@ -66,6 +68,84 @@ def test_run_bench_structure(pair):
         assert dec["bytes_bound"] == pytest.approx(b["decode_bytes_bound"])
     assert r["memory"]["process_peak_rss_bytes"] > 0
     json.dumps(r)  # serialisable as is
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_lockstep_prefill_computes_what_a_plain_forward_does(pair):
+    """Taking turns in two threads changes nothing the models compute, every switch point is one
+    attention or MLP sub-layer, and the hooks are gone afterwards."""
+    orig, pruned = pair
+    assert len(bench._switch_points(orig)) == len(bench._switch_points(pruned)) == 2 * 6
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    hooks = _hook_count(orig), _hook_count(pruned)
+    kw = bench._cache_kwarg(orig)
+    for first in (0, 1):
+        got = bench._lockstep_prefill((orig, pruned), ids, (kw, kw), first)
+        for (seconds, cache, token), model in zip(got, (orig, pruned), strict=True):
+            with torch.inference_mode():
+                ref_cache = transformers.DynamicCache(config=model.config)
+                ref = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: ref_cache}).logits
+            assert seconds > 0
+            assert torch.equal(token, ref[:, -1:].argmax(-1))
+            assert bench.kv_cache_bytes(cache) == bench.kv_cache_bytes(ref_cache)
+    assert (_hook_count(orig), _hook_count(pruned)) == hooks
+
+
+def test_lockstep_charges_each_model_only_its_own_segments(pair):
+    """A 30 ms sleep in each of the pruned model's MLPs lands in the pruned model's time, not the
+    original's, although the two run interleaved (margins of 10x: no timing assertion)."""
+    orig, pruned = pair
+    handles = [layer.mlp.register_forward_hook(lambda *a: time.sleep(0.03)) for layer in pruned.model.layers]
+    kw = bench._cache_kwarg(orig)
+    try:
+        ids = torch.randint(0, 128, (1, 8))
+        (t_orig, *_), (t_pruned, *_) = bench._lockstep_prefill((orig, pruned), ids, (kw, kw), 0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert t_pruned >= 6 * 0.03
+    assert t_orig < 0.1 * t_pruned
+
+
+def test_lockstep_error_in_one_model_is_raised_not_deadlocked(pair):
+    orig, pruned = pair
+
+    def boom(*_):
+        raise RuntimeError("boom in layer 2")
+
+    hooks = _hook_count(orig), _hook_count(pruned)
+    handle = pruned.model.layers[2].mlp.register_forward_pre_hook(boom)
+    kw = bench._cache_kwarg(orig)
+    try:
+        with pytest.raises(RuntimeError, match="boom in layer 2"):
+            bench._lockstep_prefill((orig, pruned), torch.randint(0, 128, (1, 8)), (kw, kw), 1)
+    finally:
+        handle.remove()
+    assert (_hook_count(orig), _hook_count(pruned)) == hooks
+
+
+def test_forward_timing_and_min_seconds(pair):
+    orig, pruned = pair
+    r = bench.run_bench(orig, pruned, [8], new_tokens=1, repeats=1, warmup=0, timing="forward", min_seconds=0.3)
+    assert r["settings"]["timing"] == "forward"
+    row = r["contexts"][0]
+    assert len(row["prefill"]["ratio"]["pairs"]) > 1  # rounds added until 0.3 s of measuring
+    assert "cpu_time" in row["prefill"] and "cpu_time" in row["decode"]
+    assert "CPU time" in bench.bench_table(r)
+    lo, hi = row["prefill"]["speedup_ci95"]
+    assert lo <= row["prefill"]["speedup"] <= hi
+    with pytest.raises(ValueError, match="timing must be one of"):
+        bench.run_bench(orig, pruned, [8], timing="fast")
+
+
+def test_median_ci95():
+    assert bench.median_ci95([2.0]) == (2.0, 2.0)
+    lo, hi = bench.median_ci95([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02])
+    assert 0.9 <= lo <= 1.0 <= hi <= 1.1
+    assert bench.median_ci95([1.0, 2.0, 3.0], seed=3) == bench.median_ci95([1.0, 2.0, 3.0], seed=3)
 
 
 def test_bench_table_and_plot(pair, tmp_path):

@@ -3,9 +3,18 @@
 Method (what the numbers mean):
 
 * Both models live in one process and are measured **interleaved**: for every context length, after
-  `warmup` unmeasured rounds, each of `repeats` rounds runs the original (A) and then the pruned
-  model (B) on the same tokens. The pruned/original ratio is computed within each A-B pair, so a
-  slow moment of the machine hits both sides of a pair; medians and min-max over rounds are reported.
+  `warmup` unmeasured rounds, each of `repeats` rounds (more if `min_seconds` asks for it) measures
+  the original (A) and the pruned model (B) on the same tokens. The pruned/original ratio is
+  computed within each round, so a slow moment of the machine hits both sides of a pair; medians,
+  min-max and a bootstrap 95 % interval of the median ratio are reported.
+* `timing="lockstep"` (default) interleaves at the finest grain that keeps each model's own
+  computation intact: the two prefills run in two threads that hand the CPU to each other at every
+  attention and MLP sub-layer (A's embedding, B's embedding, A's layer-0 attention, B's layer-0
+  attention, ...), never running at the same time; each model's time is the sum of its own
+  segments. Shared 2-core machines drift by tens of percent within seconds; a multi-second prefill
+  of A and then of B sees different drifts, while 60 alternating segments of both see the same.
+  Decode alternates step by step (A's step 1, B's step 1, ...). `timing="forward"` times whole
+  forwards A then B instead, and also records process CPU time.
 * Prefill: one forward of `n` tokens into an empty `DynamicCache`, logits for the last token only
   (`logits_to_keep=1`, as `generate` does).
 * Decode: `new_tokens` greedy steps of one token each on that cache; throughput = new_tokens / time.
@@ -25,10 +34,12 @@ import inspect
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +51,7 @@ from torch import nn
 
 from . import __version__
 from .flops import layer_kinds, speedup_bounds
+from .modeling import arch_for, decoder_layers, get_module
 from .stats import count_parameters, kv_cache_bytes
 
 RESULT_VERSION = 1
@@ -47,6 +59,8 @@ JSON_NAME = "bench.json"
 PLOT_NAME = "bench.png"
 TABLE_NAME = "bench.md"
 _PROBE_MARK = "HARP_BENCH_PROBE "
+TIMINGS = ("lockstep", "forward")
+MAX_ROUNDS = 200  # cap on rounds per context when min_seconds asks for more than `repeats`
 
 ModelLike = nn.Module | str | os.PathLike | None  # None: the bundled default model
 
@@ -68,9 +82,7 @@ def parse_contexts(spec: str | Iterable[int]) -> list[int]:
                 raise ValueError
             n = int(s)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"Context length {s!r} is not an integer (expected e.g. 256,512,1024)."
-            ) from None
+            raise ValueError(f"Context length {s!r} is not an integer (expected e.g. 256,512,1024).") from None
         if n < 1:
             raise ValueError(f"Context length {n} must be at least 1.")
         out.append(n)
@@ -98,9 +110,7 @@ def check_pair(orig: nn.Module, pruned: nn.Module, contexts: Sequence[int]) -> N
         "intermediate_size",
     )
     diff = {
-        k: (getattr(oc, k, None), getattr(pc, k, None))
-        for k in keys
-        if getattr(oc, k, None) != getattr(pc, k, None)
+        k: (getattr(oc, k, None), getattr(pc, k, None)) for k in keys if getattr(oc, k, None) != getattr(pc, k, None)
     }
     if diff:
         detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in diff.items())
@@ -113,9 +123,7 @@ def check_pair(orig: nn.Module, pruned: nn.Module, contexts: Sequence[int]) -> N
         )
     dtypes = {next(orig.parameters()).dtype, next(pruned.parameters()).dtype}
     if len(dtypes) != 1:
-        raise ValueError(
-            f"The models have different dtypes {sorted(map(str, dtypes))}; load both with the same dtype."
-        )
+        raise ValueError(f"The models have different dtypes {sorted(map(str, dtypes))}; load both with the same dtype.")
     limit = getattr(oc, "max_position_embeddings", None)
     if limit is not None:
         too_long = [n for n in contexts if n > limit]
@@ -167,8 +175,8 @@ def _decode(model: nn.Module, cache: Any, token: torch.Tensor, steps: int, kw: s
 
 
 def _measure(model: nn.Module, ids: torch.Tensor, new_tokens: int, kw: str) -> dict[str, float | int]:
-    """One prefill + decode, with the garbage collector paused so it cannot land inside a timing."""
-    gc.collect()
+    """One prefill + decode, with the garbage collector paused so it cannot land inside a timing
+    (callers run gc.collect() between contexts: a full collection can take half a second)."""
     gc.disable()
     try:
         t_pre, c_pre, cache, token = _prefill(model, ids, kw)
@@ -178,6 +186,136 @@ def _measure(model: nn.Module, ids: torch.Tensor, new_tokens: int, kw: str) -> d
         gc.enable()
     del cache
     return {"prefill_s": t_pre, "prefill_cpu_s": c_pre, "decode_s": t_dec, "decode_cpu_s": c_dec, "kv_bytes": kv}
+
+
+# --------------------------------------------------------------------------------------------
+# Lockstep timing: both models' prefills in two threads that take turns, sub-layer by sub-layer
+# --------------------------------------------------------------------------------------------
+
+
+class _Baton:
+    """Two threads, one runs at a time. `take(i)` waits for thread i's turn and starts its clock;
+    `give(i)` stops the clock, adds the segment to `seconds[i]` and hands the turn over (for good if
+    `done`). The hand-over itself (waking the other thread) is in nobody's time."""
+
+    def __init__(self, first: int) -> None:
+        self._cv = threading.Condition()
+        self._turn = first
+        self._done = [False, False]
+        self._t0 = [0.0, 0.0]
+        self.seconds = [0.0, 0.0]
+
+    def take(self, i: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn == i or self._done[1 - i])
+        self._t0[i] = time.perf_counter()
+
+    def give(self, i: int, done: bool = False) -> None:
+        self.seconds[i] += time.perf_counter() - self._t0[i]
+        with self._cv:
+            self._done[i] = self._done[i] or done
+            self._turn = 1 - i
+            self._cv.notify_all()
+
+
+def _switch_points(model: nn.Module) -> list[nn.Module]:
+    """Where lockstep timing hands over: the start of every attention and MLP sub-layer (a pruned
+    layer keeps both modules, so the original and the pruned model have the same points)."""
+    arch = arch_for(model.config)
+    points: list[nn.Module] = []
+    for layer in decoder_layers(model):
+        points.append(get_module(layer, arch.attn))
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, nn.Module):
+            points.append(mlp)
+    return points
+
+
+def _lockstep_prefill(
+    models: tuple[nn.Module, nn.Module], ids: torch.Tensor, kws: tuple[str, str], first: int
+) -> list[tuple[float, Any, torch.Tensor]]:
+    """Prefill `ids` on both models in lockstep (see the module docstring); per model (wall seconds
+    of its own segments, cache, next token). `first` says which model starts."""
+    baton = _Baton(first)
+    threads = torch.get_num_threads()
+    out: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        torch.set_num_threads(threads)  # a new thread may not inherit the setting
+        baton.take(i)
+        try:
+            with torch.inference_mode():
+                cache = _new_cache(models[i])
+                logits = models[i](input_ids=ids, use_cache=True, logits_to_keep=1, **{kws[i]: cache}).logits
+                out[i] = (cache, logits[:, -1:].argmax(-1))
+        except BaseException as e:  # re-raised in the calling thread below
+            errors.append(e)
+        finally:
+            baton.give(i, done=True)
+
+    def hook(i: int) -> Callable[..., None]:
+        def pre(_module: nn.Module, _args: Any) -> None:
+            baton.give(i)
+            baton.take(i)
+
+        return pre
+
+    handles = [p.register_forward_pre_hook(hook(i)) for i, m in enumerate(models) for p in _switch_points(m)]
+    try:
+        workers = [threading.Thread(target=run, args=(i,), name=f"harp-bench-{i}") for i in (0, 1)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        for h in handles:
+            h.remove()
+    if errors:
+        raise errors[0]
+    return [(baton.seconds[i], *out[i]) for i in (0, 1)]
+
+
+@torch.inference_mode()
+def _alternating_decode(
+    models: tuple[nn.Module, nn.Module],
+    state: list[tuple[Any, torch.Tensor]],
+    steps: int,
+    kws: tuple[str, str],
+    first: int,
+) -> list[float]:
+    """`steps` greedy steps on both models, alternating step by step; wall seconds per model."""
+    seconds = [0.0, 0.0]
+    caches = [c for c, _ in state]
+    tokens = [t for _, t in state]
+    order = (first, 1 - first)
+    for _ in range(steps):
+        for i in order:
+            t0 = time.perf_counter()
+            logits = models[i](input_ids=tokens[i], use_cache=True, **{kws[i]: caches[i]}).logits
+            tokens[i] = logits[:, -1:].argmax(-1)
+            seconds[i] += time.perf_counter() - t0
+    return seconds
+
+
+def _lockstep_round(
+    a: nn.Module, b: nn.Module, ids: torch.Tensor, new_tokens: int, kws: tuple[str, str], first: int
+) -> tuple[dict[str, float | int], dict[str, float | int]]:
+    """One lockstep round (prefill, then decode) of both models, garbage collector paused."""
+    gc.disable()
+    try:
+        pre = _lockstep_prefill((a, b), ids, kws, first)
+        kv = [kv_cache_bytes(c) for _, c, _ in pre]
+        dec = (
+            _alternating_decode((a, b), [(c, t) for _, c, t in pre], new_tokens, kws, first)
+            if new_tokens > 0
+            else [0.0, 0.0]
+        )
+    finally:
+        gc.enable()
+    rows = [{"prefill_s": pre[i][0], "decode_s": dec[i], "kv_bytes": kv[i]} for i in (0, 1)]
+    del pre
+    return rows[0], rows[1]
 
 
 def _tokens(vocab: int, n: int, seed: int) -> torch.Tensor:
@@ -296,9 +434,7 @@ def probe_memory(
 def _probe_main(argv: Sequence[str]) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(
-        prog="python -m harp.bench", description="harp bench memory probe (internal)"
-    )
+    ap = argparse.ArgumentParser(prog="python -m harp.bench", description="harp bench memory probe (internal)")
     ap.add_argument("--probe", required=True)
     ap.add_argument("--contexts", required=True)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -353,6 +489,8 @@ def run_bench(
     attn_implementation: str | None = None,
     isolated_memory: bool = False,
     seed: int = 0,
+    timing: str = "lockstep",
+    min_seconds: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Benchmark `pruned` against `orig` (models, or sources `harp.models.load_model` understands).
@@ -361,10 +499,19 @@ def run_bench(
     the prefill times, decode throughput, pair-by-pair ratios, FLOP/bytes bounds, the measured
     saving as a fraction of the ideal one, KV-cache bytes and (with `isolated_memory`, which needs
     both models given as sources) each model's own peak RSS. See the module docstring.
+
+    `timing`: "lockstep" (default) or "forward", see the module docstring. `min_seconds`: per
+    context, keep adding rounds beyond `repeats` until the timed work of both models adds up to this
+    many seconds (at most MAX_ROUNDS rounds) - cheap short contexts then get many rounds, long ones
+    `repeats`.
     """
     ctx = parse_contexts(contexts)
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}; got {timing!r}.")
+    if not min_seconds >= 0:
+        raise ValueError(f"min_seconds must be 0 or more, got {min_seconds}.")
     if warmup < 0:
         raise ValueError(f"warmup must be 0 or more, got {warmup}.")
     if new_tokens < 0:
@@ -378,9 +525,7 @@ def run_bench(
 
         orig = DEFAULT_MODEL
     if pruned is None:
-        raise ValueError(
-            "No pruned model given: pass a HARP checkpoint folder or a model pruned by harp.prune."
-        )
+        raise ValueError("No pruned model given: pass a HARP checkpoint folder or a model pruned by harp.prune.")
     if not isinstance(pruned, nn.Module):
         _check_pruned_source(pruned)
     say = progress or (lambda _msg: None)
@@ -394,7 +539,7 @@ def run_bench(
         check_pair(model_a, model_b, ctx)
         model_a.eval()
         model_b.eval()
-        result = _run(model_a, model_b, ctx, new_tokens, repeats, warmup, seed, say)
+        result = _run(model_a, model_b, ctx, new_tokens, repeats, warmup, seed, timing, min_seconds, say)
         result["models"]["original"]["source"] = src_a
         result["models"]["pruned"]["source"] = src_b
         if isolated_memory:
@@ -468,10 +613,18 @@ def _run(
     repeats: int,
     warmup: int,
     seed: int,
+    timing: str,
+    min_seconds: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
     cfg = a.config
     kw_a, kw_b = _cache_kwarg(a), _cache_kwarg(b)
+
+    def one_round(x: torch.Tensor, r: int) -> tuple[dict[str, float | int], dict[str, float | int]]:
+        if timing == "lockstep":  # who starts alternates from round to round
+            return _lockstep_round(a, b, x, new_tokens, (kw_a, kw_b), first=r % 2)
+        return _measure(a, x, new_tokens, kw_a), _measure(b, x, new_tokens, kw_b)
+
     plan_a = getattr(cfg, "harp", None) or {"layers": [], "alphas": []}
     plan_b = b.config.harp
     elem = next(a.parameters()).element_size()
@@ -484,14 +637,24 @@ def _run(
             "contexts": ctx,
             "new_tokens": new_tokens,
             "repeats": repeats,
+            "min_seconds": min_seconds,
             "warmup": warmup,
             "seed": seed,
-            "order": "per context: warm-up rounds, then repeats x (original, pruned), interleaved",
+            "timing": timing,
+            "order": (
+                "per context: warm-up rounds, then rounds of both models (at least `repeats`, more until "
+                "`min_seconds` of measuring); lockstep: the two prefills take turns at every attention and "
+                "MLP sub-layer (two threads, one running at a time; who starts alternates by round) and "
+                "decode alternates step by step"
+                if timing == "lockstep"
+                else "per context: warm-up rounds, then rounds of (original forward, pruned forward), "
+                "at least `repeats`, more until `min_seconds` of measuring"
+            ),
             "prefill": "one forward of n tokens into an empty DynamicCache, last-token logits only",
             "decode": f"{new_tokens} greedy one-token steps on the prefilled cache",
             "tokens": "uniform random token ids (fixed seed); content does not affect speed",
-            "times": "wall clock (time.perf_counter); cpu_time: process CPU time of all threads "
-            "(time.process_time; excludes waiting for a core, includes OpenMP spin-waits)",
+            "times": "wall clock (time.perf_counter); with timing 'forward' also cpu_time: process CPU "
+            "time of all threads (time.process_time; excludes waiting for a core, includes OpenMP spin-waits)",
         },
         "environment": {
             "harp": __version__,
@@ -512,6 +675,7 @@ def _run(
             "decode": "bytes read per generated token, weights + KV cache, original/pruned (harp.flops)",
             "fraction_of_ideal_saving": "(1 - t_pruned/t_orig) / (1 - 1/bound), "
             "t_pruned/t_orig = median of the pair-by-pair ratios",
+            "ci95": "95 % bootstrap interval of the median pair ratio (2000 resamples, fixed seed), given as speed-up",
         },
         "contexts": [],
         "memory": {
@@ -524,20 +688,26 @@ def _run(
     }
     for n in ctx:
         x = ids[:, :n]
+        gc.collect()
         for i in range(warmup):
             say(f"context {n}: warm-up {i + 1}/{warmup}")
-            _measure(a, x, new_tokens, kw_a)
-            _measure(b, x, new_tokens, kw_b)
+            one_round(x, i)
         runs: dict[str, list[dict[str, float | int]]] = {"original": [], "pruned": []}
-        for r in range(repeats):
-            say(f"context {n}: round {r + 1}/{repeats}")
-            runs["original"].append(_measure(a, x, new_tokens, kw_a))
-            runs["pruned"].append(_measure(b, x, new_tokens, kw_b))
+        measured = 0.0  # seconds inside the timings of both models
+        r = 0
+        while r < repeats or (measured < min_seconds and r < max(repeats, MAX_ROUNDS)):
+            say(f"context {n}: round {r + 1}" + ("" if min_seconds else f"/{repeats}"))
+            ra, rb = one_round(x, r)
+            runs["original"].append(ra)
+            runs["pruned"].append(rb)
+            measured += sum(float(m["prefill_s"]) + float(m["decode_s"]) for m in (ra, rb))
+            r += 1
         row = _context_row(n, runs, bounds[n], new_tokens, limit)
+        lo, hi = row["prefill"]["speedup_ci95"]
         say(
             f"context {n}: prefill {row['prefill']['original']['median_ms']:.0f} -> "
             f"{row['prefill']['pruned']['median_ms']:.0f} ms (x{row['prefill']['speedup']:.3f}, "
-            f"bound x{row['prefill']['bound']:.3f})"
+            f"95 % CI {lo:.3f}-{hi:.3f}, bound x{row['prefill']['bound']:.3f}, {r} rounds)"
         )
         result["contexts"].append(row)
     return result
@@ -561,6 +731,15 @@ def _cpu_summary(o: list[dict[str, float | int]], p: list[dict[str, float | int]
     }
 
 
+def median_ci95(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap 95 % interval of the median of `values` (deterministic for a seed)."""
+    if len(values) < 2:
+        return float(values[0]), float(values[0])
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[min(resamples - 1, int(0.975 * resamples))]
+
+
 def _context_row(
     n: int,
     runs: dict[str, list[dict[str, float | int]]],
@@ -573,6 +752,7 @@ def _context_row(
     ratio = statistics.median(pre_ratio)
     ideal = bound["ideal_saving"]
     measured = 1.0 - ratio
+    ci_lo, ci_hi = median_ci95(pre_ratio)
 
     def times(rs: list[dict[str, float | int]], key: str) -> dict[str, Any]:
         ms = [1000.0 * float(r[key]) for r in rs]
@@ -586,13 +766,13 @@ def _context_row(
             "pruned": times(p, "prefill_s"),
             "ratio": {**_summary(pre_ratio), "pairs": pre_ratio},
             "speedup": 1.0 / ratio,
+            "speedup_ci95": [1.0 / ci_hi, 1.0 / ci_lo],
             "bound": bound["prefill_bound"],
             "ideal_saving": ideal,
             "measured_saving": measured,
             "fraction_of_ideal_saving": measured / ideal if ideal > 0 else None,
             "flops_original": bound["prefill_flops_original"],
             "flops_pruned": bound["prefill_flops_pruned"],
-            "cpu_time": _cpu_summary(o, p, "prefill_cpu_s"),
         },
         "kv_cache_bytes": {
             "original": int(o[0]["kv_bytes"]),
@@ -603,11 +783,15 @@ def _context_row(
         },
         "peak_rss_bytes": {},
     }
+    timed_cpu = "prefill_cpu_s" in o[0]  # timing "forward" only: lockstep threads share the process clock
+    if timed_cpu:
+        row["prefill"]["cpu_time"] = _cpu_summary(o, p, "prefill_cpu_s")
     if new_tokens > 0:
         tps_o = [new_tokens / float(r["decode_s"]) for r in o]
         tps_p = [new_tokens / float(r["decode_s"]) for r in p]
         dec_ratio = [float(q["decode_s"]) / float(r["decode_s"]) for r, q in zip(o, p, strict=True)]
         dr = statistics.median(dec_ratio)
+        d_lo, d_hi = median_ci95(dec_ratio)
         d_ideal = 1.0 - 1.0 / bound["decode_bytes_bound"]
         row["decode"] = {
             "new_tokens": new_tokens,
@@ -620,14 +804,16 @@ def _context_row(
                 "runs_tokens_per_s": tps_p,
             },
             "time_ratio": {**_summary(dec_ratio), "pairs": dec_ratio},
-            "cpu_time": _cpu_summary(o, p, "decode_cpu_s"),
             "speedup": 1.0 / dr,
+            "speedup_ci95": [1.0 / d_hi, 1.0 / d_lo],
             "bytes_bound": bound["decode_bytes_bound"],
             "flop_bound": bound["decode_flop_bound"],
             "ideal_saving": d_ideal,
             "measured_saving": 1.0 - dr,
             "fraction_of_ideal_saving": (1.0 - dr) / d_ideal if d_ideal > 0 else None,
         }
+        if timed_cpu:
+            row["decode"]["cpu_time"] = _cpu_summary(o, p, "decode_cpu_s")
         if limit is not None and n + new_tokens > limit:
             row["decode"]["note"] = (
                 f"decode runs to position {n + new_tokens}, past max_position_embeddings {limit}: "
@@ -652,15 +838,16 @@ def _mmm(med: float, lo: float, hi: float, fmt: str) -> str:
 def bench_table(result: dict[str, Any]) -> str:
     """The results as two Markdown tables: prefill (with bound and fraction of the ideal saving), and
     decode / KV cache / peak RSS. Medians with min–max in brackets."""
+    with_cpu = any("cpu_time" in r["prefill"] for r in result["contexts"])
     pre_lines = [
-        "| context | prefill original ms | prefill pruned ms | speed-up | FLOP bound "
-        "| saving / ideal saving | speed-up in CPU time |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| context | prefill original ms | prefill pruned ms | speed-up | 95 % CI | FLOP bound "
+        "| saving / ideal saving |" + (" speed-up in CPU time |" if with_cpu else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_cpu else ""),
     ]
     dec_lines = [
-        "| context | decode original tok/s | decode pruned tok/s | speed-up | bytes bound "
+        "| context | decode original tok/s | decode pruned tok/s | speed-up | 95 % CI | bytes bound "
         "| KV cache MiB original → pruned | peak RSS MiB original → pruned |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["contexts"]:
         pre = r["prefill"]
@@ -670,9 +857,13 @@ def bench_table(result: dict[str, Any]) -> str:
         frac_s = "-" if frac is None else f"{100 * frac:.0f} %"
         t_o = _mmm(o["median_ms"], o["min_ms"], o["max_ms"], ".0f")
         t_p = _mmm(p["median_ms"], p["min_ms"], p["max_ms"], ".0f")
+        ci = pre.get("speedup_ci95")
+        ci_s = f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "-"
         cpu = pre.get("cpu_time")
-        cpu_s = f"{cpu['speedup']:.3f}" if cpu else "-"
-        pre_lines.append(f"| {r['context']} | {t_o} | {t_p} | {speed} | {pre['bound']:.3f} | {frac_s} | {cpu_s} |")
+        cpu_s = (f" {cpu['speedup']:.3f} |" if cpu else " - |") if with_cpu else ""
+        pre_lines.append(
+            f"| {r['context']} | {t_o} | {t_p} | {speed} | {ci_s} | {pre['bound']:.3f} | {frac_s} |{cpu_s}"
+        )
         kv = r["kv_cache_bytes"]
         rss = r["peak_rss_bytes"]
         kv_s = f"{_mib(kv['original'])} → {_mib(kv['pruned'])}"
@@ -684,12 +875,23 @@ def bench_table(result: dict[str, Any]) -> str:
                 _mmm(do["median_tokens_per_s"], do["min_tokens_per_s"], do["max_tokens_per_s"], ".1f"),
                 _mmm(dp["median_tokens_per_s"], dp["min_tokens_per_s"], dp["max_tokens_per_s"], ".1f"),
                 _mmm(1 / dq["median"], 1 / dq["max"], 1 / dq["min"], ".3f"),
+                "{:.3f}–{:.3f}".format(*dec["speedup_ci95"]) if "speedup_ci95" in dec else "-",
                 f"{dec['bytes_bound']:.3f}",
             ]
         else:
-            cells = ["-"] * 4
+            cells = ["-"] * 5
         dec_lines.append(f"| {r['context']} | " + " | ".join(cells) + f" | {kv_s} | {rss_s} |")
     return "\n".join(pre_lines) + "\n\n" + "\n".join(dec_lines)
+
+
+def _speedup_bar(part: dict[str, Any], ratio_key: str) -> tuple[float, float, float]:
+    """(median, low, high) speed-up for a plot: the 95 % CI of the median where the result has one,
+    else (results written before the CI existed) the min-max of the pairs."""
+    if "speedup_ci95" in part:
+        lo, hi = part["speedup_ci95"]
+        return part["speedup"], lo, hi
+    q = part[ratio_key]
+    return 1 / q["median"], 1 / q["max"], 1 / q["min"]
 
 
 def check_plot_available() -> None:
@@ -697,9 +899,7 @@ def check_plot_available() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError(
-            "The plot needs matplotlib: pip install 'harp-prune[plot]' (or pass --no-plot)."
-        ) from None
+        raise ValueError("The plot needs matplotlib: pip install 'harp-prune[plot]' (or pass --no-plot).") from None
 
 
 def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -715,9 +915,8 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
     rows = result["contexts"]
     ctx = [r["context"] for r in rows]
     has_decode = all("decode" in r for r in rows)
-    fig, axes = plt.subplots(
-        1, 2 if has_decode else 1, figsize=(12 if has_decode else 6.5, 4.6), squeeze=False
-    )
+    ci = all("speedup_ci95" in r["prefill"] for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_decode else 1, figsize=(12 if has_decode else 6.5, 4.6), squeeze=False)
     src = result["models"]["original"].get("source") or result["models"]["original"]["class"]
     k = len(result["models"]["pruned"]["harp_layers"])
     L = result["models"]["pruned"]["num_layers"]
@@ -757,7 +956,7 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
             marker="^",
             linestyle=":",
             capsize=3,
-            label="measured speed-up",
+            label="measured speed-up (95 % CI)" if ci else "measured speed-up (min–max)",
         )
         ax2.plot(ctx, bound, color="tab:red", linestyle="--", label=bound_label)
         ax2.axhline(1.0, color="grey", linewidth=0.8)
@@ -783,14 +982,7 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
         f"prefill time ({unit})",
         [pre(r, "original") for r in rows],
         [pre(r, "pruned") for r in rows],
-        [
-            (
-                1 / r["prefill"]["ratio"]["median"],
-                1 / r["prefill"]["ratio"]["max"],
-                1 / r["prefill"]["ratio"]["min"],
-            )
-            for r in rows
-        ],
+        [_speedup_bar(r["prefill"], "ratio") for r in rows],
         [r["prefill"]["bound"] for r in rows],
         "FLOP-ideal bound",
     )
@@ -806,21 +998,15 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
             "time per new token (ms)",
             [dec(r, "original") for r in rows],
             [dec(r, "pruned") for r in rows],
-            [
-                (
-                    1 / r["decode"]["time_ratio"]["median"],
-                    1 / r["decode"]["time_ratio"]["max"],
-                    1 / r["decode"]["time_ratio"]["min"],
-                )
-                for r in rows
-            ],
+            [_speedup_bar(r["decode"], "time_ratio") for r in rows],
             [r["decode"]["bytes_bound"] for r in rows],
             "bytes-read bound",
         )
     env = result["environment"]
     fig.suptitle(
         f"HARP speed: {src}, torch threads {env['torch_threads']}, "
-        f"{result['models']['original']['dtype']}, medians with min–max",
+        f"{result['models']['original']['dtype']}, {result['settings'].get('timing', 'forward')} timing; "
+        f"times: medians with min–max" + ("; speed-ups: medians with 95 % CI" if ci else ""),
         fontsize=10,
     )
     fig.tight_layout()
@@ -845,9 +1031,7 @@ def output_paths(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[st
     if not overwrite:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
-            raise FileExistsError(
-                f"{', '.join(existing)} already exist(s): choose another --out or pass --overwrite."
-            )
+            raise FileExistsError(f"{', '.join(existing)} already exist(s): choose another --out or pass --overwrite.")
     return paths
 
 

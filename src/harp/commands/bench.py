@@ -17,6 +17,7 @@ def _table(result: dict) -> Table:
         "ctx",
         "prefill ms",
         "speed-up",
+        "95 % CI",
         "bound",
         "of ideal",
         "decode tok/s",
@@ -34,6 +35,7 @@ def _table(result: dict) -> Table:
             str(r["context"]),
             f"{pre['original']['median_ms']:.0f} → {pre['pruned']['median_ms']:.0f}",
             f"{pre['speedup']:.3f}",
+            "{:.3f}–{:.3f}".format(*pre["speedup_ci95"]),
             f"{pre['bound']:.3f}",
             "-" if frac is None else f"{100 * frac:.0f} %",
             f"{dec['original']['median_tokens_per_s']:.1f} → {dec['pruned']['median_tokens_per_s']:.1f}"
@@ -59,7 +61,19 @@ def bench_cmd(
     ),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Tokens generated after each prefill (decode)."),
     repeats: int = typer.Option(3, "--repeats", "-r", help="Measured A/B rounds per context."),
+    min_seconds: float = typer.Option(
+        0.0,
+        "--min-seconds",
+        help="Per context, add rounds beyond --repeats until measuring took this long (cheap short "
+        "contexts get more rounds).",
+    ),
     warmup: int = typer.Option(1, "--warmup", help="Unmeasured A/B rounds per context before measuring."),
+    timing: str = typer.Option(
+        "lockstep",
+        "--timing",
+        help="lockstep: the two prefills take turns at every attention/MLP sub-layer and decode alternates "
+        "step by step (robust to a noisy machine); forward: whole forwards A then B (also CPU time).",
+    ),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     attn: str = typer.Option(None, "--attn", help="Attention implementation for both models (sdpa, eager)."),
@@ -94,6 +108,8 @@ def bench_cmd(
         attn_implementation=attn,
         isolated_memory=isolated_memory,
         seed=seed,
+        timing=timing,
+        min_seconds=min_seconds,
         progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False),
     )
     args = (
@@ -110,9 +126,12 @@ def bench_cmd(
             str(repeats),
             "--warmup",
             str(warmup),
+            "--timing",
+            timing,
             "--dtype",
             dtype,
         ]
+        + (["--min-seconds", f"{min_seconds:g}"] if min_seconds else [])
         + (["--threads", str(threads)] if threads else [])
         + (["--attn", attn] if attn else [])
     )
