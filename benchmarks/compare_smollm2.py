@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 is much faster than 2 when other jobs share the cores)")
+    ap.add_argument("--methods", default=README["methods"],
+                    help="subset of methods, e.g. harp-any,attention-drop (default: all, the README table)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: k=2, 3 items per task, 2 x 128 calibration")
     a = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
 
     from harp.compare import CompareSettings, run_compare
 
-    s = dict(README)
+    s = dict(README, methods=a.methods)
     layers = a.layers
     if a.quick:
         s.update(limit="3", calib_windows=2, seq_len=128, eval_tokens=2048)

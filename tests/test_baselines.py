@@ -175,6 +175,12 @@ def test_attention_plans_use_equal_kv_reduction_and_the_right_layers():
     assert plans["harp"].alphas == ref.alphas
     low = search_alphas(model, ids, [0, 1, 2], grid="0:1:0.25")
     assert plans["harp-low"].alphas == low.alphas
+    # harp-any: Attention Drop's layers, HARP's search over them (top first)
+    assert sorted(plans["harp-any"].layers) == sorted(plans["attention-drop"].layers)
+    anyd = search_alphas(model, ids, sorted(plans["attention-drop"].layers, reverse=True), grid="0:1:0.25")
+    assert plans["harp-any"].layers == anyd.layers and plans["harp-any"].alphas == anyd.alphas
+    with applied(model, plans["harp-any"]):
+        assert perplexity(model, ids).ppl == pytest.approx(plans["harp-any"].calib_ppl, rel=1e-5)
     # the calibration perplexity a plan reports is the pruned model's
     with applied(model, plans["harp"]):
         assert perplexity(model, ids).ppl == pytest.approx(plans["harp"].calib_ppl, rel=1e-5)

@@ -68,6 +68,32 @@ def test_prune_with_given_alphas_skips_search(folder, tmp_path):
     assert cfg["harp"] == {"format_version": 1, "layers": [1, 3], "alphas": [0.0, 0.5]}
 
 
+def test_prune_select_attention_drop_searches_the_scored_layers(folder, tmp_path):
+    """--select attention-drop: He et al.'s score picks the K layers (any depth), HARP's search sets
+    their alphas; the same as scoring and searching by hand on the same calibration windows."""
+    from harp.methods import attention_drop_scores, pick
+    from harp.models import load_model
+    from harp.search import search_alphas
+    from harp.text import calibration_windows
+
+    out = tmp_path / "anyd"
+    r = _run("prune", "--model", str(folder), "--select", "attention-drop", "--out", str(out),
+             "--json", str(tmp_path / "s.json"), *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "chosen by --select attention-drop" in r.output
+    summary = json.loads((tmp_path / "s.json").read_text())
+    model, tok = load_model(str(folder))
+    calib = calibration_windows(tokenize(tok, load_text(None, "wikitext2-valid")), 4, 64, 0)
+    scores = attention_drop_scores(model, calib, 4)
+    layers = sorted(pick(scores, 3, highest=True), reverse=True)
+    assert summary["selection"]["rule"] == "attention-drop"
+    assert summary["selection"]["scores"] == pytest.approx(scores)
+    ref = search_alphas(model, calib, layers, grid="0:1:0.5")
+    assert summary["layers"] == ref.layers == layers and summary["alphas"] == ref.alphas
+    assert json.loads((out / "harp_recipe.json").read_text())["selection"]["rule"] == "attention-drop"
+    assert harp.load(out).config.harp["layers"] == sorted(layers)
+
+
 def _err(*args):
     r = runner.invoke(get_app(), list(args))
     assert r.exit_code != 0
@@ -83,6 +109,9 @@ def test_bad_inputs_are_clear_and_write_nothing(folder, tmp_path):
         (["--model", str(folder), "--calib", str(tmp_path / "missing.txt")], FileNotFoundError, "not found"),
         (["--model", str(folder), "--grid", "0:1:-1"], ValueError, "Bad grid"),
         (["--model", str(folder), "--alphas", "0.5"], ValueError, "gives 1 values for 3"),
+        (["--model", str(folder), "--select", "best"], ValueError, "Unknown --select"),
+        (["--model", str(folder), "--select", "attention-drop", "--layer-ids", "1,2"], ValueError, "--layer-ids"),
+        (["--model", str(folder), "--select", "attention-drop", "--alphas", "0,0,0"], ValueError, "--alphas"),
     ]
     for extra, exc, msg in cases:
         e = _err("prune", "--out", str(out), *SMALL, *extra)  # a later --layers overrides SMALL's

@@ -289,6 +289,9 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
 # ------------------------------------------------------------------------------------------------
 
 
+SEARCHED = ("harp", "harp-refine", "harp-low", "harp-any")  # methods whose alphas the report lists
+
+
 def layers_str(layers: Sequence[int]) -> str:
     """[22, 23, 24, 29] -> '22-24,29'."""
     xs = sorted(layers)
@@ -366,7 +369,7 @@ def render_markdown(rep: CompareReport) -> str:
         lines.append("")
         lines.append("Alphas (layer:alpha, top first): " + "; ".join(
             f"`{r['method']}` {', '.join(f'{i}:{a:g}' for i, a in sorted(zip(r['layers'], r['alphas'], strict=True), reverse=True))}"  # noqa: E501
-            for r in rows if r["kind"] == "attention" and r["method"] in ("harp", "harp-refine", "harp-low")))
+            for r in rows if r["method"] in SEARCHED))
         lines.append("")
         lines += _notes(rep, k, rows)
         lines.append("")

@@ -17,6 +17,7 @@ from . import __version__
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
 from .flops import parameter_count
+from .methods.scores import attention_drop_scores, pick
 from .modeling import decoder_layers
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
@@ -33,12 +34,15 @@ from .text import (
     tokenize,
 )
 
+SELECTIONS = ("top", "attention-drop")
+
 
 @dataclass
 class PruneSettings:
     model: str | None = None
     k: int | None = 8
     layers: Sequence[int] | None = None  # explicit layer indices (instead of the top k)
+    select: str = "top"  # how k layers are chosen: "top" (HARP) | "attention-drop" (He et al.'s score, any depth)
     alphas: Sequence[float] | None = None  # skip the search and use these
     calib: str | None = None
     eval: str | None = None
@@ -77,6 +81,7 @@ class PruneReport:
     seconds: dict[str, float]
     out: str | None = None
     search: dict[str, Any] = field(default_factory=dict)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def params_removed(self) -> int:
@@ -136,6 +141,16 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if getattr(config, "harp", None):
         raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
     num = config.num_hidden_layers
+    if s.select not in SELECTIONS:
+        raise ValueError(f"Unknown --select {s.select!r}: use one of {', '.join(SELECTIONS)}.")
+    if s.select != "top":
+        if s.layers:
+            raise ValueError("--select chooses the layers; it cannot be combined with --layer-ids.")
+        if s.alphas is not None:
+            raise ValueError("--alphas needs known layers: use it with --layer-ids or the top K, not --select.")
+        if s.streamed:
+            raise ValueError(f"--select {s.select} scores every layer and needs the whole model resident; "
+                             "drop --streamed.")
     if s.layers:
         layers = sorted({int(i) for i in s.layers}, reverse=True)
         if len(layers) != len(list(s.layers)) or layers[0] >= num or layers[-1] < 0:
@@ -145,7 +160,9 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if s.alphas is not None and len(s.alphas) != len(layers):
         raise ValueError(f"--alphas gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
     seconds = {"load": time.perf_counter() - t}
-    log(f"model: {s.model or DEFAULT_MODEL} ({model_desc}), pruning layers {sorted(layers)}")
+    what = f"pruning layers {sorted(layers)}" if s.select == "top" else \
+        f"pruning {len(layers)} layers chosen by --select {s.select}"
+    log(f"model: {s.model or DEFAULT_MODEL} ({model_desc}), {what}")
 
     t = time.perf_counter()
     calib_text = load_text(s.calib, DEFAULT_CALIB)
@@ -156,6 +173,16 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     seconds["data"] = time.perf_counter() - t
     log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
         f"evaluation: {eval_text.description}, {ev.shape[0]} x {ev.shape[1]} tokens")
+
+    selection: dict[str, Any] = {"rule": s.select}
+    if s.select == "attention-drop":
+        assert model is not None  # --streamed was refused above
+        t = time.perf_counter()
+        scores = attention_drop_scores(model, calib, s.batch_size)
+        layers = sorted(pick(scores, len(layers), highest=True), reverse=True)
+        seconds["select"] = time.perf_counter() - t
+        selection.update(score="mean cos(X, X + Attn(LN(X))) per layer (He et al. 2024)", scores=scores)
+        log(f"selected by the Attention Drop score (any depth): layers {sorted(layers)}")
 
     search_info: dict[str, Any] = {}
     state = state_file_for(out) if out else None
@@ -228,6 +255,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         kv_bytes_after=kv_after,
         seconds=seconds,
         search=search_info,
+        selection=selection,
     )
     report.settings["grid"] = grid
     report.settings["calib_overlap"] = overlap
@@ -237,6 +265,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         recipe = {
             "method": "harp",
             "source_model": s.model or DEFAULT_MODEL,
+            "selection": selection,
             "search": {k: v for k, v in search_info.items() if k != "log"},
             "calibration": {"source": calib_text.name, "description": calib_text.description,
                             "sha256": calib_text.sha256, "windows": calib.shape[0], "seq_len": calib.shape[1],

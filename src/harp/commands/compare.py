@@ -58,7 +58,7 @@ def compare_cmd(
     layers: str = typer.Option("8", "--layers", "-k", help="k: attention sub-layers to remove/bypass; '4,8' for both."),
     methods: str = typer.Option("all", "--methods",
                                 help="Comma-separated: harp, harp-refine, no-rescale, attn-drop-top, harp-low, "
-                                     "attention-drop, shortgpt, sleb (or 'all')."),
+                                     "harp-any, attention-drop, shortgpt, sleb (or 'all')."),
     tasks: str = typer.Option(None, "--tasks", "-t", help=TASKS_HELP + " WikiText-2 perplexity is always measured."),
     limit: str = typer.Option(None, "--limit", help="Items per lm-eval task: N, or e.g. '200,gsm8k=30'."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, ./data, "

@@ -35,7 +35,9 @@ def summary_table(r: PruneReport) -> Table:
     t = Table(title="HARP result", show_header=True, header_style="bold")
     t.add_column("")
     t.add_column("value", justify="right")
-    t.add_row("layers pruned (top first)", ", ".join(map(str, r.layers)))
+    rule = r.selection.get("rule", "top")
+    t.add_row("layers pruned (top first)", ", ".join(map(str, r.layers))
+              + ("" if rule == "top" else f" (chosen by --select {rule})"))
     t.add_row("alphas (top first)", ", ".join(f"{a:g}" for a in r.alphas))
     p = r.ppl
     t.add_row("perplexity: original", f"{p['original']:.3f}")
@@ -64,6 +66,10 @@ def prune_cmd(
                               help="Model: 'smollm2-135m' (bundled default), a folder, a .gguf file, or a hub id."),
     layers: int = typer.Option(PruneSettings.k, "--layers", "-k", help="Prune the top K decoder layers."),
     layer_ids: str = typer.Option(None, "--layer-ids", help="Explicit layer indices instead of the top K (20,22,24)."),
+    select: str = typer.Option(PruneSettings.select, "--select",
+                               help="Which K layers: 'top' (HARP: the top K) or 'attention-drop' (K layers at any "
+                                    "depth with the most redundant attention, He et al.'s score; then the same "
+                                    "alpha search)."),
     alphas: str = typer.Option(None, "--alphas", help="Skip the search: alphas for the layers, top layer first."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
@@ -96,7 +102,7 @@ def prune_cmd(
     console = Console()
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
-        model=model, k=layers, layers=_ints(layer_ids), alphas=_floats(alphas), calib=calib, eval=eval_,
+        model=model, k=layers, layers=_ints(layer_ids), select=select, alphas=_floats(alphas), calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

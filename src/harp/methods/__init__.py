@@ -12,6 +12,7 @@ or bypassed), all on the same calibration windows and replay machinery (HARP.md 
 | no-rescale | same layers, alpha = 1 | none |
 | attn-drop-top | same layers, alpha = 0 (attention sub-layer removed) | none |
 | harp-low | attention of the bottom k layers -> rescaled identity | the same greedy search |
+| harp-any | attention of k layers, any depth -> rescaled identity | Attention Drop's layers, greedy search |
 | attention-drop | k attention sub-layers, any depth, removed | highest cos(X, X + Attn(LN X)) (He et al.) |
 | shortgpt | k whole layers removed | lowest Block Influence (Men et al.) |
 | sleb | k whole layers removed | greedy: least calibration-perplexity increase (Song et al.) |
@@ -56,6 +57,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("attn-drop-top", "attention", "top k layers, attention sub-layer removed (alpha = 0)",
                    "HARP ablation"),
         MethodSpec("harp-low", "attention", "bottom k layers, greedy alpha search", "HARP ablation"),
+        MethodSpec("harp-any", "attention", "k layers at any depth picked by Attention Drop's score, "
+                   "greedy alpha search", "ours: HARP rescaling on He et al.'s layers"),
         MethodSpec("attention-drop", "attention", "k most redundant attention sub-layers (cosine), removed",
                    "He et al. 2024"),
         MethodSpec("shortgpt", "blocks", "k whole layers with the lowest Block Influence, removed",
@@ -230,6 +233,12 @@ class Selector:
             g = self.greedy(layers)
             return Plan(method, "attention", g["layers"], g["alphas"], g["seconds"], g["ppl"],
                         {"grid": self.grid, "calib_ppl_per_layer": g["ppls"]})
+        if method == "harp-any":
+            s, sec = self.scores("attention-drop")
+            g = self.greedy(pick(s, k, highest=True))
+            return Plan(method, "attention", g["layers"], g["alphas"], sec + g["seconds"], g["ppl"],
+                        {"grid": self.grid, "calib_ppl_per_layer": g["ppls"], "scores": s,
+                         "score": "mean cos(X, X + Attn(LN(X)))", "score_seconds": sec})
         if method == "harp-refine":
             g = self.greedy(top)
             r: RefineResult = refine_alphas(self.model, self.windows, g["layers"], g["alphas"], grid=self.grid,
