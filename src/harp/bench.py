@@ -154,13 +154,17 @@ def _new_cache(model: nn.Module) -> Any:
     return DynamicCache(config=model.config)
 
 
+def _greedy_step(model: nn.Module, ids: torch.Tensor, cache: Any, kw: str, **kwargs: Any) -> torch.Tensor:
+    """One forward of `ids` on `cache`; the greedy next token."""
+    return model(input_ids=ids, use_cache=True, **{kw: cache}, **kwargs).logits[:, -1:].argmax(-1)
+
+
 @torch.inference_mode()
 def _prefill(model: nn.Module, ids: torch.Tensor, kw: str) -> tuple[float, float, Any, torch.Tensor]:
     """(wall s, process CPU s, cache, next token) of one prefill."""
     cache = _new_cache(model)
     c0, t0 = time.process_time(), time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
-    token = out.logits[:, -1:].argmax(-1)
+    token = _greedy_step(model, ids, cache, kw, logits_to_keep=1)
     return time.perf_counter() - t0, time.process_time() - c0, cache, token
 
 
@@ -169,8 +173,7 @@ def _decode(model: nn.Module, cache: Any, token: torch.Tensor, steps: int, kw: s
     """(wall s, process CPU s) of `steps` greedy one-token steps."""
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, use_cache=True, **{kw: cache})
-        token = out.logits[:, -1:].argmax(-1)
+        token = _greedy_step(model, token, cache, kw)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -245,10 +248,8 @@ def _lockstep_prefill(
         torch.set_num_threads(threads)  # a new thread may not inherit the setting
         baton.take(i)
         try:
-            with torch.inference_mode():
-                cache = _new_cache(models[i])
-                logits = models[i](input_ids=ids, use_cache=True, logits_to_keep=1, **{kws[i]: cache}).logits
-                out[i] = (cache, logits[:, -1:].argmax(-1))
+            _, _, cache, token = _prefill(models[i], ids, kws[i])  # its own timings span both threads: unused
+            out[i] = (cache, token)
         except BaseException as e:  # re-raised in the calling thread below
             errors.append(e)
         finally:
@@ -292,8 +293,7 @@ def _alternating_decode(
     for _ in range(steps):
         for i in order:
             t0 = time.perf_counter()
-            logits = models[i](input_ids=tokens[i], use_cache=True, **{kws[i]: caches[i]}).logits
-            tokens[i] = logits[:, -1:].argmax(-1)
+            tokens[i] = _greedy_step(models[i], tokens[i], caches[i], kws[i])
             seconds[i] += time.perf_counter() - t0
     return seconds
 

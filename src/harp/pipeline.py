@@ -18,7 +18,7 @@ from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
 from .flops import parameter_count
 from .methods.scores import attention_drop_scores, pick
-from .modeling import decoder_layers
+from .modeling import decoder_layers, layer_indices
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
 from .search import parse_grid, search_alphas, top_layers
@@ -152,9 +152,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
             raise ValueError(f"--select {s.select} scores every layer and needs the whole model resident; "
                              "drop --streamed.")
     if s.layers:
-        layers = sorted({int(i) for i in s.layers}, reverse=True)
-        if len(layers) != len(list(s.layers)) or layers[0] >= num or layers[-1] < 0:
-            raise ValueError(f"--layer-ids must be distinct indices in 0..{num - 1}; got {list(s.layers)}.")
+        layers = sorted(layer_indices(s.layers, num), reverse=True)
     else:
         layers = top_layers(num, s.k if s.k is not None else 8)
     if s.alphas is not None and len(s.alphas) != len(layers):
