@@ -13,8 +13,8 @@ The budget is sized so that the k = 8 part (original + 8 methods, 4 tasks + perp
 within 30 minutes on 2 CPU cores: k = 8 rows come first, and the log's timestamps say when they are
 done. Small limits make task scores coarse (50 items: +-7 points); their stderr is in the table.
 
-Needs the task data folder (--data-dir, $HARP_DATA_DIR, ./data or ../shared/data). A long run is
-resumable: rerun the same command after an interruption.
+Needs the task data folder (--data-dir, e.g. ../shared/data on the development machines, or
+$HARP_DATA_DIR, or ./data). A long run is resumable: rerun the same command after an interruption.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Task names (`--tasks`, comma-separated):
 - `wikitext`: perplexity on the evaluation text (default: bundled WikiText-2-raw test, non-overlapping
   1024-token windows, the first 16k tokens) — the same measurement `harp prune` reports.
 - `lambada`, `piqa`, `gsm8k`, `nq_open`: harp's shipped lm-eval task YAMLs (`harp/tasks/`), reading
-  local files from the data folder (`--data-dir`, `$HARP_DATA_DIR`, `./data` or `../shared/data`).
+  local files from the data folder (`--data-dir`, `$HARP_DATA_DIR` or `./data`).
   Each is the same prompt/metric as an lm-eval hub task (LOCAL_TASKS[...].hub).
 - `hub:NAME`, or any other lm-eval task name (`lambada_openai`, `hellaswag`, `arc_easy`, ...): the
   standard lm-eval task, which downloads its data from the Hugging Face hub (online users).
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .perplexity import perplexity
-from .text import DEFAULT_EVAL, evaluation_windows, load_text, tokenize
+from .text import DEFAULT_EVAL, bos_token, evaluation_windows, load_text, tokenize
 
 PERPLEXITY_TASK = "wikitext"
 
@@ -189,7 +189,7 @@ def perplexity_windows(tokenizer: Any, eval_text: str | None = None, eval_tokens
     """Evaluation windows (the standard protocol) and a description of the text."""
     text = load_text(eval_text, DEFAULT_EVAL)
     ids = tokenize(tokenizer, text)
-    return evaluation_windows(ids, seq_len, eval_tokens), text.description
+    return evaluation_windows(ids, seq_len, eval_tokens, bos=bos_token(tokenizer)), text.description
 
 
 def _task_manager(specs: list[TaskSpec], data_dir: str | None) -> Any:
@@ -305,7 +305,9 @@ def _run_lm_eval(
             raise ValueError(f"Unknown task {s.name!r}. Valid tasks: {valid_task_help()}.")
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # the model sees task prompts the way its tokenizer encodes them: BOS first where it adds one
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              add_bos_token=bos_token(tokenizer) is not None)
     out: dict[str, TaskScore] = {}
     # lm-eval attaches an environment report (it runs `pip list` and git in subprocesses, seconds per
     # call, and git complains outside a repository) to every result; harp records its own provenance.

@@ -61,8 +61,7 @@ def compare_cmd(
                                      "harp-any, attention-drop, shortgpt, sleb (or 'all')."),
     tasks: str = typer.Option(None, "--tasks", "-t", help=TASKS_HELP + " WikiText-2 perplexity is always measured."),
     limit: str = typer.Option(None, "--limit", help="Items per lm-eval task: N, or e.g. '200,gsm8k=30'."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, ./data, "
-                                                           "../shared/data)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, then ./data)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text (default: bundled 'wikitext2-valid')."),
     calib_windows: int = typer.Option(16, "--calib-windows", help="Number of calibration windows."),
     seq_len: int = typer.Option(512, "--seq-len", help="Calibration window length (tokens)."),

@@ -37,8 +37,7 @@ def eval_cmd(
     eval_: str = typer.Option(None, "--eval", help="Perplexity text (default: bundled 'wikitext2-raw-test')."),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Perplexity on the first N tokens."),
     eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="Perplexity window length."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, ./data, "
-                                                           "../shared/data)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, then ./data)."),
     batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size."),
     max_gen_toks: int = typer.Option(None, "--max-gen-toks", help="Cap generated tokens (generation tasks)."),
     num_fewshot: int = typer.Option(None, "--num-fewshot", help="Override the tasks' few-shot count."),

@@ -6,7 +6,7 @@ metadata, so the data folder is found at run time, in this order:
 1. `harp_data_dir` in the task metadata (harp passes `--data-dir` this way; plain lm-eval users can
    pass `--metadata '{"harp_data_dir": "/path"}'`),
 2. the environment variable HARP_DATA_DIR,
-3. `./data`, then `../shared/data`, relative to the current directory.
+3. `./data`, relative to the current directory.
 
 The folder holds the public files in their original layout (see DATA_FILES). Nothing is
 downloaded. This module imports nothing from harp so lm-eval can load it by file path alone.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "HARP_DATA_DIR"
-DEFAULT_DIRS = ("data", "../shared/data")
+DEFAULT_DIRS = ("data",)  # never a developer machine's path: users pass --data-dir
 
 # task -> (relative path, where to get it, sha256 of the official file)
 DATA_FILES: dict[str, list[tuple[str, str, str]]] = {
