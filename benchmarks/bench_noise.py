@@ -42,27 +42,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from harp import bench
     from harp.models import load_model
+    from harp.text import bos_token
 
     out = Path(a.out)
     paths = {"json": out / "noise.json", "table": out / "noise.md"}
     if not a.overwrite and any(p.exists() for p in paths.values()):
         raise SystemExit(f"{out} already holds noise.json/noise.md: pass --overwrite or another --out.")
     torch.set_num_threads(a.threads)
-    model_a, _ = load_model(a.model, with_tokenizer=False)
+    model_a, tok = load_model(a.model)
     model_b = copy.deepcopy(model_a)
-    kw = bench._cache_kwarg(model_a)
+    kw = bench.cache_kwarg(model_a)
     contexts = bench.parse_contexts(a.context)
-    ids = bench._tokens(model_a.config.vocab_size, max(contexts), seed=0)
+    ids = bench.prompt_tokens(model_a.config.vocab_size, max(contexts), seed=0, bos=bos_token(tok))
     rows = []
     for n in contexts:
         x = ids[:, :n]
         gc.collect()
-        bench._lockstep_round(model_a, model_b, x, 0, (kw, kw), 0)  # warm-up
+        bench.lockstep_round(model_a, model_b, x, 0, (kw, kw), 0)  # warm-up
         ratios: dict[str, list[float]] = {"forward": [], "lockstep": []}
         for r in range(a.rounds):
-            ta, tb = bench._lockstep_round(model_a, model_b, x, 0, (kw, kw), first=r % 2)
+            ta, tb = bench.lockstep_round(model_a, model_b, x, 0, (kw, kw), first=r % 2)
             ratios["lockstep"].append(tb["prefill_s"] / ta["prefill_s"])
-            ta, tb = bench._measure(model_a, x, 0, kw), bench._measure(model_b, x, 0, kw)
+            ta, tb = bench.measure(model_a, x, 0, kw), bench.measure(model_b, x, 0, kw)
             ratios["forward"].append(tb["prefill_s"] / ta["prefill_s"])
             print(
                 f"context {n} round {r + 1}/{a.rounds}: lockstep {ratios['lockstep'][-1]:.3f}, "

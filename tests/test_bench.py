@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import transformers
-from tiny import tiny_model
+from tiny import tiny_folder, tiny_model, tiny_tokenizer
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
@@ -78,19 +78,19 @@ def test_lockstep_prefill_computes_what_a_plain_forward_does(pair):
     """Taking turns in two threads changes nothing the models compute, every switch point is one
     attention or MLP sub-layer, and the hooks are gone afterwards."""
     orig, pruned = pair
-    assert len(bench._switch_points(orig)) == len(bench._switch_points(pruned)) == 2 * 6
+    assert len(bench.switch_points(orig)) == len(bench.switch_points(pruned)) == 2 * 6
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     hooks = _hook_count(orig), _hook_count(pruned)
-    kw = bench._cache_kwarg(orig)
+    kw = bench.cache_kwarg(orig)
     for first in (0, 1):
-        got = bench._lockstep_prefill((orig, pruned), ids, (kw, kw), first)
+        got = bench.lockstep_prefill((orig, pruned), ids, (kw, kw), first)
         for (seconds, cache, token), model in zip(got, (orig, pruned), strict=True):
             with torch.inference_mode():
                 ref_cache = transformers.DynamicCache(config=model.config)
                 ref = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: ref_cache}).logits
             assert seconds > 0
             assert torch.equal(token, ref[:, -1:].argmax(-1))
-            assert bench.kv_cache_bytes(cache) == bench.kv_cache_bytes(ref_cache)
+            assert harp.kv_cache_bytes(cache) == harp.kv_cache_bytes(ref_cache)
     assert (_hook_count(orig), _hook_count(pruned)) == hooks
 
 
@@ -99,10 +99,10 @@ def test_lockstep_charges_each_model_only_its_own_segments(pair):
     original's, although the two run interleaved (margins of 10x: no timing assertion)."""
     orig, pruned = pair
     handles = [layer.mlp.register_forward_hook(lambda *a: time.sleep(0.03)) for layer in pruned.model.layers]
-    kw = bench._cache_kwarg(orig)
+    kw = bench.cache_kwarg(orig)
     try:
         ids = torch.randint(0, 128, (1, 8))
-        (t_orig, *_), (t_pruned, *_) = bench._lockstep_prefill((orig, pruned), ids, (kw, kw), 0)
+        (t_orig, *_), (t_pruned, *_) = bench.lockstep_prefill((orig, pruned), ids, (kw, kw), 0)
     finally:
         for h in handles:
             h.remove()
@@ -118,10 +118,10 @@ def test_lockstep_error_in_one_model_is_raised_not_deadlocked(pair):
 
     hooks = _hook_count(orig), _hook_count(pruned)
     handle = pruned.model.layers[2].mlp.register_forward_pre_hook(boom)
-    kw = bench._cache_kwarg(orig)
+    kw = bench.cache_kwarg(orig)
     try:
         with pytest.raises(RuntimeError, match="boom in layer 2"):
-            bench._lockstep_prefill((orig, pruned), torch.randint(0, 128, (1, 8)), (kw, kw), 1)
+            bench.lockstep_prefill((orig, pruned), torch.randint(0, 128, (1, 8)), (kw, kw), 1)
     finally:
         handle.remove()
     assert (_hook_count(orig), _hook_count(pruned)) == hooks
@@ -146,6 +146,39 @@ def test_median_ci95():
     lo, hi = bench.median_ci95([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02])
     assert 0.9 <= lo <= 1.0 <= hi <= 1.1
     assert bench.median_ci95([1.0, 2.0, 3.0], seed=3) == bench.median_ci95([1.0, 2.0, 3.0], seed=3)
+
+
+def _first_prompt_tokens(model) -> list[int]:
+    """Records the first token of every multi-token input (the prefills) `model` embeds."""
+    seen: list[int] = []
+
+    def pre(_module, args):
+        if args[0].shape[-1] > 1:
+            seen.append(int(args[0][0, 0]))
+
+    model.model.embed_tokens.register_forward_pre_hook(pre)
+    return seen
+
+
+def test_prompt_starts_with_bos_where_the_tokenizer_adds_one(pair, tmp_path):
+    plain = bench.prompt_tokens(128, 16, seed=3)
+    with_bos = bench.prompt_tokens(128, 16, seed=3, bos=1)
+    assert int(with_bos[0, 0]) == 1 and torch.equal(with_bos[:, 1:], plain[:, 1:])
+    # loaded models: the tokenizer passed decides
+    orig, pruned = (copy.deepcopy(m) for m in pair)
+    seen = _first_prompt_tokens(orig), _first_prompt_tokens(pruned)
+    for tok, first in ((tiny_tokenizer(bos=True), 1), (tiny_tokenizer(bos=False), int(plain[0, 0]))):
+        r = bench.run_bench(orig, pruned, [16], new_tokens=1, repeats=1, warmup=0, seed=3, tokenizer=tok)
+        assert seen[0] == seen[1] == [first] and ("BOS" in r["settings"]["tokens"]) == (first == 1)
+        for s in seen:
+            s.clear()
+    # sources: the tokenizer saved with the model decides, the memory probe uses the same prompt
+    src = tiny_folder(tmp_path / "bos", "llama", bos=True)
+    model, tok = harp.load_model(str(src))
+    harp.prune(model, layers=[5], alphas=[0.5])
+    harp.save(model, tmp_path / "pruned", tokenizer=tok)
+    r = bench.run_bench(str(src), str(tmp_path / "pruned"), [8], new_tokens=0, repeats=1, warmup=0)
+    assert "the tokenizer's BOS (1)" in r["settings"]["tokens"]
 
 
 def test_bench_table_and_plot(pair, tmp_path):

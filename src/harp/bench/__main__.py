@@ -1,0 +1,7 @@
+"""`python -m harp.bench --probe SOURCE ...`: the child process of `harp.bench.probe_memory` (internal)."""
+
+import sys
+
+from .probe import main
+
+main(sys.argv[1:])
