@@ -1,10 +1,14 @@
-"""The `harp` command line. Each command lives in its own module under `harp.commands`."""
+"""The `harp` command line: which commands exist, their help text, and how errors reach the user.
+
+Each command is a plain function in its own module under `harp.commands`; `commands()` lists them
+and `get_app` registers them. Adding a command is a module there and one line in `commands()`.
+"""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import inspect
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -32,22 +36,46 @@ def _root() -> None:
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError)
 
 
-def _load_commands() -> None:
-    from . import commands
+def help_text(doc: str | None) -> str:
+    """A docstring as help text: its paragraphs, each on one line, so that the terminal wraps whole
+    sentences at any width (typer keeps a docstring's hard line breaks in the command list)."""
+    paragraphs = inspect.cleandoc(doc or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
 
-    for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{mod.name}")
+
+def _register(name: str, fn: Callable[..., None]) -> None:
+    text = help_text(fn.__doc__)
+    app.command(name, help=text, short_help=text.split("\n\n")[0])(fn)
+
+
+def commands() -> list[tuple[str, Callable[..., None]]]:
+    """Every command as (name, function), in the order `harp --help` lists them."""
+    from .commands import analyze, bench, compare, export, info, plan, prune
+    from .commands import eval as eval_
+
+    return [
+        ("analyze", analyze.analyze_cmd),
+        ("bench", bench.bench_cmd),
+        ("eval", eval_.eval_cmd),
+        ("compare", compare.compare_cmd),
+        ("export", export.export_cmd),
+        ("info", info.info_cmd),
+        ("plan", plan.plan_cmd),
+        ("prune", prune.prune_cmd),
+    ]
 
 
 def get_app() -> typer.Typer:
-    _load_commands()
+    """The `harp` app with every command registered (the command modules are imported on first use)."""
+    if not app.registered_commands:
+        for name, fn in commands():
+            _register(name, fn)
     return app
 
 
 def main() -> None:
-    _load_commands()
     try:
-        app()  # standalone: usage errors are printed by typer itself
+        get_app()()  # standalone: usage errors are printed by typer itself
     except USER_ERRORS as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)

@@ -1,1 +1,1 @@
-"""One module per `harp` sub-command; each registers itself on `harp.cli.app`."""
+"""One module per `harp` sub-command, each a plain function; `harp.cli.commands()` lists and registers them."""

@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.cli import app
-
 
 def _model_name(model: str | None) -> str:
     if model is None:
@@ -18,7 +16,6 @@ def _model_name(model: str | None) -> str:
     return (p.stem if p.suffix == ".gguf" else p.name) or "model"
 
 
-@app.command("analyze")
 def analyze_cmd(
     model: str = typer.Argument(None, help="Model: 'smollm2-135m' (default), a folder, a .gguf file, or a hub id."),
     text: str = typer.Option(None, "--text", help="Text to analyse on (default: bundled 'wikitext2-valid')."),

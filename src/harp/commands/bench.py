@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.cli import app
-
 
 def _table(result: dict) -> Table:
     t = Table(title="harp bench: original → pruned (medians)", header_style="bold")
@@ -47,7 +45,6 @@ def _table(result: dict) -> Table:
     return t
 
 
-@app.command("bench")
 def bench_cmd(
     pruned: Path = typer.Option(..., "--pruned", "-p", help="HARP checkpoint folder (from `harp prune`)."),
     model: str = typer.Option(
@@ -88,7 +85,9 @@ def bench_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing bench.json / bench.png."),
 ) -> None:
     """Prefill latency and decode throughput of a HARP model against its original, interleaved A/B,
-    with KV-cache bytes, peak memory and the FLOP-ideal speed-up bound (HARP.md section 5)."""
+    with KV-cache bytes, peak memory and the FLOP-ideal speed-up bound.
+
+    The bounds are computed from the model config: docs/method.md, "Speed bounds"."""
     from harp.bench import check_plot_available, output_paths, parse_contexts, run_bench, write_bench
 
     err = Console(stderr=True)

@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.cli import app
 from harp.commands.eval import TASKS_HELP
 
 
@@ -50,7 +49,6 @@ def _console_table(rep) -> list[Table]:
     return tables
 
 
-@app.command("compare")
 def compare_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: compare.md, compare.json, compare.png."),
     model: str = typer.Option(None, "--model", "-m",

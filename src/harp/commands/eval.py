@@ -8,8 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.cli import app
-
 TASKS_HELP = (
     "Comma-separated: wikitext (perplexity), lambada, piqa, gsm8k, nq_open (shipped lm-eval tasks on local "
     "data), or hub:NAME / any lm-eval task name (online)."
@@ -28,7 +26,6 @@ def score_table(title: str, scores: dict) -> Table:
     return t
 
 
-@app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="Model folder (HARP checkpoint or any causal LM), .gguf, "
                                           "'smollm2-135m', or a hub id."),

@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from harp.cli import app
-
 
 def _ranges(ix: list[int]) -> str:
     if not ix:
@@ -24,7 +22,6 @@ def _ranges(ix: list[int]) -> str:
     return ", ".join(parts)
 
 
-@app.command("export")
 def export_cmd(
     source: str = typer.Argument(
         ...,

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from harp.checkpoint import RECIPE_FILE, read_config
-from harp.cli import app
 
 
 def describe(path: str | Path) -> dict:
@@ -34,7 +33,6 @@ def describe(path: str | Path) -> dict:
     return info
 
 
-@app.command("info")
 def info_cmd(
     path: Path = typer.Argument(..., help="A checkpoint folder written by harp prune / harp.save."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON."),

@@ -8,7 +8,6 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from harp.cli import app
 from harp.plan import PRESETS, GiB, human, load_config, parse_calib, plan
 
 
@@ -59,7 +58,6 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
     return lines
 
 
-@app.command("plan")
 def plan_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m",
                               help=f"A config.json, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."),

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.cli import app
 from harp.pipeline import PruneReport, PruneSettings, run_prune
 
 
@@ -59,7 +58,6 @@ def summary_table(r: PruneReport) -> Table:
     return t
 
 
-@app.command("prune")
 def prune_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder for the pruned checkpoint."),
     model: str = typer.Option(None, "--model", "-m",
