@@ -19,7 +19,7 @@ medians over the repeats are reported with the pruned/original ratio of each pai
 into an empty KV cache (batch 512). Decode: `--decode` single-token steps right after that prefill, on
 top of its `n`-token cache. The 1-minute load average before and after is recorded: on a shared
 machine, numbers taken under load are noisy (the interleaving keeps the ratios fair, not the speeds).
-The ideal bounds are computed from the GGUFs themselves (HARP.md section 5): prefill FLOPs ratio
+The ideal bounds are computed from the GGUFs themselves (docs/method.md, "Speed bounds"): prefill FLOPs ratio
 (2 FLOPs per weight per token + 4 d per attended key) and decode bytes-read ratio (every weight
 once + the K and V cache of layers that still have attention, f16).
 """

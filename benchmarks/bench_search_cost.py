@@ -1,7 +1,7 @@
 """Search cost: HARP's cached alpha search vs the naive one (a full-model forward per candidate).
 
 Same model, same calibration windows, same process, one after the other. Prints wall time, the
-ratio, and decoder-layer-forward counts against the ideal counts of HARP.md section 3, and checks
+ratio, and decoder-layer-forward counts against the ideal counts of docs/method.md, and checks
 that both searches chose the same alphas.
 
     python benchmarks/bench_search_cost.py                       # SmolLM2-135M, k = 8, 4 x 256 tokens

@@ -16,7 +16,7 @@ from harp.text import evaluation_windows, load_text, tokenize
 
 pytestmark = pytest.mark.slow
 
-# Llama-3.1-8B's released alphas (HARP.md section 3), top layer first, applied to SmolLM2's top 8 layers
+# Llama-3.1-8B's released alphas (docs/method.md), top layer first, applied to SmolLM2's top 8 layers
 LLAMA31_ALPHAS = [0.8, 0.2, 0.1, 0.1, 0.0, 0.1, 0.0, 0.0]
 TOP8 = list(range(29, 21, -1))
 

@@ -25,7 +25,7 @@ def pruned_plan(model: nn.Module) -> dict[str, Any]:
 def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module:
     """Apply HARP to `model` in place and return it.
 
-    Each layer in `layers` gets identity attention rescaled by its alpha (HARP.md section 1): q/k
+    Each layer in `layers` gets identity attention rescaled by its alpha (docs/method.md): q/k
     projections (and q/k norms) are deleted, the GQA repeat and alpha are folded into a
     `hidden x kv_dim` output matrix, the layer keeps no KV cache. `alpha == 0` removes the layer's
     whole attention sub-layer. Everything is validated before anything is changed.

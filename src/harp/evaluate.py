@@ -1,4 +1,4 @@
-"""Downstream evaluation: WikiText-2 perplexity (harp's own, HARP.md protocol) and
+"""Downstream evaluation: WikiText-2 perplexity (harp's own, consecutive windows) and
 lm-evaluation-harness tasks, fully offline by default.
 
 Task names (`--tasks`, comma-separated):

@@ -1,11 +1,11 @@
-"""The FLOP and bytes model behind HARP's speed-up bound (HARP.md section 5), from the config alone.
+"""The FLOP and bytes model behind HARP's speed-up bound (docs/method.md, "Speed bounds"), from the config alone.
 
 Counting conventions (all per sequence, batch 1):
 
 * A linear map with ``P`` parameters (weights + bias) costs ``2·P`` FLOPs per token (multiply-add).
 * Causal self-attention of one layer (``d = heads·head_dim``): a query that sees ``m`` keys costs
   ``2·m·d`` for ``QKᵀ`` plus ``2·m·d`` for ``AV``. A prefill of ``n`` tokens therefore costs
-  ``Σ_{i=1..n} 4·d·i = 2·d·n·(n+1)``, about ``2·n·d`` per token, as HARP.md states. A layer with a
+  ``Σ_{i=1..n} 4·d·i = 2·d·n·(n+1)``, about ``2·n·d`` per token, as docs/method.md states. A layer with a
   sliding window ``w`` sees at most ``w`` keys per query.
 * Every supported family has a gated MLP: three ``hidden × intermediate`` maps.
 * The LM head (``hidden × vocab``) runs only on the tokens whose logits are needed: a prefill for
@@ -15,7 +15,7 @@ Counting conventions (all per sequence, batch 1):
   element-wise, ``O(n·hidden)``, and small next to the terms above.
 
 A HARP layer with ``alpha != 0`` keeps ``v_proj`` and the folded ``hidden × kv_dim`` ``o_proj`` and
-has no attention term; with ``alpha == 0`` it has no attention sub-layer at all (HARP.md sections 1-2).
+has no attention term; with ``alpha == 0`` it has no attention sub-layer at all (docs/method.md).
 
 Decode at batch 1 is memory-bound, so its bound is a ratio of bytes read per generated token: every
 weight once (the LM head included; of an untied embedding only one row) plus the keys and values of

@@ -1,4 +1,4 @@
-"""HARP's alpha search (HARP.md section 3): greedy, top layer first, over a grid, minimising
+"""HARP's alpha search (docs/method.md): greedy, top layer first, over a grid, minimising
 calibration perplexity — in the cached form.
 
 While layer l is searched every layer below it is still the original model, so the residual stream
@@ -288,7 +288,7 @@ def run_search(
         windows: calibration token windows (N, S), e.g. from `harp.text.calibration_windows`.
         layers: k (the top k layers) or explicit layer indices; searched from the highest down.
         grid: candidate alphas (default 0.0..1.0 step 0.1).
-        method: "cached" (HARP.md section 3, cached residual stream) or "naive" (full forward per
+        method: "cached" (docs/method.md, cached residual stream) or "naive" (full forward per
             candidate; the reference).
         state_path: JSON file to write progress to after each layer, and to resume from.
         callback: called as callback(layer, alpha, log) after each layer is fixed.
@@ -405,7 +405,7 @@ def run_search(
 
 
 def ideal_layer_forwards(num_layers: int, k: int, grid_size: int, method: str = "cached") -> int:
-    """Layer-forward count of HARP.md section 3 for the top k layers: cached = G * k(k+1)/2 candidate
+    """Layer-forward count (docs/method.md) for the top k layers: cached = G * k(k+1)/2 candidate
     passes + one original forward (L - 1 layers) + k(k-1)/2 to rebuild each layer's input;
     naive = G * k * L."""
     if method == "naive":

@@ -31,7 +31,7 @@ def attention_parameters(config: Any) -> dict[str, int]:
 
 
 def removed_parameters(config: Any, layers: list[int], alphas: list[float]) -> int:
-    """How many parameters `harp.prune(model, layers, alphas)` removes (HARP.md section 2).
+    """How many parameters `harp.prune(model, layers, alphas)` removes (docs/method.md, "The fold").
 
     alpha != 0: q, k (+ q/k norms) deleted; o shrinks from hidden x heads*hd to hidden x kv*hd.
     alpha == 0: the whole attention sub-layer goes, with the norm(s) that only it used.

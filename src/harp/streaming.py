@@ -1,4 +1,4 @@
-"""The streamed alpha search: HARP's search (HARP.md section 3) without the whole model resident.
+"""The streamed alpha search: HARP's search (docs/method.md) without the whole model resident.
 
 The cached search needs, from the frozen bottom of the model, only the residual stream entering the
 lowest searched layer (and the arguments every decoder layer receives: masks, rotary tables). The

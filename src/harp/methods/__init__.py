@@ -1,5 +1,5 @@
 """Pruning methods selectable by name, all at equal KV-cache reduction (k attention sub-layers removed
-or bypassed), all on the same calibration windows and replay machinery (HARP.md section 4).
+or bypassed), all on the same calibration windows and replay machinery (docs/method.md, "Baselines").
 
     plan = select("attention-drop", model, calib_windows, k=8)
     with applied(model, plan):
