@@ -46,9 +46,10 @@ def tiny_model(family: str, seed: int = 0, attn: str = "eager", **overrides) -> 
     return model.eval()
 
 
-def tiny_tokenizer(vocab_size: int = 512):
-    """A small BPE tokenizer trained on a slice of the bundled calibration text (no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def tiny_tokenizer(vocab_size: int = 512, bos: bool = False):
+    """A small BPE tokenizer trained on a slice of the bundled calibration text (no downloads). With
+    `bos`, it puts `<s>` in front of every text it encodes, as Llama 3, Mistral and Gemma tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from harp.text import load_text
@@ -58,12 +59,14 @@ def tiny_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=150)
     tok.train_from_iterator([text[i : i + 2000] for i in range(0, len(text), 2000)], trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_folder(path, family: str = "llama", **overrides):
+def tiny_folder(path, family: str = "llama", bos: bool = False, **overrides):
     """Save a tiny random model + tokenizer as an ordinary transformers folder; returns the path."""
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(bos=bos)
     model = tiny_model(family, vocab_size=len(tok), **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)

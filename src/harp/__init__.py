@@ -8,8 +8,7 @@
     model = harp.load("out/")
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .checkpoint import load, save  # noqa: E402
 from .core import prune, pruned_plan, temporarily_pruned  # noqa: E402
 from .modeling import ARCHITECTURES, supported_families  # noqa: E402
@@ -18,13 +17,14 @@ from .perplexity import perplexity  # noqa: E402
 from .pipeline import PruneSettings, run_prune  # noqa: E402
 from .search import SearchResult, search_alphas  # noqa: E402
 from .stats import count_parameters, kv_cache_bytes, removed_parameters  # noqa: E402
-from .text import calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
+from .text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
     "PruneSettings",
     "SearchResult",
     "__version__",
+    "bos_token",
     "calibration_windows",
     "count_parameters",
     "evaluation_windows",

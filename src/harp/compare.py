@@ -31,7 +31,7 @@ from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_m
 from .modeling import decoder_layers
 from .models import DEFAULT_MODEL, load_model
 from .stats import count_parameters, kv_bytes_after_prefill
-from .text import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, check_disjoint, load_text, tokenize
+from .text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, calibration_windows, check_disjoint, load_text, tokenize
 
 STATE_VERSION = 1
 
@@ -155,7 +155,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
     t = time.perf_counter()
     calib_text = load_text(s.calib, DEFAULT_CALIB)
     eval_text = load_text(s.eval, DEFAULT_EVAL)
-    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed)
+    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed, bos=bos_token(tok))
     ev, ev_desc = perplexity_windows(tok, s.eval, s.eval_tokens, s.eval_seq_len)
     overlap = check_disjoint(calib_text, eval_text, calib, ev)
     seconds["data"] = time.perf_counter() - t
@@ -265,7 +265,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
         model=name, num_layers=num, params_before=params_before, kv_bytes_before=kv_before,
         tasks=[{"name": t.name, "title": t.title, "kind": t.kind} for t in specs],
         rows=ordered,
-        data={"calibration": calib_text.description, "calib_windows": int(calib.shape[0]),
+        data={"calibration": calib_text.description, "calib_windows": int(calib.shape[0]), "bos_token": bos_token(tok),
               "calib_seq_len": int(calib.shape[1]), "evaluation": ev_desc, "eval_windows": int(ev.shape[0]),
               "eval_seq_len": int(ev.shape[1]), "limit": s.limit, "data_dir": extra.get("data_dir"),
               "data_files": extra.get("data_files", {})},

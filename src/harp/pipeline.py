@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
 from .flops import parameter_count
@@ -27,6 +27,7 @@ from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_devi
 from .text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
+    bos_token,
     calibration_windows,
     check_disjoint,
     evaluation_windows,
@@ -165,8 +166,9 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     t = time.perf_counter()
     calib_text = load_text(s.calib, DEFAULT_CALIB)
     eval_text = load_text(s.eval, DEFAULT_EVAL)
-    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed)
-    ev = evaluation_windows(tokenize(tok, eval_text), s.eval_seq_len, s.eval_tokens)
+    bos = bos_token(tok)
+    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed, bos=bos)
+    ev = evaluation_windows(tokenize(tok, eval_text), s.eval_seq_len, s.eval_tokens, bos=bos)
     overlap = check_disjoint(calib_text, eval_text, calib, ev)
     seconds["data"] = time.perf_counter() - t
     log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
@@ -267,9 +269,9 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
             "search": {k: v for k, v in search_info.items() if k != "log"},
             "calibration": {"source": calib_text.name, "description": calib_text.description,
                             "sha256": calib_text.sha256, "windows": calib.shape[0], "seq_len": calib.shape[1],
-                            "seed": s.seed},
+                            "seed": s.seed, "bos_token": bos},
             "evaluation": {"source": eval_text.name, "sha256": eval_text.sha256, "windows": ev.shape[0],
-                           "seq_len": ev.shape[1]},
+                           "seq_len": ev.shape[1], "bos_token": bos},
             "perplexity": ppl,
             "host": {"python": platform.python_version(), "torch": torch.__version__, "harp": __version__},
         }

@@ -104,23 +104,49 @@ def tokenize(tokenizer: Any, text: Text | str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _need(ids: torch.Tensor, n: int, seq_len: int, what: str) -> int:
+def bos_token(tokenizer: Any) -> int | None:
+    """The BOS id a tokenizer puts in front of every text it encodes (Llama 3, Mistral, Gemma), or None
+    when it adds none (SmolLM2, Qwen). Read from the tokenizer's own behaviour, not its config flags."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return int(bos) if ids and ids[0] == bos and (not plain or plain[0] != bos) else None
+
+
+def _need(ids: torch.Tensor, n: int, seq_len: int, what: str, bos: int | None) -> tuple[int, int]:
+    """(windows available, text tokens per window)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (got {seq_len}).")
     if n < 1:
         raise ValueError(f"Need at least one {what} window (got {n}).")
-    available = ids.numel() // seq_len
+    per = seq_len - (bos is not None)
+    available = ids.numel() // per
     if available < 1:
         raise ValueError(
             f"The {what} text has {ids.numel()} tokens, fewer than one window of {seq_len}: "
             "give more text or a smaller --seq-len."
         )
-    return available
+    return available, per
 
 
-def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """`n` distinct non-overlapping windows of `seq_len` tokens, chosen by a seeded permutation."""
-    available = _need(ids, n, seq_len, "calibration")
+def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], dim=1)
+
+
+def calibration_windows(
+    ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, *, bos: int | None = None
+) -> torch.Tensor:
+    """`n` distinct non-overlapping windows of `seq_len` tokens, chosen by a seeded permutation.
+
+    With `bos` (see `bos_token`), every window starts with that token followed by `seq_len - 1` text
+    tokens, as the model sees a real prompt; the BOS position itself is never a prediction target."""
+    available, per = _need(ids, n, seq_len, "calibration", bos)
     if n > available:
         raise ValueError(
             f"The calibration text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
@@ -128,16 +154,22 @@ def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int = 0) 
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=g)[:n].sort().values
-    return torch.stack([ids[i * seq_len : (i + 1) * seq_len] for i in pick.tolist()])
+    return _with_bos(torch.stack([ids[i * per : (i + 1) * per] for i in pick.tolist()]), bos)
 
 
-def evaluation_windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+def evaluation_windows(
+    ids: torch.Tensor, seq_len: int, max_tokens: int | None = None, *, bos: int | None = None
+) -> torch.Tensor:
     """Consecutive non-overlapping windows from the start (the standard perplexity protocol),
-    limited to the first `max_tokens` tokens if given."""
+    limited to the first `max_tokens` tokens of the windows (BOS included) if given. With `bos`, each
+    window is that token followed by the next `seq_len - 1` text tokens."""
     if max_tokens is not None:
-        ids = ids[: max(max_tokens, 0)]
-    available = _need(ids, 1, seq_len, "evaluation")
-    return ids[: available * seq_len].view(available, seq_len)
+        if max_tokens < seq_len:
+            ids = ids[: max(max_tokens, 0)]
+        else:
+            ids = ids[: (max_tokens // seq_len) * (seq_len - (bos is not None))]
+    available, per = _need(ids, 1, seq_len, "evaluation", bos)
+    return _with_bos(ids[: available * per].view(available, per), bos)
 
 
 def overlap_fraction(calib: torch.Tensor, evaluation: torch.Tensor, n: int = 32) -> float:

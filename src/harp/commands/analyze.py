@@ -36,7 +36,7 @@ def analyze_cmd(
     from harp.analyze import analyze, plot
     from harp.checkpoint import atomic_dir, check_output_dir, write_json_atomic
     from harp.models import load_model
-    from harp.text import DEFAULT_CALIB, calibration_windows, load_text, tokenize
+    from harp.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize
 
     console = Console()
     if threads:
@@ -46,7 +46,7 @@ def analyze_cmd(
     check_output_dir(out, overwrite)  # fail before the slow part
     m, tok = load_model(model, attn_implementation="eager")
     src = load_text(text, DEFAULT_CALIB)
-    w = calibration_windows(tokenize(tok, src), windows, seq_len, seed)
+    w = calibration_windows(tokenize(tok, src), windows, seq_len, seed, bos=bos_token(tok))
     console.print(f"analysing {name} on {w.shape[0]} x {w.shape[1]} tokens of {src.description}", highlight=False)
     res = analyze(m, w, batch_size=batch_size, name=name, text=src.description)
 
