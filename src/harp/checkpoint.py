@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, modeling
+from . import modeling
+from ._version import __version__
 from .core import pruned_plan
 
 RUNTIME_FILE = "harp_modeling.py"  # verbatim copy of harp/modeling.py
