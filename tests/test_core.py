@@ -9,9 +9,10 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
+from harp.bench.timing import cache_kwarg
 from harp.core import temporarily_pruned
 from harp.modeling import HarpLinearAttention, HarpNoAttention, attention_geometry, decoder_layers
-from harp.search import capture_inputs
+from harp.replay import capture_inputs
 from harp.stats import output_cache
 
 ALL = list(FAMILIES)
@@ -128,7 +129,7 @@ def test_kv_cache_bytes_fall_by_pruned_fraction(family, where):
         pruned = harp.kv_cache_bytes(cache)
         assert cache.get_seq_length() == 6
         # and decoding continues from that cache at the right position
-        model(ids[:, :1], cache=cache, use_cache=True)
+        model(ids[:, :1], use_cache=True, **{cache_kwarg(model): cache})  # `cache` from 5.2x, before: past_key_values
     num = model.config.num_hidden_layers
     assert full > 0
     assert pruned * num == full * (num - len(where))

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import harp
 from harp.cli import get_app
-from harp.search import capture_inputs, fingerprint, search_alphas
+from harp.replay import capture_inputs
+from harp.search import fingerprint, search_alphas
 from harp.streaming import (
     StreamedModel,
     activation_store,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .modeling import FORMAT_VERSION, arch_for, get_module, prune_layer, validate_plan
+from .modeling import FORMAT_VERSION, LinearMap, arch_for, get_module, prune_layer, validate_plan
 
 
 def pruned_plan(model: nn.Module) -> dict[str, Any]:
@@ -22,7 +22,9 @@ def pruned_plan(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module:
+def prune(
+    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None
+) -> nn.Module:
     """Apply HARP to `model` in place and return it.
 
     Each layer in `layers` gets identity attention rescaled by its alpha (docs/method.md): q/k
@@ -35,6 +37,8 @@ def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module
             Gemma, Gemma2, Gemma3 text).
         layers: decoder layer indices (0-based, any order, any depth, distinct).
         alphas: one finite rescaling factor per layer, in the same order.
+        maps: optional `{layer: LinearMap}` replacing a layer's folded `W_O R` by a fitted map of the
+            same shape (`harp.fit_layers`); alpha scales it. Layers with alpha 0 ignore it.
     """
     arch_for(model.config)  # clear error for unsupported families first
     layers, alphas = validate_plan(model.config, layers, alphas)
@@ -42,8 +46,12 @@ def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module
     again = sorted(set(plan["layers"]) & set(layers))
     if again:
         raise ValueError(f"Layers {again} are already pruned in this model; prune each layer once.")
+    maps = dict(maps or {})
+    stray = sorted(set(maps) - set(layers))
+    if stray:
+        raise ValueError(f"Fitted maps given for layers {stray}, which are not being pruned.")
     for idx, alpha in zip(layers, alphas, strict=True):
-        prune_layer(model, idx, alpha)
+        prune_layer(model, idx, alpha, maps.get(idx))
     merged = sorted(zip(plan["layers"] + layers, plan["alphas"] + alphas, strict=True))
     model.config.harp = {
         "format_version": FORMAT_VERSION,
@@ -54,7 +62,9 @@ def prune(model: nn.Module, layers: list[int], alphas: list[float]) -> nn.Module
 
 
 @contextmanager
-def temporarily_pruned(model: nn.Module, layers: list[int], alphas: list[float]) -> Iterator[nn.Module]:
+def temporarily_pruned(
+    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None
+) -> Iterator[nn.Module]:
     """Prune like `prune`, then put the original modules and weights back on exit.
 
     Used to score candidate alphas and baselines without copying the model: only the attention
@@ -73,7 +83,7 @@ def temporarily_pruned(model: nn.Module, layers: list[int], alphas: list[float])
         saved.append((layer, mods, weights))
     old_harp = getattr(model.config, "harp", None)
     try:
-        prune(model, layers, alphas)
+        prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers})
         yield model
     finally:
         with torch.no_grad():

@@ -224,6 +224,15 @@ def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
             setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
 
 
+@dataclass(frozen=True)
+class LinearMap:
+    """A pruned layer's output map in place of `W_O R`: weight (hidden x kv_dim) and the output bias when
+    o_proj has one, both float64, applied to `v_proj(norm(x))` before alpha."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
 def fold_output(o_weight: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     """`W_O R`: sum the column blocks of W_O (hidden x heads*head_dim) that read the same KV head.
 
@@ -237,8 +246,11 @@ def fold_output(o_weight: torch.Tensor, heads: int, kv_heads: int, head_dim: int
 
 
 @torch.no_grad()
-def prune_layer(model: nn.Module, layer_idx: int, alpha: float) -> None:
-    """Replace the attention of decoder layer `layer_idx` by HARP's rescaled identity attention."""
+def prune_layer(model: nn.Module, layer_idx: int, alpha: float, fitted: LinearMap | None = None) -> None:
+    """Replace the attention of decoder layer `layer_idx` by HARP's rescaled identity attention.
+
+    `fitted` replaces the folded `W_O R` (and the output bias) by another `hidden x kv_dim` map of the
+    same shape — the closed-form refit (`harp.fit`); alpha then scales that map."""
     arch = arch_for(model.config)
     layer = get_module(model, arch.layers)[layer_idx]
     alpha = float(alpha)
@@ -249,7 +261,16 @@ def prune_layer(model: nn.Module, layer_idx: int, alpha: float) -> None:
     g = attention_geometry(model.config)
     new = _empty_linear_attention(layer, arch, model.config, layer_idx)
     dtype = old.o_proj.weight.dtype
-    folded = fold_output(old.o_proj.weight, g["heads"], g["kv_heads"], g["head_dim"])
+    if fitted is None:
+        folded = fold_output(old.o_proj.weight, g["heads"], g["kv_heads"], g["head_dim"])
+        o_bias = None if old.o_proj.bias is None else old.o_proj.bias.detach().to(torch.float64)
+    else:
+        folded, o_bias = fitted.weight.to(torch.float64), fitted.bias
+        if tuple(folded.shape) != tuple(new.o_proj.weight.shape):
+            raise ValueError(f"Layer {layer_idx}: a fitted map must be {tuple(new.o_proj.weight.shape)}, "
+                             f"got {tuple(folded.shape)}.")
+        if (o_bias is None) != (new.o_proj.bias is None):
+            raise ValueError(f"Layer {layer_idx}: a fitted map has an output bias exactly when o_proj has one.")
     if arch.attn_out_norm is None:
         scale = alpha
     else:  # an RMS norm cancels any scale of its input: fold alpha into the norm weight instead
@@ -259,8 +280,8 @@ def prune_layer(model: nn.Module, layer_idx: int, alpha: float) -> None:
         w = alpha * (1.0 + w) - 1.0 if arch.unit_offset_norm else alpha * w
         norm.weight.copy_(w.to(norm.weight.dtype))
     new.o_proj.weight.copy_((scale * folded).to(dtype))
-    if old.o_proj.bias is not None:
-        new.o_proj.bias.copy_((scale * old.o_proj.bias.detach().to(torch.float64)).to(dtype))
+    if o_bias is not None:
+        new.o_proj.bias.copy_((scale * o_bias.to(torch.float64)).to(dtype))
     # v_proj is kept as it is (its bias, if any, passes through the fold unchanged)
     new.v_proj = old.v_proj
     setattr(layer, arch.attn, new)

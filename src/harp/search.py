@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from torch import nn
 
 from .checkpoint import write_json_atomic
 from .core import temporarily_pruned
-from .modeling import arch_for, get_module
-from .perplexity import head_nll, model_device, perplexity
+from .modeling import LinearMap, arch_for, get_module
+from .perplexity import perplexity
 from .progress import Progress
+from .replay import Batch, capture_inputs, run_layers, tail_nll
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 STATE_VERSION = 1
@@ -91,90 +92,6 @@ def top_layers(num_layers: int, k: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Replaying decoder layers on cached inputs
-# ------------------------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    pass
-
-
-@dataclass
-class _Batch:
-    windows: torch.Tensor  # (B, S) token ids (for the loss)
-    hidden: torch.Tensor  # residual stream entering the first searched layer
-    kwargs: dict[int, tuple[tuple, dict]]  # per layer >= start: (args after hidden, kwargs)
-
-
-def _layer_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, windows: torch.Tensor, start: int, batch_size: int) -> list[_Batch]:
-    """One forward of the model per batch, keeping the input of layer `start` and the arguments every
-    layer >= start receives. Stops before the top layer runs (nothing above is needed)."""
-    arch = arch_for(model.config)
-    stack = get_module(model, arch.layers)
-    backbone = get_module(model, arch.backbone)
-    num = len(stack)
-    dev = model_device(model)
-    batches: list[_Batch] = []
-    for i in range(0, len(windows), batch_size):
-        w = windows[i : i + batch_size].to(dev)
-        got: dict[int, tuple[tuple, dict]] = {}
-        hidden: list[torch.Tensor] = []
-
-        def make_hook(j: int, got: dict = got, hidden: list = hidden) -> Callable:
-            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                h = args[0] if args else kwargs["hidden_states"]
-                rest = args[1:] if args else ()
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                got[j] = (rest, kw)
-                if j == start:
-                    hidden.append(h.detach().clone())
-                if j == num - 1:
-                    raise _StopForward
-
-            return hook
-
-        handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(start, num)]
-        try:
-            backbone(input_ids=w, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        batches.append(_Batch(w, hidden[0], got))
-    return batches
-
-
-@torch.no_grad()
-def run_layers(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Run decoder layers lo..hi-1 on `hidden` with the arguments captured for this batch."""
-    stack = get_module(model, arch_for(model.config).layers)
-    if lo < hi:  # activations kept off the device (streamed search) come back for the computation
-        dev = next(stack[lo].parameters()).device
-        if dev.type != "meta" and hidden.device != dev:
-            hidden = hidden.to(dev)
-    for j in range(lo, hi):
-        rest, kw = batch.kwargs[j]
-        hidden = _layer_out(stack[j](hidden, *rest, **kw))
-    return hidden
-
-
-@torch.no_grad()
-def tail_nll(model: nn.Module, batch: _Batch, hidden: torch.Tensor, lo: int, chunk_tokens: int) -> float:
-    """NLL sum of the batch when `hidden` enters layer `lo`: layers lo..L-1, final norm, head."""
-    arch = arch_for(model.config)
-    num = len(get_module(model, arch.layers))
-    h = run_layers(model, batch, hidden, lo, num)
-    h = get_module(model, arch.final_norm)(h)
-    return head_nll(model, h, batch.windows, chunk_tokens)
-
-
-# ------------------------------------------------------------------------------------------------
 # Resumable state
 # ------------------------------------------------------------------------------------------------
 
@@ -201,6 +118,7 @@ def fingerprint(
     grid: list[float],
     method: str,
     digest: Callable[[str, torch.Tensor], float] | None = None,
+    maps: Mapping[int, LinearMap] | None = None,
 ) -> str:
     """What makes two searches the same search: model weights/config, calibration tokens, layers, grid.
 
@@ -217,6 +135,8 @@ def fingerprint(
             h.update(repr(digest(name, p)).encode())
     h.update(windows.cpu().numpy().tobytes())
     h.update(json.dumps({"order": order, "grid": grid}).encode())
+    for i, m in sorted((maps or {}).items()):  # a scale search on fitted maps is another search
+        h.update(repr((i, tensor_digest(m.weight), None if m.bias is None else tensor_digest(m.bias))).encode())
     return h.hexdigest()
 
 
@@ -252,17 +172,22 @@ def search_alphas(
     state_path: str | Path | None = None,
     progress: bool = False,
     callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
+    maps: Mapping[int, LinearMap] | None = None,
 ) -> SearchResult:
+    """HARP's greedy top-down alpha search (see `run_search` for the arguments).
+
+    With `maps` (from `harp.fit_layers`), the searched factor scales each layer's fitted map instead of
+    its folded `W_O R`; alpha 0 still removes the attention sub-layer."""
     return run_search(
         model, windows, layers, grid=grid, method=method, batch_size=batch_size, chunk_tokens=chunk_tokens,
-        state_path=state_path, progress=progress, callback=callback,
+        state_path=state_path, progress=progress, callback=callback, maps=maps,
     )
 
 
 # What a search needs to begin with: the batches (residual stream entering layer `lo` and the arguments of
 # the layers above) and how many decoder-layer passes producing them took. The in-memory search runs the
 # model (`capture_inputs`); the streamed search (harp.streaming) runs the bottom layers one at a time.
-Prepare = Callable[[int, Progress], tuple[list[_Batch], int]]
+Prepare = Callable[[int, Progress], tuple[list[Batch], int]]
 
 
 def run_search(
@@ -280,6 +205,7 @@ def run_search(
     prepare: Prepare | None = None,
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     digest: Callable[[str, torch.Tensor], float] | None = None,
+    maps: Mapping[int, LinearMap] | None = None,
 ) -> SearchResult:
     """Find HARP's alphas by greedy top-down search over `grid`, minimising calibration perplexity.
 
@@ -292,6 +218,7 @@ def run_search(
             candidate; the reference).
         state_path: JSON file to write progress to after each layer, and to resume from.
         callback: called as callback(layer, alpha, log) after each layer is fixed.
+        maps: fitted output maps per layer (`harp.fit_layers`): alpha scales them instead of `W_O R`.
         prepare, keep, digest: for `run_search` only (the streamed search): `prepare(lo, bar)` supplies
             the cached batches instead of a forward of the whole model, `keep(t)` stores each cached
             hidden state (e.g. on the CPU or memory-mapped on disk), `digest` fingerprints weights that
@@ -317,7 +244,7 @@ def run_search(
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
 
     state_file = Path(state_path) if state_path is not None else None
-    fp = fingerprint(model, windows, order, grid_vals, method, digest) if state_file else ""
+    fp = fingerprint(model, windows, order, grid_vals, method, digest, maps) if state_file else ""
     state = _read_state(state_file, fp) if state_file else None
     done: list[tuple[int, float]] = [(d["layer"], d["alpha"]) for d in (state or {}).get("done", [])]
     log: list[dict[str, float]] = list((state or {}).get("log", []))
@@ -348,12 +275,12 @@ def run_search(
         )
 
     with Progress(total_candidates, "alpha search", enabled=progress) as bar:
-        batches: list[_Batch] = []
+        batches: list[Batch] = []
         lo = order[-1]
         if method == "cached" and remaining:
             bar.describe("caching the residual stream")
             if prepare is None:
-                with temporarily_pruned(model, fixed_layers, fixed_alphas):
+                with temporarily_pruned(model, fixed_layers, fixed_alphas, maps):
                     batches = capture_inputs(model, windows, lo, batch_size)
                 counts["layers"] += num - 1  # one original forward (it stops before the top layer)
             else:
@@ -368,7 +295,7 @@ def run_search(
             scores: list[tuple[float, float]] = []
             for alpha in grid_vals:
                 bar.describe(f"layer {layer}  alpha {alpha:g}")
-                with temporarily_pruned(model, fixed_layers + [layer], fixed_alphas + [alpha]):
+                with temporarily_pruned(model, fixed_layers + [layer], fixed_alphas + [alpha], maps):
                     if method == "cached":
                         nll = sum(
                             tail_nll(model, b, h, layer, chunk_tokens) for b, h in zip(batches, entry, strict=True)

@@ -39,7 +39,8 @@ from torch import nn
 
 from .modeling import arch_for, get_module
 from .progress import Progress
-from .search import SearchResult, _Batch, _layer_out, _StopForward, digest_rows, run_search, tensor_digest
+from .replay import Batch, StopForward, layer_output
+from .search import SearchResult, digest_rows, run_search, tensor_digest
 
 ACTIVATIONS = ("device", "cpu", "disk")
 DEVICES = "cpu, cuda, cuda:N or auto"
@@ -303,7 +304,7 @@ class StreamedModel:
         batch_size: int,
         bar: Progress | None = None,
         keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[list[_Batch], int]:
+    ) -> tuple[list[Batch], int]:
         """The residual stream entering layer `start` for every batch, computed one layer at a time, and
         the arguments every layer >= start receives; then layers >= start, the final norm and the head
         are loaded. Returns (batches, decoder-layer passes made)."""
@@ -341,14 +342,14 @@ class StreamedModel:
                         if j == 0:
                             first.append(h)
                         if j == num - 1:
-                            raise _StopForward
+                            raise StopForward
 
                     return hook
 
                 handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(num)]
                 try:
                     backbone(input_ids=w, use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
                 finally:
                     for h in handles:
@@ -370,7 +371,7 @@ class StreamedModel:
             for b in range(len(hidden)):
                 rest, kw = calls[b][j]
                 h = hidden[b].to(self.device)
-                hidden[b] = keep(_layer_out(stack[j](h, *rest, **kw)))
+                hidden[b] = keep(layer_output(stack[j](h, *rest, **kw)))
                 del h
             self.release([layer_paths[j]])
 
@@ -378,7 +379,7 @@ class StreamedModel:
             bar.describe("loading the searched layers and the head")
         self.load(layer_paths[start:] + [arch.final_norm, arch.lm_head])
         batches = [
-            _Batch(w, h, {j: c[j] for j in range(start, num)})
+            Batch(w, h, {j: c[j] for j in range(start, num)})
             for w, h, c in zip(windows_dev, hidden, calls, strict=True)
         ]
         return batches, start

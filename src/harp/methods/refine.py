@@ -25,7 +25,8 @@ from ..core import temporarily_pruned
 from ..modeling import arch_for, get_module
 from ..perplexity import perplexity
 from ..progress import Progress
-from ..search import DEFAULT_GRID, SearchResult, capture_inputs, parse_grid, run_layers, search_alphas, tail_nll
+from ..replay import capture_inputs, run_layers, tail_nll
+from ..search import DEFAULT_GRID, SearchResult, parse_grid, search_alphas
 
 
 @dataclass

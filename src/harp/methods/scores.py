@@ -22,12 +22,9 @@ from torch import nn
 
 from ..modeling import HarpLinearAttention, HarpNoAttention, arch_for, get_module
 from ..perplexity import model_device
+from ..replay import layer_output
 
 STATS = ("attn_cos", "block_cos", "sim", "attn_self", "attn_first")
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def pairwise_similarity_sums(h: torch.Tensor) -> torch.Tensor:
@@ -79,7 +76,7 @@ def layer_stats(
     def post_layer(j: int) -> Callable:
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             nonlocal emb_sum
-            y = _first(out)
+            y = layer_output(out)
             x = inputs[j]
             if "block_cos" in want:
                 add("block_cos", j, F.cosine_similarity(x.float(), y.float(), dim=-1), x.shape[0] * x.shape[1])
@@ -92,7 +89,7 @@ def layer_stats(
 
     def post_attn_residual(j: int) -> Callable:
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            a = _first(out)
+            a = layer_output(out)
             x = inputs[j]
             add("attn_cos", j, F.cosine_similarity(x.float(), (x + a).float(), dim=-1), x.shape[0] * x.shape[1])
 

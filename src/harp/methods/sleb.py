@@ -21,7 +21,7 @@ from torch import nn
 from ..modeling import arch_for, get_module
 from ..perplexity import perplexity
 from ..progress import Progress
-from ..search import capture_inputs, run_layers, tail_nll
+from ..replay import capture_inputs, run_layers, tail_nll
 from .blocks import layers_removed
 
 
