@@ -505,8 +505,3 @@ def plot(rep: CompareReport, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def refine_gain(rep: CompareReport, k: int) -> float | None:
-    r = rep.row(k, "harp-refine")
-    return None if r is None else float(r["info"]["gain"])

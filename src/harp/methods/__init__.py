@@ -132,17 +132,6 @@ def applied(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
         raise ValueError(f"Unknown plan kind {plan.kind!r}.")
 
 
-def apply(model: nn.Module, plan: Plan) -> nn.Module:
-    """Apply `plan` permanently (in place)."""
-    if plan.kind == "attention":
-        from ..core import prune
-
-        return prune(model, plan.layers, list(plan.alphas or []))
-    if plan.kind == "blocks":
-        return remove_layers(model, plan.layers)
-    return model
-
-
 class Selector:
     """Runs the methods' selection rules on one model and one calibration set, sharing work:
 
@@ -278,6 +267,6 @@ def select(method: str, model: nn.Module, windows: torch.Tensor, k: int, **kwarg
 
 __all__ = [
     "METHODS", "ORIGINAL", "AutoKResult", "MethodSpec", "Plan", "RefineResult", "Selector", "SlebResult", "applied",
-    "apply", "attention_drop_scores", "auto_k", "block_influence", "layer_stats", "layers_removed",
+    "attention_drop_scores", "auto_k", "block_influence", "layer_stats", "layers_removed",
     "parse_methods", "parse_ppl_increase", "refine_alphas", "remove_layers", "select", "sleb",
 ]

@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from .. import modeling
 from ..modeling import arch_for, get_module, layer_indices
 
 
