@@ -11,10 +11,11 @@ from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 import harp
-from harp.analyze import analyze, plot
+from harp.analyze import analyze
 from harp.cli import get_app
 from harp.methods.scores import pairwise_similarity_sums
 from harp.modeling import decoder_layers
+from harp.report.analyze import analyze_figure, plot_analyze
 
 
 def _ids(n=3, s=16, seed=0, vocab=128):
@@ -109,8 +110,23 @@ def test_plot_marks_pruned_layers(tmp_path):
     model = tiny_model("gemma2", attn="eager")
     harp.prune(model, [5], [0.3])
     res = analyze(model, _ids(seed=3))
-    p = plot(res, tmp_path / "a.png", highlight_top=1)
+    p = plot_analyze(res, tmp_path / "a.png", highlight_top=1)
     assert p.stat().st_size > 5000
+
+
+def test_plot_labels_layers_with_integer_ticks():
+    import matplotlib.pyplot as plt
+
+    # 4 layers: matplotlib's default locator would put ticks at 0.5, 1.5, ... (18 layers: 2.5, 7.5, ...)
+    res = analyze(tiny_model("llama", attn="eager", num_hidden_layers=4), _ids(seed=4))
+    fig = analyze_figure(res)
+    fig.canvas.draw()
+    try:
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.slow

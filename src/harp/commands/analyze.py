@@ -33,9 +33,10 @@ def analyze_cmd(
     Attention Drop / ShortGPT scores, as a table, a Markdown/JSON file and a PNG plot."""
     import torch
 
-    from harp.analyze import analyze, plot
+    from harp.analyze import analyze
     from harp.checkpoint import atomic_dir, check_output_dir, write_json_atomic
     from harp.models import load_model
+    from harp.report.analyze import analyze_markdown, plot_analyze
     from harp.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize
 
     console = Console()
@@ -63,6 +64,6 @@ def analyze_cmd(
     console.print(t)
     with atomic_dir(out, overwrite) as tmp:
         write_json_atomic(tmp / "analyze.json", res.to_dict())
-        (tmp / "analyze.md").write_text(res.to_markdown())
-        plot(res, tmp / "analyze.png", highlight_top=highlight_top)
+        (tmp / "analyze.md").write_text(analyze_markdown(res))
+        plot_analyze(res, tmp / "analyze.png", highlight_top=highlight_top)
     console.print(f"wrote {out}/analyze.md, analyze.json, analyze.png ({res.seconds:.0f} s)", highlight=False)
