@@ -1,0 +1,504 @@
+"""HARP models for vLLM, built from vLLM's own parallel layers.
+
+- An unpruned layer is vLLM's decoder layer of the family (``LlamaDecoderLayer``,
+  ``MistralDecoderLayer``, ``Qwen2DecoderLayer``, ``Qwen3DecoderLayer``): its norms, rotary embedding,
+  fused QKV projection and ``Attention`` module, exactly as vLLM runs the original model.
+- A pruned layer with alpha != 0 computes ``o_proj(v_proj(input_layernorm(x)))``: ``v_proj`` is a
+  column-parallel linear (hidden -> kv_dim, Qwen2's v bias included) and the folded ``o_proj`` a
+  row-parallel linear (kv_dim -> hidden) — each rank holds a slice of kv_dim, one all-reduce per
+  layer, exact under any tensor-parallel size that divides kv_dim. It has no ``Attention`` module.
+- A pruned layer with alpha = 0 has no attention sub-layer and no input norm at all.
+
+vLLM sizes its KV cache from the ``Attention`` modules it finds, so pruned layers get no KV cache:
+the number of cache blocks at a given KV memory grows by L / (L - k).
+
+The checkpoint is the one ``harp.save`` writes (see harp/modeling.py for what each tensor is); a
+refit layer is just another folded ``o_proj`` of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models import gemma, gemma2, gemma3, llama, mistral, qwen2, qwen3
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+
+from ..modeling import FORMAT_VERSION
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint's HARP block
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """How vLLM builds one supported family."""
+
+    name: str
+    model_types: tuple[str, ...]
+    harp_class: str
+    # (vllm_config, hf_config, prefix) -> vLLM's own decoder layer
+    decoder_layer: Callable[[VllmConfig, Any, str], nn.Module]
+    # (hf_config, quant_config, prefix) -> vLLM's own MLP of that family
+    mlp: Callable[[Any, Any, str], nn.Module]
+    v_bias: Callable[[Any], bool]
+    o_bias: Callable[[Any], bool]
+
+
+def _llama_qkv_bias(c: Any) -> bool:
+    bias = bool(getattr(c, "attention_bias", False) or getattr(c, "bias", False))
+    return bool(c.qkv_bias) if hasattr(c, "qkv_bias") else bias
+
+
+def _llama_o_bias(c: Any) -> bool:
+    return bool(getattr(c, "attention_bias", False) or getattr(c, "bias", False))
+
+
+def _llama_mlp(c: Any, q: Any, prefix: str) -> nn.Module:
+    return llama.LlamaMLP(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        hidden_act=c.hidden_act,
+        quant_config=q,
+        bias=getattr(c, "mlp_bias", False),
+        prefix=prefix,
+    )
+
+
+def _qwen2_mlp(c: Any, q: Any, prefix: str) -> nn.Module:
+    return qwen2.Qwen2MLP(
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        hidden_act=c.hidden_act,
+        quant_config=q,
+        prefix=prefix,
+    )
+
+
+def _qwen_layer(cls: type) -> Callable[[VllmConfig, Any, str], nn.Module]:
+    def build(vllm_config: VllmConfig, config: Any, prefix: str) -> nn.Module:
+        return cls(config=config, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+                   prefix=prefix)
+
+    return build
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "LLaMA",
+        ("llama",),
+        "HarpLlamaForCausalLM",
+        lambda v, c, p: llama.LlamaDecoderLayer(vllm_config=v, prefix=p, config=c),
+        _llama_mlp,
+        _llama_qkv_bias,
+        _llama_o_bias,
+    ),
+    "mistral": Family(
+        "Mistral",
+        ("mistral",),
+        "HarpMistralForCausalLM",
+        lambda v, c, p: mistral.MistralDecoderLayer(vllm_config=v, prefix=p, config=c),
+        _llama_mlp,
+        _llama_qkv_bias,
+        _llama_o_bias,
+    ),
+    "qwen2": Family(
+        "Qwen2",
+        ("qwen2",),
+        "HarpQwen2ForCausalLM",
+        _qwen_layer(qwen2.Qwen2DecoderLayer),
+        _qwen2_mlp,
+        lambda c: True,
+        lambda c: False,
+    ),
+    "qwen3": Family(
+        "Qwen3",
+        ("qwen3",),
+        "HarpQwen3ForCausalLM",
+        _qwen_layer(qwen3.Qwen3DecoderLayer),
+        _qwen2_mlp,
+        lambda c: bool(getattr(c, "attention_bias", False)),
+        lambda c: bool(getattr(c, "attention_bias", False)),
+    ),
+}
+
+
+def supported_summary() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES.values())
+
+
+def _family_of(config: Any) -> Family | None:
+    mt = getattr(config, "model_type", None)
+    for fam in FAMILIES.values():
+        if mt in fam.model_types:
+            return fam
+    return None
+
+
+def _harp_block(config: Any) -> dict[str, Any] | None:
+    harp = getattr(config, "harp", None)
+    if harp is None and hasattr(config, "to_dict"):
+        harp = config.to_dict().get("harp")
+    return harp or None
+
+
+def harp_plan(config: Any) -> dict[int, float]:
+    """layer index -> alpha of the pruned layers in `config.harp` ({} for an unpruned model).
+
+    Raises ValueError for a HARP block this plugin cannot serve: an unknown format version, an
+    unsupported family, or a malformed plan — before vLLM builds anything.
+    """
+    harp = _harp_block(config)
+    if not harp:
+        return {}
+    if not isinstance(harp, dict):
+        raise ValueError(f"harp vLLM plugin: config.json's 'harp' block must be an object, got {type(harp).__name__}.")
+    try:
+        version = int(harp.get("format_version", 1))
+    except (TypeError, ValueError):
+        version = -1
+    if version < 1 or version > FORMAT_VERSION:
+        raise ValueError(
+            f"harp vLLM plugin: this checkpoint uses HARP format version {harp.get('format_version')!r}; the "
+            f"installed harp-prune reads versions 1..{FORMAT_VERSION}. Upgrade harp-prune in the vLLM "
+            "environment (pip install -U 'harp-prune[vllm]'), or load the folder with transformers "
+            "(harp.load / trust_remote_code=True)."
+        )
+    layers = list(harp.get("layers") or [])
+    alphas = list(harp.get("alphas") or [])
+    if len(layers) != len(alphas):
+        raise ValueError(f"harp vLLM plugin: the 'harp' block has {len(layers)} layers but {len(alphas)} alphas.")
+    if not layers:
+        return {}
+    mt = getattr(config, "model_type", None)
+    if _family_of(config) is None:
+        raise ValueError(
+            f"harp vLLM plugin: this is a HARP checkpoint of model_type {mt!r}, which the vLLM plugin does not "
+            f"serve. It serves HARP checkpoints of {supported_summary()}. Alternatives for this model: "
+            "transformers (harp.load(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)), "
+            "or harp export --format gguf for llama.cpp where the family allows it (docs/serving.md)."
+        )
+    n = int(config.num_hidden_layers)
+    plan: dict[int, float] = {}
+    for i, a in zip(layers, alphas, strict=True):
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n or i in plan:
+            raise ValueError(f"harp vLLM plugin: bad layer index {i!r} in the 'harp' block (model has {n} layers).")
+        a = float(a)
+        if not math.isfinite(a):
+            raise ValueError(f"harp vLLM plugin: alpha {a} of layer {i} is not finite.")
+        plan[i] = a
+    return plan
+
+
+def has_pruned_layers(vllm_config: VllmConfig) -> bool:
+    return bool(harp_plan(vllm_config.model_config.hf_config))
+
+
+# --------------------------------------------------------------------------------------------
+# Pruned layers
+# --------------------------------------------------------------------------------------------
+
+
+class HarpLinearAttention(nn.Module):
+    """`o_proj(v_proj(x))`: v column-parallel, folded o row-parallel (one all-reduce)."""
+
+    def __init__(self, hidden: int, kv_dim: int, v_bias: bool, o_bias: bool, quant_config: Any, prefix: str) -> None:
+        super().__init__()
+        self.v_proj = ColumnParallelLinear(
+            hidden, kv_dim, bias=v_bias, gather_output=False, quant_config=quant_config, prefix=f"{prefix}.v_proj"
+        )
+        self.o_proj = RowParallelLinear(
+            kv_dim, hidden, bias=o_bias, input_is_parallel=True, quant_config=quant_config, prefix=f"{prefix}.o_proj"
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        v, _ = self.v_proj(hidden_states)
+        out, _ = self.o_proj(v)
+        return out
+
+
+class HarpDecoderLayer(nn.Module):
+    """A pruned decoder layer: linear attention (alpha != 0) or none (alpha = 0), then the unchanged MLP."""
+
+    def __init__(self, vllm_config: VllmConfig, config: Any, family: Family, alpha: float, prefix: str) -> None:
+        super().__init__()
+        quant_config = vllm_config.quant_config
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        self.layer_idx = extract_layer_index(prefix)
+        self.alpha = alpha
+        if alpha != 0.0:
+            self.input_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+            self.self_attn = HarpLinearAttention(
+                hidden, kv_heads * head_dim, family.v_bias(config), family.o_bias(config), quant_config,
+                f"{prefix}.self_attn",
+            )
+        else:
+            self.input_layernorm = None
+            self.self_attn = None
+        self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        self.mlp = family.mlp(config, quant_config, f"{prefix}.mlp")
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.self_attn is not None:
+            if residual is None:
+                residual = hidden_states
+                hidden_states = self.input_layernorm(hidden_states)
+            else:
+                hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states = self.self_attn(hidden_states)
+        # alpha = 0: the attention sub-layer adds nothing; (hidden_states, residual) are still the stream
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.post_attention_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+@support_torch_compile(
+    dynamic_arg_dims={
+        "input_ids": {0: "b"},
+        "positions": {0: "b"},
+        "intermediate_tensors": {0: "b"},
+        "inputs_embeds": {0: "b"},
+    },
+)
+class HarpModel(nn.Module):
+    family_key: ClassVar[str] = "llama"
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        family = FAMILIES[self.family_key]
+        plan = harp_plan(config)
+        self.config = config
+        self.plan = plan
+        self.vocab_size = config.vocab_size
+        if get_pp_group().is_first_rank or (config.tie_word_embeddings and get_pp_group().is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                prefix=f"{prefix}.embed_tokens",
+            )
+        else:
+            self.embed_tokens = PPMissingLayer()
+
+        def build(prefix: str) -> nn.Module:
+            idx = extract_layer_index(prefix)
+            if idx in plan:
+                return HarpDecoderLayer(vllm_config, config, family, plan[idx], prefix)
+            return family.decoder_layer(vllm_config, config, prefix)
+
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, build, prefix=f"{prefix}.layers"
+        )
+        if get_pp_group().is_last_rank:
+            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.norm = PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+        else:
+            assert intermediate_tensors is not None
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+# checkpoint name fragment -> (vLLM parameter fragment, shard id), for vLLM's own (unpruned) layers
+_STACKED = (
+    (".qkv_proj.", ".q_proj.", "q"),
+    (".qkv_proj.", ".k_proj.", "k"),
+    (".qkv_proj.", ".v_proj.", "v"),
+    (".gate_up_proj.", ".gate_proj.", 0),
+    (".gate_up_proj.", ".up_proj.", 1),
+)
+
+
+class _HarpForCausalLM(nn.Module, SupportsPP):
+    """A HARP checkpoint of one family in vLLM (see the module docstring)."""
+
+    model_class: ClassVar[type[HarpModel]] = HarpModel
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        family = FAMILIES[self.model_class.family_key]
+        if getattr(config, "model_type", None) not in family.model_types:
+            raise ValueError(
+                f"harp vLLM plugin: {type(self).__name__} serves {family.name} checkpoints, but this config has "
+                f"model_type {config.model_type!r}. Supported: {supported_summary()}."
+            )
+        harp_plan(config)  # validate before allocating anything
+        self.config = config
+        self.model = self.model_class(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+            self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+        else:
+            self.lm_head = PPMissingLayer()
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        plan = self.model.plan
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+                continue
+            if self.config.tie_word_embeddings and name.startswith("lm_head."):
+                continue
+            idx = None
+            if name.startswith("model.layers."):
+                idx = int(name.split(".")[2])
+            pruned = idx is not None and idx in plan
+            target, shard = name, None
+            if not pruned:  # vLLM's own layer: q/k/v and gate/up live in stacked parameters
+                for stacked, part, shard_id in _STACKED:
+                    if part in name:
+                        target, shard = name.replace(part, stacked), shard_id
+                        break
+            elif ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+                part, shard = (".gate_proj.", 0) if ".gate_proj." in name else (".up_proj.", 1)
+                target = name.replace(part, ".gate_up_proj.")
+            if is_pp_missing_parameter(target, self):
+                continue
+            param = params.get(target)
+            if param is None:
+                what = f"pruned layer {idx} (alpha {plan[idx]})" if pruned else "this model"
+                raise ValueError(
+                    f"harp vLLM plugin: checkpoint tensor {name!r} has no place in {what}. The folder's weights do "
+                    "not match its config's 'harp' block; re-save it with harp.save."
+                )
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(target)
+        return loaded
+
+
+def _family_classes(key: str) -> tuple[type[HarpModel], type[_HarpForCausalLM]]:
+    name = FAMILIES[key].harp_class
+    model_cls = type(name.replace("ForCausalLM", "Model"), (HarpModel,), {"family_key": key, "__module__": __name__})
+    lm_cls = type(name, (_HarpForCausalLM,), {"model_class": model_cls, "__module__": __name__})
+    return model_cls, lm_cls
+
+
+HarpLlamaModel, HarpLlamaForCausalLM = _family_classes("llama")
+HarpMistralModel, HarpMistralForCausalLM = _family_classes("mistral")
+HarpQwen2Model, HarpQwen2ForCausalLM = _family_classes("qwen2")
+HarpQwen3Model, HarpQwen3ForCausalLM = _family_classes("qwen3")
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's built-in names: its own model unless the config has pruned layers
+# --------------------------------------------------------------------------------------------
+
+
+def _dispatching(base: type[nn.Module], harp_cls: type[_HarpForCausalLM]) -> type[nn.Module]:
+    class Dispatch(base):  # type: ignore[misc, valid-type]
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None and has_pruned_layers(vllm_config):
+                return harp_cls(*args, **kwargs)  # not an instance of cls: __init__ below is skipped
+            return super().__new__(cls)
+
+    Dispatch.__name__ = Dispatch.__qualname__ = f"{base.__name__}OrHarp"
+    Dispatch.__module__ = __name__
+    return Dispatch
+
+
+def _refusing(base: type[nn.Module]) -> type[nn.Module]:
+    class Refuse(base):  # type: ignore[misc, valid-type]
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
+            if vllm_config is not None:
+                harp_plan(vllm_config.model_config.hf_config)  # raises for a pruned checkpoint of this family
+            return super().__new__(cls)
+
+    Refuse.__name__ = Refuse.__qualname__ = f"{base.__name__}OrRefuse"
+    Refuse.__module__ = __name__
+    return Refuse
+
+
+LlamaOrHarp = _dispatching(llama.LlamaForCausalLM, HarpLlamaForCausalLM)
+MistralOrHarp = _dispatching(mistral.MistralForCausalLM, HarpMistralForCausalLM)
+Qwen2OrHarp = _dispatching(qwen2.Qwen2ForCausalLM, HarpQwen2ForCausalLM)
+Qwen3OrHarp = _dispatching(qwen3.Qwen3ForCausalLM, HarpQwen3ForCausalLM)
+GemmaOrRefuse = _refusing(gemma.GemmaForCausalLM)
+Gemma2OrRefuse = _refusing(gemma2.Gemma2ForCausalLM)
+Gemma3OrRefuse = _refusing(gemma3.Gemma3ForCausalLM)

