@@ -140,3 +140,16 @@ def load_model(
     model.eval()
     model.harp_source = str(source) if source is not None else DEFAULT_MODEL
     return model, (tok if with_tokenizer else None)
+
+
+def saved_tokenizer(source: str | os.PathLike[str] | None) -> Any:
+    """The tokenizer stored with a model source (the bundled default, a folder, a .gguf, a hub id),
+    or None for a folder without tokenizer files (a checkpoint saved without one)."""
+    from transformers import AutoTokenizer
+
+    p = Path(resolve_model_source(source))
+    if p.is_file():  # a .gguf (resolve_model_source refuses other files)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(p))

@@ -94,6 +94,15 @@ def check_pair(orig: nn.Module, pruned: nn.Module, contexts: Sequence[int]) -> N
             )
 
 
+def _tokenizer_of(source: ModelLike) -> Any:
+    """The tokenizer saved with a model source; None for a loaded model or a folder without one."""
+    if isinstance(source, nn.Module):
+        return None
+    from ..models import saved_tokenizer
+
+    return saved_tokenizer(source)
+
+
 def _load(source: ModelLike, dtype: Any, attn_implementation: str | None) -> tuple[nn.Module, str | None]:
     if isinstance(source, nn.Module):
         return source, getattr(source, "harp_source", None)
@@ -101,24 +110,6 @@ def _load(source: ModelLike, dtype: Any, attn_implementation: str | None) -> tup
 
     model, _ = load_model(source, dtype=dtype, attn_implementation=attn_implementation, with_tokenizer=False)
     return model, str(source)
-
-
-def _saved_tokenizer(source: ModelLike) -> Any | None:
-    """The tokenizer stored with a model source (folder, .gguf, hub id, the default model), or None if
-    there is none or `source` is a loaded model: the bench needs it only to know the BOS token."""
-    if isinstance(source, nn.Module):
-        return None
-    from transformers import AutoTokenizer
-
-    from ..models import resolve_model_source
-
-    src = Path(resolve_model_source(source))
-    try:
-        if src.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        return AutoTokenizer.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 def run_bench(
@@ -188,7 +179,7 @@ def run_bench(
         model_a.eval()
         model_b.eval()
         if tokenizer is None:
-            tokenizer = _saved_tokenizer(orig) or _saved_tokenizer(pruned)
+            tokenizer = _tokenizer_of(orig) or _tokenizer_of(pruned)
         bos = bos_token(tokenizer) if tokenizer is not None else None
         result = _run(model_a, model_b, ctx, new_tokens, repeats, warmup, seed, bos, timing, min_seconds, say)
         result["models"]["original"]["source"] = src_a

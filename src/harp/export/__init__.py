@@ -150,7 +150,7 @@ def export(
 
     Returns the output path and the written layer indices by kind ("attention", "linear", "no_op").
     """
-    from ..models import load_model, resolve_model_source
+    from ..models import load_model, resolve_model_source, saved_tokenizer
 
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
@@ -169,7 +169,7 @@ def export(
     load_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "", torch.float32)
     model, tok = load_model(source, dtype=load_dtype, with_tokenizer=is_gguf)
     if not is_gguf:
-        tok = _tokenizer_or_none(src)
+        tok = saved_tokenizer(src)
     check_exportable(model, ffn_multiple_of_256=fmt == "deci")
     name = src_path.stem if src_path.exists() else str(source)
     if fmt == "deci":
@@ -199,16 +199,6 @@ def export(
             name=name,
         )
     return path, layer_kinds(model)
-
-
-def _tokenizer_or_none(src: str) -> Any:
-    """The folder's tokenizer, or None if it has no tokenizer files."""
-    from transformers import AutoTokenizer
-
-    p = Path(src)
-    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    return AutoTokenizer.from_pretrained(src)
 
 
 def _check_out(fmt: str, out: str | os.PathLike[str], overwrite: bool) -> None:
