@@ -12,7 +12,12 @@ export TOKENIZERS_PARALLELISM ?= false
 AVX512 := $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo ON || echo OFF)
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$(AVX512) -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
-.PHONY: setup setup-test prune test lint bench clean
+# The lowest transformers pyproject admits, read from it: `make test-min` runs the fast suite on it, from a
+# copy of the repository in a temporary folder (as a user's clone: nothing outside the repository).
+VENV_MIN ?= .venv-min
+MIN_TRANSFORMERS := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+
+.PHONY: setup setup-test prune test test-min lint bench clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +31,12 @@ $(VENV)/.test: $(VENV)/.core
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --no-cache-dir "llama-cpp-python==0.3.36"
 	touch $@
 
+$(VENV_MIN)/.test: pyproject.toml
+	test -x $(VENV_MIN)/bin/python || python3 -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
+	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install -e ".[test]" "transformers==$(MIN_TRANSFORMERS)"
+	touch $@
+
 setup: $(VENV)/.core
 
 setup-test: $(VENV)/.test
@@ -37,8 +48,11 @@ test: setup-test
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
+test-min: $(VENV_MIN)/.test
+	.ci/clone-test $(VENV_MIN)
+
 lint: setup-test
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VENV_MIN) runs build *.egg-info src/*.egg-info

@@ -11,6 +11,7 @@ from tiny import FAMILIES, tiny_model
 
 import harp
 from harp import flops
+from harp.bench.timing import cache_kwarg
 from harp.stats import count_parameters, kv_cache_bytes
 
 # A config small enough to count by hand: hidden 8, 2 query heads, 1 KV head, head_dim 4,
@@ -97,7 +98,7 @@ def test_kv_bytes_expected_match_cache(family):
     for m in (model, pruned):
         cache = transformers.DynamicCache(config=m.config)
         with torch.no_grad():
-            m(ids, cache=cache, use_cache=True)
+            m(ids, use_cache=True, **{cache_kwarg(m): cache})
         assert kv_cache_bytes(cache) == flops.kv_cache_bytes_expected(m.config, n, dtype=torch.float32)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,17 +118,90 @@ def _release_cache_slot(cache: Any, layer_idx: int) -> None:
         return
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
-        layers.append(replicate() if replicate is not None else _DummyLayer())
-    layers[layer_idx] = _DummyLayer()
+        layers.append(replicate() if replicate is not None else _dummy(cache))
+    layers[layer_idx] = _dummy(cache)
 
 
-try:  # transformers >= 5
+try:
+    from transformers.cache_utils import CacheLayerMixin as _CacheLayerBase
+except ImportError:  # pragma: no cover - not a transformers 5 release
+    _CacheLayerBase = object  # type: ignore[misc, assignment]
+
+
+class _FallbackDummyLayer(_CacheLayerBase):  # type: ignore[misc, valid-type]
+    """A cache layer that stores nothing, for transformers releases without `cache_utils.DummyLayer`
+    (5.0 .. 5.19): every attribute and method a `Cache` asks of its layers, as no-ops.
+
+    Those releases' caches do not skip such a layer when asked for the sequence length or mask sizes:
+    5.0 reads `layers[0]` whatever it is, 5.19 refuses a non-attention layer at an index other than 0,
+    and both pick the first non-sliding layer to size the full-attention mask, pruned or not. So this
+    layer is an ordinary attention cache layer to them, and answers length queries with those of the
+    first real full-attention layer of the same cache: a pruned layer reports what the cache holds, not
+    zero. Like transformers' DummyLayer it is never sliding, so sliding-window masks are sized by a
+    real sliding layer.
+    """
+
+    is_compileable = True
+    is_croppable = True
+    supports_early_init = False
+    is_sliding = False
+
+    def __init__(self, cache: Any = None, **kwargs: Any) -> None:
+        if _CacheLayerBase is not object:
+            super().__init__()
+        self.is_initialized = True
+        self.keys = None
+        self.values = None
+        self._cache = weakref.ref(cache) if cache is not None else None
+
+    def _real(self) -> Any:
+        cache = self._cache() if self._cache is not None else None
+        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _FallbackDummyLayer)]
+        same = [la for la in others if not getattr(la, "is_sliding", False)]
+        return (same or others or [None])[0]
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if key_states is None and value_states is None:
+            return None, None
+        raise NotImplementedError("A pruned HARP layer has no KV cache: it cannot be updated.")
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None: ...
+    def offload(self) -> None: ...
+    def prefetch(self) -> None: ...
+    def reset(self) -> None: ...
+    def crop(self, *args: Any, **kwargs: Any) -> None: ...
+    def reorder_cache(self, *args: Any, **kwargs: Any) -> None: ...
+    def batch_repeat_interleave(self, *args: Any, **kwargs: Any) -> None: ...
+    def batch_select_indices(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        real = self._real()
+        return real.get_seq_length() if real is not None else 0
+
+    def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        real = self._real()
+        if real is not None:
+            return real.get_mask_sizes(query, *args, **kwargs)
+        q = query if isinstance(query, int) else int(query.shape[0])  # 5.0 passes cache_position
+        return q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+try:  # transformers >= 5.2x
     from transformers.cache_utils import DummyLayer as _DummyLayer
-except ImportError:  # pragma: no cover - older transformers have no such layer
 
-    class _DummyLayer:  # type: ignore[no-redef]
-        is_initialized = True
-        keys = values = None
+    def _dummy(cache: Any) -> Any:
+        return _DummyLayer()
+except ImportError:  # transformers 5.0 .. 5.19 (tested in CI on the lowest supported release)
+    _DummyLayer = _FallbackDummyLayer  # type: ignore[misc, assignment]
+
+    def _dummy(cache: Any) -> Any:
+        return _FallbackDummyLayer(cache)
 
 
 def _cache_from(kwargs: dict[str, Any]) -> Any:

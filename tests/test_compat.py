@@ -1,0 +1,63 @@
+"""The range of transformers releases pyproject admits: a pruned model's KV cache on releases with and
+without `cache_utils.DummyLayer` (CI runs the fast suite on the lowest admitted release too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_model
+
+import harp
+from harp import modeling
+from harp.stats import kv_cache_bytes, output_cache
+
+
+def _generate_matches_no_cache(family: str, where: list[int]) -> None:
+    model = tiny_model(family, attn="eager")
+    harp.prune(model, layers=where, alphas=[0.7 if i % 2 else 0.0 for i in range(len(where))])
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=True, pad_token_id=0)
+        b = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+@pytest.fixture
+def fallback_layer(monkeypatch):
+    """Use harp's own no-storage cache layer even where transformers has DummyLayer."""
+    monkeypatch.setattr(modeling, "_DummyLayer", modeling._FallbackDummyLayer)
+    monkeypatch.setattr(modeling, "_dummy", lambda cache: modeling._FallbackDummyLayer(cache))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+@pytest.mark.parametrize("where", [[0], [0, 2, 5], [5, 4]])
+def test_fallback_cache_layer_generates_like_no_cache(fallback_layer, family, where):
+    _generate_matches_no_cache(family, where)
+
+
+def test_fallback_layer_stores_nothing_and_answers_length_queries(fallback_layer):
+    model = tiny_model("llama")
+    harp.prune(model, layers=[0, 3], alphas=[0.5, 0.0])
+    ids = torch.randint(1, 128, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=ids, use_cache=True))
+    assert isinstance(cache.layers[0], modeling._FallbackDummyLayer)
+    assert isinstance(cache.layers[3], modeling._FallbackDummyLayer)
+    # the pruned layer 0 reports what the cache holds (5.0 reads layers[0] for the length), not 0
+    assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == 11
+    assert cache.get_seq_length() == 11
+    per_layer = cache.layers[1].keys.numel() * cache.layers[1].keys.element_size() * 2
+    assert kv_cache_bytes(cache) == 4 * per_layer  # 6 layers, 2 keep nothing
+    for name in ("is_compileable", "is_croppable", "supports_early_init", "is_sliding"):
+        assert hasattr(cache.layers[0], name), name
+    assert cache.is_compileable in (True, False)  # the 5.19 AttributeError came from this property
+
+
+def test_generate_on_the_installed_transformers():
+    """What the user runs: whichever cache layer this transformers gives (CI: newest and lowest)."""
+    _generate_matches_no_cache("llama", [0, 2, 5])
+    _generate_matches_no_cache("gemma2", [1, 5])
+    uses_fallback = modeling._DummyLayer is modeling._FallbackDummyLayer
+    assert uses_fallback == (not hasattr(__import__("transformers.cache_utils").cache_utils, "DummyLayer")), \
+        transformers.__version__
