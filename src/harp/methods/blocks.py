@@ -79,9 +79,3 @@ def layers_removed(model: nn.Module, layers: Sequence[int]) -> Iterator[nn.Modul
         yield model
     finally:
         undo()
-
-
-def removed_block_parameters(model: nn.Module, layers: Sequence[int]) -> int:
-    """Parameters in the given decoder layers (what whole-layer removal deletes)."""
-    stack = modeling.decoder_layers(model)
-    return sum(p.numel() for i in _validate(model, layers) for p in stack[i].parameters())
