@@ -3,9 +3,13 @@ transformers (`trust_remote_code=True`) through modeling code written next to th
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -70,16 +74,74 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     tmp.mkdir()
     try:
         yield tmp
+        _readable_by_all(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            # one atomic step where the OS has it: a kill at any moment leaves the old folder or the new one
+            if _rename_exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            else:
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Files as the user's umask makes them (0644 usually): some writers (safetensors) create 0600 files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike[str], what: str = "harp prune") -> Iterator[Path]:
+    """Hold an exclusive lock on an output path for the whole run: a second run on the same output
+    refuses at once instead of interleaving its search state and checkpoint with the first one's.
+
+    The lock is an flock on `.NAME.harp-lock` next to the output, so a run killed with -9 leaves no
+    stale lock behind (the file may stay; the lock dies with the process)."""
+    out = Path(path).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.harp-lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise FileExistsError(
+                f"{out} is being written by another run ({holder}): wait for it to finish, or choose another "
+                "--out. Two runs on one output would mix their search state and checkpoint."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what}, pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield lock
+        finally:
+            os.ftruncate(fd, 0)
+            try:
+                os.remove(lock)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
@@ -140,40 +202,65 @@ def save(
         "alphas": plan["alphas"],
     }
     out_recipe.update(recipe or {})
-    with atomic_dir(path, overwrite) as tmp:
-        _prepare_for_save(model)
-        model.config.harp = plan
-        model.config.auto_map = {"AutoModelForCausalLM": "modeling_harp.HarpForCausalLM"}
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            # auto_map is for the saved folder only; the live model keeps its own class
-            del model.config.auto_map
-        cfg_file = tmp / "config.json"
-        cfg = json.loads(cfg_file.read_text())
-        cfg["architectures"] = [base]  # a reloaded model's class is Harp<Base>: record the base
-        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        shutil.copyfile(Path(modeling.__file__), tmp / RUNTIME_FILE)
-        (tmp / ENTRY_FILE).write_text(_ENTRY_TEMPLATE.format(version=__version__, base=base))
-        write_json_atomic(tmp / RECIPE_FILE, out_recipe)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
+    try:
+        with atomic_dir(path, overwrite) as tmp:
+            _prepare_for_save(model)
+            model.config.harp = plan
+            model.config.auto_map = {"AutoModelForCausalLM": "modeling_harp.HarpForCausalLM"}
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                # auto_map is for the saved folder only; the live model keeps its own class
+                del model.config.auto_map
+            cfg_file = tmp / "config.json"
+            cfg = json.loads(cfg_file.read_text())
+            cfg["architectures"] = [base]  # a reloaded model's class is Harp<Base>: record the base
+            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            shutil.copyfile(Path(modeling.__file__), tmp / RUNTIME_FILE)
+            (tmp / ENTRY_FILE).write_text(_ENTRY_TEMPLATE.format(version=__version__, base=base))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+            write_json_atomic(tmp / RECIPE_FILE, out_recipe)  # last: `load` refuses a folder without it
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"No space left on the device while saving the checkpoint to {Path(path).expanduser().resolve()} "
+                f"({e.strerror}; it needs about {_model_bytes(model) / 2**20:,.0f} MiB of weights). Nothing was "
+                "written and the temporary folder was removed: free some space or choose another --out."
+            ) from None
+        raise
     return Path(path).expanduser().resolve()
 
 
+class DiskFullError(ValueError):
+    """The output device is full (a user-facing error: the command prints one line)."""
+
+
+def _model_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from .preflight import read_json_config
+
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a model folder: no config.json in it.")
-    return json.loads(cfg_file.read_text())
+    return read_json_config(cfg_file)
 
 
 def is_harp_checkpoint(path: str | os.PathLike[str]) -> bool:
     try:
         return bool(read_config(path).get("harp"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, ValueError):
         return False
 
 
@@ -191,8 +278,11 @@ def load(
     """
     import transformers
 
+    from .preflight import check_complete
+
     path = Path(path).expanduser()
     cfg = read_config(path)
+    check_complete(path, cfg)  # a damaged / half-written folder is refused before any weight is read
     archs = cfg.get("architectures") or []
     base_name = archs[0] if archs else None
     if base_name is None or not hasattr(transformers, base_name):

@@ -50,12 +50,13 @@ def _register(name: str, fn: Callable[..., None]) -> None:
 
 def commands() -> list[tuple[str, Callable[..., None]]]:
     """Every command as (name, function), in the order `harp --help` lists them."""
-    from .commands import analyze, bench, compare, export, info, plan, prune
+    from .commands import analyze, bench, cache, compare, export, info, plan, prune
     from .commands import eval as eval_
 
     return [
         ("analyze", analyze.analyze_cmd),
         ("bench", bench.bench_cmd),
+        ("cache", cache.cache_cmd),
         ("eval", eval_.eval_cmd),
         ("compare", compare.compare_cmd),
         ("export", export.export_cmd),

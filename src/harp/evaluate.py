@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -192,6 +193,19 @@ def perplexity_windows(tokenizer: Any, eval_text: str | None = None, eval_tokens
     return evaluation_windows(ids, seq_len, eval_tokens, bos=bos_token(tokenizer)), text.description
 
 
+def perplexity_label(eval_text: str | None) -> str:
+    """What a perplexity row is measured on, short: 'WikiText-2' for the bundled default, else the file,
+    folder or dataset name the user gave (a row labelled 'wikitext' for a novel would be wrong)."""
+    from .text import BUNDLED
+
+    src = DEFAULT_EVAL if eval_text is None else str(eval_text)
+    if src == DEFAULT_EVAL:
+        return "WikiText-2"
+    if src in BUNDLED or src.startswith("hf:"):
+        return src
+    return Path(src).expanduser().name or src
+
+
 def _task_manager(specs: list[TaskSpec], data_dir: str | None) -> Any:
     from lm_eval.tasks import TaskManager
 
@@ -261,12 +275,13 @@ def evaluate(
         else:
             windows, desc = eval_windows, "given windows"
         r = perplexity(model, windows, batch_size=max(1, min(batch_size, 4)))
+        label = perplexity_label(eval_text) if eval_windows is None else "given windows"
         result.scores[s.name] = TaskScore(
-            task=s.name, title=s.title, metric="ppl", value=r.ppl, higher_is_better=False, samples=r.tokens,
+            task=s.name, title=f"{label} ppl", metric="ppl", value=r.ppl, higher_is_better=False, samples=r.tokens,
             total=r.tokens, metrics={"ppl": r.ppl, "nll": r.nll}, seconds=time.perf_counter() - t,
             source=f"{desc}, {r.windows} x {r.seq_len} tokens",
         )
-        say(f"{s.name}: ppl {r.ppl:.3f} ({r.tokens:,} tokens, {time.perf_counter() - t:.0f} s)")
+        say(f"perplexity on {desc}: {r.ppl:.3f} ({r.tokens:,} tokens, {time.perf_counter() - t:.0f} s)")
 
     if lm_specs:
         result.scores.update(_run_lm_eval(model, tokenizer, lm_specs, limits, resolved_dir, batch_size,

@@ -48,7 +48,7 @@ def default_model_dir() -> Path:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     gguf = _default_gguf()
-    model, tok = _load_gguf(gguf, torch.float32)
+    model, tok = _convert_gguf(gguf, torch.float32)
     from .checkpoint import _prepare_for_save, atomic_dir
 
     _prepare_for_save(model)
@@ -58,12 +58,114 @@ def default_model_dir() -> Path:
     return out
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+GGUF_SOURCE_FILE = "harp_gguf_source.json"  # in a converted-GGUF cache folder: which file it came from
+
+
+def _convert_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Dequantise a GGUF with transformers' reader (slow: about a minute for 1 GB on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .preflight import read_gguf_header
+
+    read_gguf_header(path)  # one clear error naming the file for a truncated or non-GGUF file
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tok
+
+
+def gguf_cache_key(path: str | os.PathLike[str]) -> str:
+    """Content key of a GGUF file: its size, mtime and a hash of its first 4 MiB (the header: metadata and
+    tensor table) and last 1 MiB. A changed, re-downloaded or truncated file gets another key."""
+    import hashlib
+
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(p, "rb") as f:
+        h.update(f.read(4 << 20))
+        if st.st_size > 5 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return h.hexdigest()[:20]
+
+
+def gguf_cache_folder(path: str | os.PathLike[str]) -> Path:
+    p = Path(path).expanduser().resolve()
+    return cache_dir() / "gguf" / f"{p.stem}-{gguf_cache_key(p)}"
+
+
+def converted_gguf(path: str | os.PathLike[str]) -> Path | None:
+    """The cached safetensors folder of a GGUF file, if one was converted before (and is complete)."""
+    from .preflight import check_weight_files
+
+    folder = gguf_cache_folder(path)
+    if not (folder / GGUF_SOURCE_FILE).is_file():
+        return None
+    try:
+        check_weight_files(folder)
+    except ValueError:
+        return None  # damaged cache entry: convert again (the atomic write replaces it)
+    return folder
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """A user's GGUF, dequantised once and cached under the cache dir keyed by its content (every command
+    reuses the conversion); later loads read the cached safetensors folder (seconds, not a minute)."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import _prepare_for_save, atomic_dir, write_json_atomic
+
+    cached = converted_gguf(path)
+    if cached is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(str(cached))
+    model, tok = _convert_gguf(path, torch.float32)
+    _prepare_for_save(model)
+    folder = gguf_cache_folder(path)
+    st = Path(path).stat()
+    try:
+        with atomic_dir(folder, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            write_json_atomic(tmp / GGUF_SOURCE_FILE, {
+                "source": str(Path(path).resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "key": folder.name.rsplit("-", 1)[-1], "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "dtype": "float32"})
+    except OSError as e:  # a full or read-only cache dir costs the next command a conversion, nothing else
+        import warnings
+
+        warnings.warn(f"could not cache the conversion of {path} in {folder.parent}: {e}", stacklevel=2)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model, tok
+
+
+def cache_entries() -> list[dict[str, Any]]:
+    """What harp keeps under the cache dir: converted models (the bundled default, users' GGUFs)."""
+    root = cache_dir()
+    rows = []
+    for kind in ("models", "gguf"):
+        for d in sorted((root / kind).glob("*")) if (root / kind).is_dir() else []:
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            row: dict[str, Any] = {"kind": "default model" if kind == "models" else "converted GGUF", "path": str(d),
+                                   "bytes": size, "source": None, "source_present": None}
+            meta = d / GGUF_SOURCE_FILE
+            if meta.is_file():
+                import json
+
+                try:
+                    m = json.loads(meta.read_text())
+                    src = Path(m["source"])
+                    row["source"] = str(src)
+                    row["source_present"] = src.is_file() and gguf_cache_folder(src) == d
+                except (ValueError, KeyError, OSError):
+                    pass
+            rows.append(row)
+    return rows
 
 
 def resolve_model_source(source: str | os.PathLike[str] | None) -> str:

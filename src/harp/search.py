@@ -60,28 +60,56 @@ class SearchResult:
         return d
 
 
+MAX_GRID = 1000  # candidates per layer: each one is a pass of the searched layers over the calibration set
+
+
 def parse_grid(spec: str | Sequence[float] | None) -> list[float]:
-    """A grid from a list, 'a,b,c', or 'start:stop:step' (inclusive). Default 0.0..1.0 step 0.1."""
+    """A grid from a list, 'a,b,c', or 'start:stop:step' (inclusive). Default 0.0..1.0 step 0.1.
+    At most MAX_GRID distinct finite values; errors name what is wrong (stop < start, step <= 0, ...)."""
     if spec is None:
         return list(DEFAULT_GRID)
+    usage = "use 'a,b,c' or 'start:stop:step' (e.g. 0:1:0.1)"
     if isinstance(spec, str):
         s = spec.strip()
-        try:
-            if ":" in s:
-                start, stop, step = (float(x) for x in s.split(":"))
-                if step <= 0:
+        if ":" in s:
+            parts = s.split(":")
+            try:
+                if len(parts) != 3:
                     raise ValueError
-                n = int(math.floor((stop - start) / step + 1e-9)) + 1
-                vals = [round(start + i * step, 10) for i in range(n)]
-            else:
+                start, stop, step = (float(x) for x in parts)
+            except ValueError:
+                raise ValueError(f"Bad grid {spec!r}: {usage}.") from None
+            if not all(math.isfinite(v) for v in (start, stop, step)):
+                raise ValueError(f"Bad grid {spec!r}: start, stop and step must be finite numbers.")
+            if step <= 0:
+                raise ValueError(f"Bad grid {spec!r}: step {step:g} must be > 0.")
+            if stop < start:
+                raise ValueError(f"Bad grid {spec!r}: stop {stop:g} < start {start:g} (the grid runs upwards: "
+                                 f"write {stop:g}:{start:g}:{step:g}).")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if n > MAX_GRID:
+                raise ValueError(f"Bad grid {spec!r}: {n:,} candidates per layer (at most {MAX_GRID:,}; each costs "
+                                 "a pass over the calibration set): use a larger step.")
+            vals = [round(start + i * step, 10) for i in range(n)]
+        else:
+            try:
                 vals = [float(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"Bad grid {spec!r}: use 'a,b,c' or 'start:stop:step' with step > 0.") from None
+            except ValueError:
+                raise ValueError(f"Bad grid {spec!r}: {usage}.") from None
     else:
-        vals = [float(x) for x in spec]
-    if not vals or not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"Bad grid {spec!r}: need at least one finite value.")
-    return sorted(set(vals))
+        try:
+            vals = [float(x) for x in spec]
+        except (TypeError, ValueError):
+            raise ValueError(f"Bad grid {spec!r}: give numbers.") from None
+    if not vals:
+        raise ValueError(f"Bad grid {spec!r}: no values; {usage}.")
+    bad = [v for v in vals if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"Bad grid {spec!r}: {bad[0]} is not a finite number.")
+    out = sorted(set(vals))
+    if len(out) > MAX_GRID:
+        raise ValueError(f"Bad grid {spec!r}: {len(out):,} candidates per layer (at most {MAX_GRID:,}).")
+    return out
 
 
 def top_layers(num_layers: int, k: int) -> list[int]:

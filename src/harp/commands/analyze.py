@@ -34,7 +34,7 @@ def analyze_cmd(
     import torch
 
     from harp.analyze import analyze
-    from harp.checkpoint import atomic_dir, check_output_dir, write_json_atomic
+    from harp.checkpoint import atomic_dir, write_json_atomic
     from harp.models import load_model
     from harp.report.analyze import analyze_markdown, plot_analyze
     from harp.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize
@@ -44,7 +44,9 @@ def analyze_cmd(
         torch.set_num_threads(threads)
     name = _model_name(model)
     out = out or Path("runs") / f"analyze-{name}"
-    check_output_dir(out, overwrite)  # fail before the slow part
+    from harp.preflight import check_analyze
+
+    check_analyze(model, text, windows, seq_len, out, overwrite)  # every argument, before the model loads
     m, tok = load_model(model, attn_implementation="eager")
     src = load_text(text, DEFAULT_CALIB)
     w = calibration_windows(tokenize(tok, src), windows, seq_len, seed, bos=bos_token(tok))

@@ -21,7 +21,8 @@ def score_table(title: str, scores: dict) -> Table:
     for s in scores.values():
         arrow = "↑" if s.higher_is_better else "↓"
         items = f"{s.samples:,} tokens" if s.metric == "ppl" else f"{s.samples} / {s.total}"
-        t.add_row(s.task, f"{s.metric} {arrow}", f"{s.value:.4f}", "" if s.stderr is None else f"{s.stderr:.4f}",
+        task = s.title if s.metric == "ppl" else s.task  # the perplexity row names its text
+        t.add_row(task, f"{s.metric} {arrow}", f"{s.value:.4f}", "" if s.stderr is None else f"{s.stderr:.4f}",
                   items, f"{s.seconds:.0f} s")
     return t
 
@@ -47,18 +48,26 @@ def eval_cmd(
     import torch
 
     from harp.checkpoint import write_json_atomic
-    from harp.evaluate import evaluate, resolve_tasks
+    from harp.evaluate import evaluate, parse_limit, resolve_tasks
     from harp.models import load_model
+    from harp.preflight import check_eval
 
     console = Console()
     resolve_tasks(tasks)  # bad task names fail before the model loads
+    parse_limit(limit)
     if json_out is not None and json_out.exists() and not overwrite:
         raise FileExistsError(f"{json_out} exists. Choose another --json path or pass --overwrite.")
+    check_eval(model, eval_, eval_tokens, eval_seq_len, json_out, overwrite)  # before any weight is read
     if threads:
         torch.set_num_threads(threads)
     m, tok = load_model(model, dtype=dtype)
     plan = getattr(m.config, "harp", None)
-    desc = (f"HARP layers {plan['layers']} alphas {plan['alphas']}" if plan else "unpruned")
+    if plan:  # top layer first, as harp prune and harp info list them
+        pairs = sorted(zip(plan["layers"], plan["alphas"], strict=True), reverse=True)
+        desc = (f"HARP layers (top first) {', '.join(str(i) for i, _ in pairs)}, alphas "
+                f"{', '.join(f'{a:g}' for _, a in pairs)}")
+    else:
+        desc = "unpruned"
     console.print(f"model: {model} ({type(m).__name__}, {m.config.num_hidden_layers} layers, {desc})", highlight=False)
     res = evaluate(m, tok, tasks, limit, data_dir=data_dir, batch_size=batch_size, eval_text=eval_,
                    eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, max_gen_toks=max_gen_toks,

@@ -56,6 +56,10 @@ def export_cmd(
     console = Console(stderr=True)
     if tokenizer_gguf is not None and fmt != "gguf":
         raise ValueError("--tokenizer-gguf applies to --format gguf only.")
+    if fmt in ("deci", "gguf"):
+        from harp.preflight import check_export
+
+        check_export(source, fmt, out, overwrite)  # the source's files and the output, before loading weights
     path, kinds = export(source, fmt, out, dtype=dtype, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)
     console.print(
         f"layers: attention {_ranges(kinds['attention'])}; linear {_ranges(kinds['linear'])}; "

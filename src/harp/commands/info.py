@@ -13,9 +13,13 @@ from harp.checkpoint import RECIPE_FILE, read_config
 
 
 def describe(path: str | Path) -> dict:
-    """A dict describing a checkpoint folder (no weights are loaded)."""
+    """A dict describing a checkpoint folder (no weights are loaded). A damaged folder (truncated weights,
+    a malformed harp block, a half-written save) is an error naming the file, not a description."""
+    from harp.preflight import check_complete
+
     path = Path(path)
     cfg = read_config(path)
+    check_complete(path, cfg)
     harp_block = cfg.get("harp") or {}
     info: dict = {
         "path": str(path),
@@ -26,11 +30,32 @@ def describe(path: str | Path) -> dict:
         "harp": harp_block,
         "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
     }
+    if harp_block:
+        from harp.flops import kv_savings
+        from harp.plan import config_from_dict
+
+        try:
+            info["kv_savings"] = kv_savings(config_from_dict(cfg), None)
+        except (TypeError, ValueError, KeyError):
+            pass
     for name in (RECIPE_FILE, "harp_summary.json"):
         f = path / name
         if f.is_file():
             info[name.removesuffix(".json")] = json.loads(f.read_text())
     return info
+
+
+def kv_text(path: str | Path) -> str:
+    """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum)."""
+    from harp.flops import kv_savings, kv_savings_text
+    from harp.plan import config_from_dict
+
+    try:
+        cfg = config_from_dict(read_config(path))
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+        return kv_savings_text(kv_savings(cfg, None, dtype=str(dtype).removeprefix("torch.")))
+    except (TypeError, ValueError, KeyError):
+        return "KV figures unavailable for this config"
 
 
 def info_cmd(
@@ -55,7 +80,7 @@ def info_cmd(
         t.add_row("pruned layers (top first)", ", ".join(str(i) for i, _ in pairs))
         t.add_row("alphas (top first)", ", ".join(f"{a:g}" for _, a in pairs))
         n = d["num_layers"] or 1
-        t.add_row("KV cache", f"{len(pairs)} of {n} layers keep none (-{100 * len(pairs) / n:.1f} %)")
+        t.add_row("KV cache", f"{len(pairs)} of {n} layers keep none; {kv_text(path)}")
     t.add_row("weights on disk", f"{d['weights_bytes'] / 2**20:.1f} MiB")
     rec = d.get("harp_recipe") or {}
     if rec:

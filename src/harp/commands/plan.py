@@ -52,9 +52,13 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
         f"-{100 * (1 - r['params_after_max'] / r['params_before']):.2f} %)",
         f"  weights      {human(r['bytes_before'])} -> {human(r['bytes_after_min'])} .. "
         f"{human(r['bytes_after_max'])}  ({st['dtype']})",
-        f"  KV cache     {human(r['kv_before'])} -> {human(r['kv_after'])} per {r['context']}-token sequence "
-        f"(-{100 * r['kv_saving']:.1f} %, any alphas)",
     ]
+    # the same contexts every command states the KV saving at: 2,048 tokens and the model's maximum
+    for i, kv in enumerate(p.get("kv") or [dict(context=r["context"], before=r["kv_before"], after=r["kv_after"],
+                                                saving=r["kv_saving"], is_max=False)]):
+        top = " (the model's maximum)" if kv["is_max"] else ""
+        lines.append(f"  {'KV cache' if i == 0 else '':<12} {human(kv['before'])} -> {human(kv['after'])} per "
+                     f"{kv['context']}-token sequence{top} (-{100 * kv['saving']:.1f} %, any alphas)")
     return lines
 
 
@@ -68,20 +72,30 @@ def plan_cmd(
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     chunk_tokens: int = typer.Option(1024, "--chunk-tokens", help="LM-head rows per chunk."),
     activations: str = typer.Option("device", "--activations", help="device | cpu | disk (streamed search)."),
-    context: int = typer.Option(8192, "--context", help="Sequence length for the KV-cache figures."),
+    context: int = typer.Option(None, "--context", help="Also give the KV-cache figures at this sequence length "
+                                                       "(always: 2,048 tokens and the model's maximum)."),
     memory: float = typer.Option(None, "--memory", help="Device memory in GiB: say whether each search fits."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak memory of the alpha search (streamed and in-memory) and the size / KV savings of the result,
     from the model's config alone: know before starting whether a search fits your GPU."""
-    if context < 1:
+    from harp.flops import kv_contexts, kv_savings
+
+    if context is not None and context < 1:
         raise ValueError(f"--context {context}: must be a positive number of tokens.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device {device!r}: use cpu or cuda.")
     cfg = load_config(model)
+    pruned = getattr(cfg, "harp", None)
+    if pruned:  # as harp prune refuses it: planning to prune a pruned model again plans nothing real
+        raise ValueError(f"{model} is already a HARP-pruned checkpoint (layers {sorted(pruned.get('layers', []))}): "
+                         "plan on the original model (its config.json, folder or preset).")
     n, s = parse_calib(calib)
+    contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
     p = plan(cfg, layers, n, s, dtype=dtype, device=device, batch_size=batch_size, chunk_tokens=chunk_tokens,
-             activations=activations, context=context)
+             activations=activations, context=context or contexts[-1])
+    top = p["result"]["layers"]
+    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, dtype, contexts)
     console = Console(width=200)
     if as_json:
         console.print_json(json.dumps(p))

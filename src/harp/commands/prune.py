@@ -29,6 +29,21 @@ def _floats(s: str | None) -> list[float] | None:
         raise ValueError(f"--alphas must be comma-separated numbers, got {s!r}.") from None
 
 
+def kv_row(r: PruneReport) -> str:
+    """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
+    from the saved config; a sliding-window model's saving depends on the context."""
+    from harp.checkpoint import read_config
+    from harp.flops import kv_savings, kv_savings_text
+    from harp.plan import config_from_dict
+
+    try:
+        cfg = config_from_dict(read_config(r.out))
+        return kv_savings_text(kv_savings(cfg, None, dtype=r.settings.get("dtype") or "float32"))
+    except (TypeError, ValueError, OSError):  # no saved folder: the measured prefill figure
+        return (f"{r.kv_bytes_before:,} -> {r.kv_bytes_after:,} bytes after a 16-token prefill "
+                f"(-{100 * (1 - r.kv_bytes_after / max(r.kv_bytes_before, 1)):.1f} %)")
+
+
 def summary_table(r: PruneReport) -> Table:
     d = r.to_dict()
     t = Table(title="HARP result", show_header=True, header_style="bold")
@@ -48,8 +63,7 @@ def summary_table(r: PruneReport) -> Table:
     t.add_row("calibration tokens", f"{r.calib_tokens:,}")
     t.add_row("parameters removed", f"{r.params_removed:,} ({d['params_removed_pct']:.2f} %)")
     t.add_row("parameters", f"{r.params_before:,} -> {r.params_after:,}")
-    t.add_row("KV cache (bytes after a prefill)", f"{r.kv_bytes_before:,} -> {r.kv_bytes_after:,} "
-              f"(-{100 * d['kv_reduction']:.1f} %)")
+    t.add_row("KV cache", kv_row(r))
     sec = r.seconds
     t.add_row("wall time", f"{sec['total']:.0f} s (search {sec.get('search', 0):.0f} s, "
               f"eval {sec.get('eval', 0):.0f} s)")
@@ -105,7 +119,12 @@ def prune_cmd(
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
-    report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
+    from harp.checkpoint import output_lock
+    from harp.preflight import check_prune, resumable
+
+    check_prune(settings)  # every argument against the config / GGUF header / files: nothing loaded yet
+    with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
+        report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
     console.print(summary_table(report))
     if json_out is not None:
         from harp.checkpoint import write_json_atomic

@@ -161,10 +161,15 @@ def check_exportable(model: nn.Module, *, ffn_multiple_of_256: bool = True) -> N
     if not problems:
         problems = _layer_problems(model, ffn_multiple_of_256)
     if problems:
-        raise ExportError(
-            "Cannot export to the DeciLM/nemotron-nas layout (nothing was written):\n  - "
-            + "\n  - ".join(problems)
-        )
+        if ffn_multiple_of_256:  # --format deci
+            head = "Cannot export to the DeciLM/nemotron-nas layout (nothing was written)"
+        else:  # --format gguf: the same limits, as llama.cpp's `deci` architecture has them
+            head = "Cannot export to GGUF for llama.cpp's `deci` architecture (nothing was written)"
+            problems = [p.replace("the DeciLM format", "a llama.cpp GGUF")
+                        .replace("a DeciLM replace_with_linear layer", "a llama.cpp linear-attention layer")
+                        .replace("the DeciLM FFN", "llama.cpp's deci FFN")
+                        .replace("to the DeciLM format", "to GGUF") for p in problems]
+        raise ExportError(head + ":\n  - " + "\n  - ".join(problems))
 
 
 def _nonzero(t: torch.Tensor | None) -> bool:
