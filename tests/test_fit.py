@@ -180,3 +180,99 @@ def test_singular_gram_stays_solvable():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_layers(tiny_model("llama"), WINDOWS, [2], ridge=1e-3, prior="zero")  # healthy data: no warning
+
+
+# ------------------------------------------------------------------------------------------------
+# harp prune --fit / --select auto, through harp.run_prune on a tiny folder
+# ------------------------------------------------------------------------------------------------
+
+
+def _settings(folder, out=None, **kw):
+    base = dict(model=str(folder), k=2, calib_windows=4, seq_len=32, eval_tokens=256, eval_seq_len=64,
+                progress=False, out=None if out is None else str(out))
+    return harp.PruneSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tiny import tiny_folder
+
+    return tiny_folder(tmp_path_factory.mktemp("fit") / "m", "qwen2", num_hidden_layers=6)
+
+
+def test_run_prune_fit_lstsq_saves_the_refit_and_reports_both(folder, tmp_path):
+    import json
+
+    rep = harp.run_prune(_settings(folder, tmp_path / "out", fit="lstsq"), log=lambda *a: None)
+    assert rep.method == "harp-ls" and rep.alphas == [1.0, 1.0]
+    assert {"original", "harp", "harp-ls", "alpha=1", "alpha=0"} <= set(rep.ppl)
+    assert rep.fit["used"] and len(rep.fit["per_layer"]) == 2
+    recipe = json.loads((tmp_path / "out" / "harp_recipe.json").read_text())
+    assert recipe["method"] == "harp-ls" and recipe["fit"]["method"] == "lstsq"
+    back = harp.load(tmp_path / "out")
+    ev = harp.evaluation_windows(harp.tokenize(back_tok(tmp_path / "out"), harp.load_text("wikitext2-raw-test")), 64,
+                                 256)
+    assert harp.perplexity(back, ev).ppl == pytest.approx(rep.ppl["harp-ls"], rel=1e-5)
+
+
+def back_tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_run_prune_fit_none_is_the_papers_harp(folder):
+    rep = harp.run_prune(_settings(folder, fit="none"), log=lambda *a: None)
+    ref = harp.run_prune(_settings(folder, fit="none", references=False), log=lambda *a: None)
+    assert rep.method == "harp" and rep.alphas == ref.alphas == rep.search["alphas"]
+    assert rep.ppl["harp"] == pytest.approx(ref.ppl["harp"], rel=1e-6)
+    assert "harp-ls" in rep.ppl and "harp-ls" not in ref.ppl
+
+
+def test_run_prune_select_auto_picks_the_lower_calibration_perplexity(folder):
+    rep = harp.run_prune(_settings(folder, select="auto", references=False), log=lambda *a: None)
+    cands = rep.selection["candidates"]
+    picked = rep.selection["picked"]
+    assert picked == min(cands, key=lambda r: cands[r]["calib_ppl"])
+    assert sorted(rep.layers) == cands[picked]["layers"]
+
+
+def test_run_prune_streamed_fit_equals_in_memory(folder):
+    a = harp.run_prune(_settings(folder, references=False), log=lambda *a: None)
+    b = harp.run_prune(_settings(folder, references=False, streamed=True), log=lambda *a: None)
+    assert b.ppl["harp-ls"] == pytest.approx(a.ppl["harp-ls"], rel=1e-6)
+    assert [f["ridge"] for f in a.fit["per_layer"]] == [f["ridge"] for f in b.fit["per_layer"]]
+
+
+def test_run_prune_rejects_bad_fit_settings_before_loading(folder, monkeypatch):
+    import harp.pipeline as pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_on_device", boom)
+    for kw, msg in ((dict(fit="magic"), "Unknown fit"), (dict(ridge=-1.0), "Ridge"), (dict(fit_prior="x"), "prior")):
+        with pytest.raises(ValueError, match=msg):
+            harp.run_prune(_settings(folder, **kw), log=lambda *a: None)
+
+
+def test_compare_methods_harp_ls_and_harp_any_ls():
+    """harp compare's refit rows: the Selector's plans are the refit of the top / Attention Drop layers,
+    fits are shared across k (each layer is fitted on the original model alone), and `applied` prunes
+    with the fitted maps."""
+    from harp.methods import Selector, applied, attention_drop_scores, pick
+
+    model = tiny_model("llama")
+    sel = Selector(model, WINDOWS)
+    p4 = sel.select("harp-ls", 4)
+    p2 = sel.select("harp-ls", 2)
+    assert p4.layers == [5, 4, 3, 2] and p2.layers == [5, 4] and p4.alphas == [1.0] * 4
+    assert torch.equal(p2.maps[5].weight, p4.maps[5].weight)  # the layer-5 fit is reused, not redone
+    direct = fit_layers(model, WINDOWS, [5, 4])
+    assert torch.allclose(direct.maps[4].weight, p2.maps[4].weight, atol=1e-12)
+    anyd = sel.select("harp-any-ls", 3)
+    assert sorted(anyd.layers) == sorted(pick(attention_drop_scores(model, WINDOWS, 4), 3, highest=True))
+    with applied(model, p2):
+        got = harp.perplexity(model, WINDOWS).ppl
+    assert got == pytest.approx(p2.calib_ppl, rel=1e-9)
+    assert got == pytest.approx(_ppl_with(model, [5, 4], [1.0, 1.0], direct.maps), rel=1e-6)

@@ -305,7 +305,7 @@ def test_missing_shard_is_named(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 SMALL = ["--layers", "3", "--calib-windows", "4", "--seq-len", "64", "--eval-tokens", "512", "--eval-seq-len", "128",
-         "--grid", "0:1:0.5", "--no-reference"]
+         "--grid", "0:1:0.5", "--no-reference", "--fit", "none"]
 
 
 def test_cli_prune_streamed_matches_in_memory(tmp_path):

@@ -64,4 +64,4 @@ def test_prune_records_and_uses_bos(tmp_path, bos):
     recipe = json.loads((out / "harp_recipe.json").read_text())
     assert recipe["calibration"]["bos_token"] == (1 if bos else None)
     assert recipe["evaluation"]["bos_token"] == (1 if bos else None)
-    assert rep.ppl["harp"] > 0
+    assert rep.ppl[rep.method] > 0

@@ -123,6 +123,13 @@ def check_fit_method(name: str) -> str:
     return name
 
 
+def check_fit_settings(method: str, ridge: float | str = "auto", prior: str = "auto") -> str:
+    """Validate a fit method and its ridge/prior before any work; returns the method."""
+    _resolve_ridge(ridge)
+    _resolve_prior(prior)
+    return check_fit_method(method)
+
+
 def solve_map(stats: FitStats, ridge: float, prior: torch.Tensor | None) -> torch.Tensor:
     """(A Vᵀ + λ P)(V Vᵀ + λ I)⁻¹ with λ = ridge · mean diag; falls back to a pseudo-inverse if singular."""
     g = stats.gram
@@ -230,8 +237,9 @@ def fit_layers(
             for j in range(lo, hi + 1):
                 handle = None
                 if j in stats:
-                    handle = getattr(stack[j], arch.attn).register_forward_hook(
-                        _accumulator(stats[j], fold_of, geo), with_kwargs=True)
+                    attn = getattr(stack[j], arch.attn)
+                    with_bias = attn.o_proj.bias is not None
+                    handle = attn.register_forward_hook(_accumulator(stats[j], fold_of, with_bias), with_kwargs=True)
                 try:
                     h = run_layers(model, b, h, j, j + 1)
                 finally:
@@ -253,14 +261,14 @@ def fit_layers(
     )
 
 
-def _accumulator(slots: list[FitStats | None], fold_of: list[int], geo: dict[str, int]) -> Callable:
+def _accumulator(slots: list[FitStats | None], fold_of: list[int], with_bias: bool) -> Callable:
     """A forward hook on an attention module that adds its (V, A) statistics to `slots[fold]`."""
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         a = out[0] if isinstance(out, tuple) else out
         v = mod.v_proj(x).double()
-        if mod.o_proj.bias is not None:
+        if with_bias:
             v = torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], dim=-1)
         a = a.double()
         for r, f in enumerate(fold_of):
@@ -278,8 +286,11 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
         w0 = attn.o_proj.weight.detach().double().to(total.gram.device)
     else:
         w0 = fold_output(attn.o_proj.weight, geo["heads"], geo["kv_heads"], geo["head_dim"]).to(total.gram.device)
-    if attn.o_proj.bias is not None:
-        w0 = torch.cat([w0, attn.o_proj.bias.detach().double().to(w0.device)[:, None]], dim=1)
+    with_bias = total.gram.shape[0] == w0.shape[1] + 1
+    if with_bias:
+        b0 = attn.o_proj.bias
+        b0 = torch.zeros(w0.shape[0], dtype=w0.dtype) if b0 is None else b0.detach().double()
+        w0 = torch.cat([w0, b0.to(w0.device)[:, None]], dim=1)
     unknowns = total.gram.shape[0]
     if total.tokens < unknowns:
         warnings.warn(
@@ -314,7 +325,7 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
                           "the ridge keeps the fit solvable.", stacklevel=3)
     alpha = _best_alpha(total, w0)
     bias = None
-    if attn.o_proj.bias is not None:
+    if with_bias:
         w, bias = w[:, :-1].contiguous(), w[:, -1].contiguous()
     full = w if bias is None else torch.cat([w, bias[:, None]], dim=1)
     return LayerFit(

@@ -16,12 +16,13 @@ from torch import nn
 from ._version import __version__
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
+from .fit import FitResult, check_fit_settings, fit_layers
 from .flops import parameter_count
 from .methods.scores import attention_drop_scores, pick
-from .modeling import decoder_layers, layer_indices
+from .modeling import LinearMap, decoder_layers, layer_indices
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
-from .search import parse_grid, search_alphas, top_layers
+from .search import SearchResult, parse_grid, search_alphas, top_layers
 from .stats import count_parameters, kv_bytes_after_prefill, removed_parameters
 from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
 from .text import (
@@ -35,7 +36,7 @@ from .text import (
     tokenize,
 )
 
-SELECTIONS = ("top", "attention-drop")
+SELECTIONS = ("top", "attention-drop", "auto")
 
 
 @dataclass
@@ -43,8 +44,14 @@ class PruneSettings:
     model: str | None = None
     k: int | None = 8
     layers: Sequence[int] | None = None  # explicit layer indices (instead of the top k)
-    select: str = "top"  # how k layers are chosen: "top" (HARP) | "attention-drop" (He et al.'s score, any depth)
-    alphas: Sequence[float] | None = None  # skip the search and use these
+    # how k layers are chosen: "top" (HARP) | "attention-drop" (He et al.'s score, any depth) | "auto" (the
+    # one of the two with the lower calibration perplexity once pruned)
+    select: str = "top"
+    # what a pruned layer gets: "lstsq" (the closed-form refit of its map) | "none" (HARP's searched alpha)
+    fit: str = "lstsq"
+    ridge: float | str = "auto"  # refit: relative ridge, or "auto" (cross-validated per layer)
+    fit_prior: str = "auto"  # refit: shrink toward "zero" | "alpha" (the scaled W_O R) | "auto"
+    alphas: Sequence[float] | None = None  # skip the search and use these (with a refit: scales of the maps)
     calib: str | None = None
     eval: str | None = None
     calib_windows: int = 8
@@ -83,6 +90,8 @@ class PruneReport:
     out: str | None = None
     search: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    method: str = "harp"  # what the saved model is: "harp" (searched alphas) or "harp-ls" (refit)
 
     @property
     def params_removed(self) -> int:
@@ -108,6 +117,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         torch.set_num_threads(s.threads)
     out = check_output_dir(s.out, s.overwrite) if s.out else None
     grid = parse_grid(s.grid)
+    fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
     if s.eval_tokens < s.eval_seq_len:
         raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
 
@@ -174,45 +184,104 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
         f"evaluation: {eval_text.description}, {ev.shape[0]} x {ev.shape[1]} tokens")
 
-    selection: dict[str, Any] = {"rule": s.select}
-    if s.select == "attention-drop":
-        assert model is not None  # --streamed was refused above
-        t = time.perf_counter()
-        scores = attention_drop_scores(model, calib, s.batch_size)
-        layers = sorted(pick(scores, len(layers), highest=True), reverse=True)
-        seconds["select"] = time.perf_counter() - t
-        selection.update(score="mean cos(X, X + Attn(LN(X))) per layer (He et al. 2024)", scores=scores)
-        log(f"selected by the Attention Drop score (any depth): layers {sorted(layers)}")
-
-    search_info: dict[str, Any] = {}
+    method = "harp-ls" if fit == "lstsq" else "harp"
     state = state_file_for(out) if out else None
-    seconds["search"] = 0.0
-    alphas: list[float] = []
+    seconds["search"] = seconds["fit"] = 0.0
+    k = len(layers)
 
-    def search(target: Any) -> None:
-        nonlocal alphas, search_info
+    def search_on(target: Any, lays: list[int], state_path: Path | None) -> SearchResult:
         t = time.perf_counter()
         if streamer is not None:
             from .streaming import streamed_search
 
-            res = streamed_search(None, calib, layers, grid=grid, batch_size=s.batch_size, state_path=state,
+            res = streamed_search(None, calib, lays, grid=grid, batch_size=s.batch_size, state_path=state_path,
                                   progress=s.progress, activations=s.activations, model=target)
         else:
-            res = search_alphas(
-                target, calib, layers, grid=grid, method=s.method, batch_size=s.batch_size,
-                state_path=state, progress=s.progress,
-            )
-        alphas = res.alphas
-        search_info = res.to_dict()
+            res = search_alphas(target, calib, lays, grid=grid, method=s.method, batch_size=s.batch_size,
+                                state_path=state_path, progress=s.progress)
         if res.resumed_layers:
-            log(f"resumed a search: {res.resumed_layers} of {len(layers)} layers were already done")
+            log(f"resumed a search: {res.resumed_layers} of {len(lays)} layers were already done")
         seconds["search"] += time.perf_counter() - t
+        return res
 
-    if s.alphas is not None:
-        alphas = [float(a) for a in s.alphas]
-        search_info = {"method": "given", "alphas": alphas}
-    elif streamer is not None:
-        search(streamer)
+    def fit_on(lays: list[int]) -> FitResult:
+        t = time.perf_counter()
+        kw: dict[str, Any] = {"ridge": s.ridge, "prior": s.fit_prior, "batch_size": s.batch_size,
+                              "progress": s.progress}
+        if streamer is not None:
+            from .streaming import activation_store
+
+            sm = streamer
+            with activation_store(s.activations, sm.device) as keep:
+                res = fit_layers(sm.model, calib, lays, prepare=lambda lo, bar: sm.capture(calib, lo, s.batch_size,
+                                                                                          bar, keep), **kw)
+        else:
+            assert model is not None
+            res = fit_layers(model, calib, lays, **kw)
+        seconds["fit"] += time.perf_counter() - t
+        return res
+
+    # --- which layers --------------------------------------------------------------------------------
+    selection: dict[str, Any] = {"rule": s.select}
+    fitted: FitResult | None = None  # the refit of the chosen layers, when the selection already made it
+    searched: SearchResult | None = None  # HARP's search on the chosen layers, likewise
+    if s.select in ("attention-drop", "auto"):
+        assert model is not None  # --streamed was refused above
+        t = time.perf_counter()
+        scores = attention_drop_scores(model, calib, s.batch_size)
+        any_depth = sorted(pick(scores, k, highest=True), reverse=True)
+        selection.update(score="mean cos(X, X + Attn(LN(X))) per layer (He et al. 2024)", scores=scores)
+        if s.select == "attention-drop":
+            layers = any_depth
+            log(f"selected by the Attention Drop score (any depth): layers {sorted(layers)}")
+        else:  # auto: prune both ways, keep the lower calibration perplexity
+            cands: dict[str, dict[str, Any]] = {}
+            made: dict[str, Any] = {}
+            for rule, lays in (("top", layers), ("attention-drop", any_depth)):
+                if rule == "attention-drop" and lays == layers:
+                    continue
+                if fit == "lstsq":
+                    made[rule] = fit_on(lays)
+                    with temporarily_pruned(model, lays, [1.0] * k, made[rule].maps):
+                        cal = perplexity(model, calib, batch_size=s.batch_size).ppl
+                else:
+                    made[rule] = search_on(model, lays, None)
+                    cal = made[rule].final_ppl
+                cands[rule] = {"layers": sorted(lays), "calib_ppl": cal}
+            picked = min(cands, key=lambda r: cands[r]["calib_ppl"])
+            layers = sorted(cands[picked]["layers"], reverse=True)
+            fitted, searched = (made[picked], None) if fit == "lstsq" else (None, made[picked])
+            selection.update(candidates=cands, picked=picked)
+            log("--select auto: calibration perplexity " + ", ".join(
+                f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
+        seconds["select"] = time.perf_counter() - t
+
+    # --- what the pruned layers get: fitted maps or searched alphas; and the other as a reference ---------
+    alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
+    search_info: dict[str, Any] = {"method": "given", "alphas": alphas} if s.alphas is not None else {}
+    references: dict[str, tuple[list[float], dict[int, LinearMap] | None]] = {}
+
+    def produce(target: Any) -> dict[int, LinearMap] | None:
+        nonlocal alphas, search_info, fitted, searched
+        want_search = s.alphas is None and (fit == "none" or s.references)
+        if want_search:
+            searched = searched or search_on(target, layers, state)
+            search_info = searched.to_dict()
+        if fit == "lstsq" or s.references:
+            fitted = fitted or fit_on(layers)
+        if fit == "lstsq":
+            if searched is not None:
+                references["harp"] = (searched.alphas, None)
+            return fitted.maps  # type: ignore[union-attr]
+        if s.alphas is None:
+            alphas = list(searched.alphas)  # type: ignore[union-attr]
+        if fitted is not None:
+            references["harp-ls"] = ([1.0] * k, fitted.maps)
+        return None
+
+    maps: dict[int, LinearMap] | None = None
+    if streamer is not None:
+        maps = produce(streamer)
         streamer = None  # drop the partially loaded model before loading the whole one
         t = time.perf_counter()
         model, _ = load_on_device(s.model, dtype=s.dtype, device=s.device, with_tokenizer=False)
@@ -227,19 +296,25 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     params_before = count_parameters(model)
     kv_before = kv_bytes_after_prefill(model)
 
-    if s.alphas is None and not s.streamed:
-        search(model)
+    if not s.streamed:
+        maps = produce(model)
 
     t = time.perf_counter()
     if s.references:
-        for name, a in (("alpha=1", 1.0), ("alpha=0", 0.0)):
-            with temporarily_pruned(model, layers, [a] * len(layers)):
+        references["alpha=1"] = ([1.0] * k, None)
+        references["alpha=0"] = ([0.0] * k, None)
+        for name, (ref_alphas, ref_maps) in references.items():
+            with temporarily_pruned(model, layers, ref_alphas, ref_maps):
                 ppl[name] = perplexity(model, ev, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-    prune(model, layers, alphas)
-    ppl["harp"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: harp").ppl
+    prune(model, layers, alphas, maps)
+    ppl[method] = perplexity(model, ev, batch_size=s.batch_size, progress=f"eval: {method}").ppl
     seconds["eval"] += time.perf_counter() - t
     params_after = count_parameters(model)
     kv_after = kv_bytes_after_prefill(model)
+    fit_info: dict[str, Any] = {"method": fit}
+    if fitted is not None:
+        fit_info.update(fitted.to_dict(), method=fit, ridge_setting=s.ridge, prior_setting=s.fit_prior,
+                        used=fit == "lstsq")
 
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
@@ -256,6 +331,8 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         seconds=seconds,
         search=search_info,
         selection=selection,
+        fit=fit_info,
+        method=method,
     )
     report.settings["grid"] = grid
     report.settings["calib_overlap"] = overlap
@@ -263,7 +340,8 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         t = time.perf_counter()
         log_entries = search_info.get("log", [])
         recipe = {
-            "method": "harp",
+            "method": method,
+            "fit": fit_info,
             "source_model": s.model or DEFAULT_MODEL,
             "selection": selection,
             "search": {k: v for k, v in search_info.items() if k != "log"},

@@ -29,6 +29,15 @@ def _floats(s: str | None) -> list[float] | None:
         raise ValueError(f"--alphas must be comma-separated numbers, got {s!r}.") from None
 
 
+def _ridge(s: str) -> float | str:
+    if s == "auto":
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise ValueError(f"--ridge must be a number >= 0 or 'auto', got {s!r}.") from None
+
+
 def kv_row(r: PruneReport) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
     from the saved config; a sliding-window model's saving depends on the context."""
@@ -52,10 +61,24 @@ def summary_table(r: PruneReport) -> Table:
     rule = r.selection.get("rule", "top")
     t.add_row("layers pruned (top first)", ", ".join(map(str, r.layers))
               + ("" if rule == "top" else f" (chosen by --select {rule})"))
-    t.add_row("alphas (top first)", ", ".join(f"{a:g}" for a in r.alphas))
+    if r.selection.get("picked"):
+        t.add_row("--select auto", ", ".join(f"{k} {c['calib_ppl']:.2f}" for k, c in r.selection["candidates"].items())
+                  + f" (calibration ppl): picked {r.selection['picked']}")
+    given = r.search.get("method") == "given"
+    refit = r.method == "harp-ls"
+    t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
+              ", ".join(f"{a:g}" for a in r.alphas) + (" (given)" if given else ""))
+    if refit and r.fit.get("per_layer"):
+        t.add_row("refit: ridge, prior (top first)",
+                  ", ".join(f"{f['ridge']:g} {f['prior']}" for f in r.fit["per_layer"]))
     p = r.ppl
+    saved = " [saved]"
     t.add_row("perplexity: original", f"{p['original']:.3f}")
-    t.add_row("perplexity: HARP (searched alpha)", f"{p['harp']:.3f}")
+    if "harp-ls" in p:
+        t.add_row("perplexity: HARP + least-squares refit (harp-ls)" + (saved if refit else ""), f"{p['harp-ls']:.3f}")
+    if "harp" in p:
+        label = "HARP (given alphas)" if given and not refit else "HARP (searched alpha)"
+        t.add_row(f"perplexity: {label}" + ("" if refit else saved), f"{p['harp']:.3f}")
     if "alpha=1" in p:
         t.add_row("perplexity: same layers, alpha = 1 (no rescaling)", f"{p['alpha=1']:.3f}")
         t.add_row("perplexity: same layers, alpha = 0 (attention dropped)", f"{p['alpha=0']:.3f}")
@@ -66,7 +89,7 @@ def summary_table(r: PruneReport) -> Table:
     t.add_row("KV cache", kv_row(r))
     sec = r.seconds
     t.add_row("wall time", f"{sec['total']:.0f} s (search {sec.get('search', 0):.0f} s, "
-              f"eval {sec.get('eval', 0):.0f} s)")
+              f"fit {sec.get('fit', 0):.0f} s, eval {sec.get('eval', 0):.0f} s)")
     if r.out:
         t.add_row("saved to", r.out)
     return t
@@ -79,10 +102,18 @@ def prune_cmd(
     layers: int = typer.Option(PruneSettings.k, "--layers", "-k", help="Prune the top K decoder layers."),
     layer_ids: str = typer.Option(None, "--layer-ids", help="Explicit layer indices instead of the top K (20,22,24)."),
     select: str = typer.Option(PruneSettings.select, "--select",
-                               help="Which K layers: 'top' (HARP: the top K) or 'attention-drop' (K layers at any "
-                                    "depth with the most redundant attention, He et al.'s score; then the same "
-                                    "alpha search)."),
-    alphas: str = typer.Option(None, "--alphas", help="Skip the search: alphas for the layers, top layer first."),
+                               help="Which K layers: 'top' (HARP: the top K), 'attention-drop' (K layers at any "
+                                    "depth with the most redundant attention, He et al.'s score), or 'auto' (prunes "
+                                    "both ways and keeps the lower calibration perplexity)."),
+    fit: str = typer.Option(PruneSettings.fit, "--fit",
+                            help="What a pruned layer gets: 'lstsq' (the closed-form least-squares refit of its "
+                                 "map) or 'none' (the paper's HARP: one searched alpha)."),
+    ridge: str = typer.Option(str(PruneSettings.ridge), "--ridge",
+                              help="Refit: relative ridge strength, or 'auto' (cross-validated per layer)."),
+    fit_prior: str = typer.Option(PruneSettings.fit_prior, "--fit-prior",
+                                  help="Refit: shrink toward 'zero', 'alpha' (the layer's own scaled map) or 'auto'."),
+    alphas: str = typer.Option(None, "--alphas", help="Skip the search: alphas for the layers, top layer first "
+                                                       "(with --fit lstsq: scales of the refit maps)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
     calib_windows: int = typer.Option(PruneSettings.calib_windows, "--calib-windows",
@@ -96,7 +127,9 @@ def prune_cmd(
     seed: int = typer.Option(PruneSettings.seed, "--seed", help="Seed for choosing calibration windows."),
     batch_size: int = typer.Option(PruneSettings.batch_size, "--batch-size", help="Windows per forward pass."),
     method: str = typer.Option(PruneSettings.method, "--method", help="'cached' (fast) or 'naive' (reference) search."),
-    no_reference: bool = typer.Option(False, "--no-reference", help="Skip the alpha=1 / alpha=0 reference runs."),
+    no_reference: bool = typer.Option(False, "--no-reference",
+                                      help="Skip the reference rows (the other of HARP and the refit, alpha = 1, "
+                                           "alpha = 0)."),
     dtype: str = typer.Option(PruneSettings.dtype, "--dtype", help="float32 | bfloat16 | float16"),
     device: str = typer.Option(PruneSettings.device, "--device",
                                help="cpu | cuda | cuda:N | auto (GPUs if any; the whole model via device_map='auto')."),
@@ -110,11 +143,13 @@ def prune_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     json_out: Path = typer.Option(None, "--json", help="Also write the summary to this JSON file."),
 ) -> None:
-    """Find the alphas by HARP's greedy search, prune, report perplexity/size/KV, save a checkpoint."""
+    """Prune K layers (by default refitting each pruned layer's map in closed form), report perplexity,
+    size and KV cache against HARP's searched alphas, and save a checkpoint."""
     console = Console()
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
-        model=model, k=layers, layers=_ints(layer_ids), select=select, alphas=_floats(alphas), calib=calib, eval=eval_,
+        model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
+        fit_prior=fit_prior, alphas=_floats(alphas), calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

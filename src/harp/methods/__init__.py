@@ -13,6 +13,8 @@ or bypassed), all on the same calibration windows and replay machinery (docs/met
 | attn-drop-top | same layers, alpha = 0 (attention sub-layer removed) | none |
 | harp-low | attention of the bottom k layers -> rescaled identity | the same greedy search |
 | harp-any | attention of k layers, any depth -> rescaled identity | Attention Drop's layers, greedy search |
+| harp-ls | attention of the top k layers -> least-squares refit map | closed-form ridge fit per layer |
+| harp-any-ls | attention of k layers, any depth -> least-squares refit map | Attention Drop's layers, closed-form fit |
 | attention-drop | k attention sub-layers, any depth, removed | highest cos(X, X + Attn(LN X)) (He et al.) |
 | shortgpt | k whole layers removed | lowest Block Influence (Men et al.) |
 | sleb | k whole layers removed | greedy: least calibration-perplexity increase (Song et al.) |
@@ -30,7 +32,9 @@ import torch
 from torch import nn
 
 from ..core import temporarily_pruned
-from ..modeling import decoder_layers
+from ..fit import LayerFit, fit_layers
+from ..modeling import LinearMap, decoder_layers
+from ..perplexity import perplexity
 from ..search import DEFAULT_GRID, parse_grid, search_alphas, top_layers
 from .blocks import layers_removed, remove_layers
 from .refine import AutoKResult, RefineResult, auto_k, parse_ppl_increase, refine_alphas
@@ -59,6 +63,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("harp-low", "attention", "bottom k layers, greedy alpha search", "HARP ablation"),
         MethodSpec("harp-any", "attention", "k layers at any depth picked by Attention Drop's score, "
                    "greedy alpha search", "ours: HARP rescaling on He et al.'s layers"),
+        MethodSpec("harp-ls", "attention", "top k layers, each layer's map refit by closed-form least squares",
+                   "ours (docs/method.md, closed-form refit)"),
+        MethodSpec("harp-any-ls", "attention", "k layers at any depth picked by Attention Drop's score, maps "
+                   "refit by closed-form least squares", "ours"),
         MethodSpec("attention-drop", "attention", "k most redundant attention sub-layers (cosine), removed",
                    "He et al. 2024"),
         MethodSpec("shortgpt", "blocks", "k whole layers with the lowest Block Influence, removed",
@@ -96,6 +104,7 @@ class Plan:
     search_seconds: float = 0.0
     calib_ppl: float | None = None  # calibration perplexity of the pruned model, when the method measured it
     info: dict[str, Any] = field(default_factory=dict)
+    maps: dict[int, LinearMap] | None = None  # refit methods: each layer's fitted map (alpha scales it)
 
     @property
     def k(self) -> int:
@@ -123,7 +132,7 @@ def applied(model: nn.Module, plan: Plan) -> Iterator[nn.Module]:
     if plan.kind == "none":
         yield model
     elif plan.kind == "attention":
-        with temporarily_pruned(model, plan.layers, list(plan.alphas or [])):
+        with temporarily_pruned(model, plan.layers, list(plan.alphas or []), plan.maps):
             yield model
     elif plan.kind == "blocks":
         with layers_removed(model, plan.layers):
@@ -166,6 +175,7 @@ class Selector:
         self._greedy: dict[tuple[int, ...], dict[str, Any]] = {}
         self._sleb: SlebResult | None = None
         self._scores: dict[str, tuple[list[float], float]] = {}
+        self._fits: dict[int, tuple[LayerFit, float]] = {}  # per layer: its refit and the seconds it took
 
     # -- shared pieces ------------------------------------------------------------------------
     def greedy(self, layers: list[int]) -> dict[str, Any]:
@@ -198,6 +208,26 @@ class Selector:
         r = self._sleb
         return {"layers": r.removed[:k], "ppls": r.ppl[:k], "seconds": r.seconds[k - 1], "base_ppl": r.base_ppl}
 
+    def fit(self, layers: list[int]) -> Plan:
+        """Refit plan for `layers`. Each layer is fitted on the original model's inputs, independently of
+        the others, so fits are cached per layer and shared by every k and every layer set."""
+        todo = [i for i in layers if i not in self._fits]
+        if todo:
+            t0 = time.perf_counter()
+            res = fit_layers(self.model, self.windows, todo, batch_size=self.batch_size, progress=self.progress)
+            each = (time.perf_counter() - t0) / len(todo)
+            for i in todo:
+                self._fits[i] = (res.fits[i], each)
+        order = sorted(layers, reverse=True)
+        maps = {i: self._fits[i][0].map for i in order}
+        t0 = time.perf_counter()
+        with temporarily_pruned(self.model, order, [1.0] * len(order), maps):
+            cal = perplexity(self.model, self.windows, batch_size=self.batch_size).ppl
+        seconds = sum(self._fits[i][1] for i in order) + time.perf_counter() - t0
+        per_layer = [self._fits[i][0].to_dict() for i in order]
+        self.log(f"  refit layers {order}: calibration ppl {cal:.3f}")
+        return Plan("harp-ls", "attention", order, [1.0] * len(order), seconds, cal, {"fit": per_layer}, maps)
+
     def scores(self, which: str) -> tuple[list[float], float]:
         if which not in self._scores:
             t0 = time.perf_counter()
@@ -228,6 +258,16 @@ class Selector:
             return Plan(method, "attention", g["layers"], g["alphas"], sec + g["seconds"], g["ppl"],
                         {"grid": self.grid, "calib_ppl_per_layer": g["ppls"], "scores": s,
                          "score": "mean cos(X, X + Attn(LN(X)))", "score_seconds": sec})
+        if method in ("harp-ls", "harp-any-ls"):
+            if method == "harp-ls":
+                plan = self.fit(top)
+            else:
+                s, sec = self.scores("attention-drop")
+                plan = self.fit(pick(s, k, highest=True))
+                plan.search_seconds += sec
+                plan.info.update(scores=s, score="mean cos(X, X + Attn(LN(X)))", score_seconds=sec)
+            plan.method = method
+            return plan
         if method == "harp-refine":
             g = self.greedy(top)
             r: RefineResult = refine_alphas(self.model, self.windows, g["layers"], g["alphas"], grid=self.grid,
