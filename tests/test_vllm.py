@@ -62,11 +62,13 @@ def vllm_python() -> Path:
 
 
 def run_vllm(python: Path, tmp: Path, model: Path, prompts: list[list[int]], *, tp: int = 1,
-             max_tokens: int = NEW_TOKENS, max_model_len: int = 256, **env: str) -> dict:
+             max_tokens: int = NEW_TOKENS, max_model_len: int = 256, hf_overrides: dict | None = None,
+             **env: str) -> dict:
     spec = tmp / f"spec-{model.name}-tp{tp}.json"
     out = tmp / f"out-{model.name}-tp{tp}.json"
     spec.write_text(json.dumps(
-        {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "max_model_len": max_model_len}
+        {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "max_model_len": max_model_len,
+         "hf_overrides": hf_overrides}
     ))
     proc = subprocess.run([str(python), str(DRIVER), str(spec), str(out)], capture_output=True, text=True,
                           env=_vllm_env(**env), timeout=900)
@@ -152,6 +154,16 @@ def test_tiny_pruned_matches_harp(vllm_python: Path, tiny_dir: Path, tmp_path: P
     diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
     assert diff < LOGPROB_TOL, diff
     print(f"\ntiny {family}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
+
+
+def test_explicit_architecture_without_overriding_builtins(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """HARP_VLLM_OVERRIDE=0 leaves vLLM's own names alone; --hf-overrides names the HARP class instead."""
+    path = tiny_dir / "llama"
+    got = run_vllm(vllm_python, tmp_path, path, TINY_PROMPTS, HARP_VLLM_OVERRIDE="0",
+                   hf_overrides={"architectures": ["HarpLlamaForCausalLM"]})
+    want_tokens, _ = reference(path, TINY_PROMPTS)
+    assert got["model_bases"][0] == "HarpLlamaForCausalLM" and "LlamaForCausalLM" not in got["model_bases"]
+    assert got["tokens"] == want_tokens
 
 
 def test_tensor_parallel_2(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:

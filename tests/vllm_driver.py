@@ -43,7 +43,7 @@ def main(spec_path: str, out_path: str) -> None:
         model=spec["model"],
         dtype="float32",
         max_model_len=spec.get("max_model_len", 512),
-        enforce_eager=True,
+        enforce_eager=spec.get("enforce_eager", True),
         tensor_parallel_size=spec.get("tp", 1),
         seed=0,
     )
