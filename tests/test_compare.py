@@ -160,3 +160,23 @@ def test_smollm2_searched_alpha_beats_both_fixed_alphas_at_k8(tmp_path):
     assert ppl["harp"] < ppl["no-rescale"] and ppl["harp"] < ppl["attn-drop-top"], ppl
     assert ppl["original"] < ppl["harp"]
     assert all(r["kv_reduction"] == pytest.approx(8 / 30) for r in rep.rows[1:])
+
+
+def test_auto_k_gives_the_refit_methods_a_k_of_their_own(setup, tmp_path):
+    """--auto-k: harp's k comes from the greedy search, harp-ls's from the refit, each the largest k whose
+    calibration perplexity is within the budget (checked against auto_k run directly)."""
+    from harp.methods import auto_k
+
+    rep = run_compare(_settings(setup, tmp_path / "a", ks=[], methods="harp,harp-ls", auto_k=True,
+                                max_ppl_increase=0.5, max_k=4), log=lambda m: None)
+    model, tok = load_model(setup["model"])
+    calib = calibration_windows(tokenize(tok, load_text(setup["calib"])), 2, 32, 0)
+    want_harp = auto_k(model, calib, 0.5, max_k=4, grid="0:1:0.5", batch_size=2)
+    want_fit = auto_k(model, calib, 0.5, max_k=4, batch_size=2, fit=True)
+    by = {r["method"]: r for r in rep.rows[1:]}
+    assert by["harp"]["k"] == want_harp.k and by["harp-ls"]["k"] == want_fit.k
+    assert rep.auto_k["refit"]["k"] == want_fit.k
+    for r in want_fit.per_k[: want_fit.k]:
+        assert r["ppl"] <= want_fit.budget_ppl
+    if want_fit.k < 4:
+        assert want_fit.per_k[want_fit.k]["ppl"] > want_fit.budget_ppl

@@ -221,44 +221,54 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
 
     auto_info: dict[str, Any] | None = None
     search_seconds_total = 0.0
+    pairs = [(k, m) for k in ks for m in methods]
     if s.auto_k:
-        if "auto_k" in extra:
-            auto_info = extra["auto_k"]
-        else:
-            t = time.perf_counter()
-            log(f"auto-k: the largest k whose calibration perplexity stays within +{100 * s.max_ppl_increase:g} %")
-            ar = auto_k(model, calib, s.max_ppl_increase, max_k=s.max_k, grid=s.grid, batch_size=s.batch_size,
-                        progress=s.progress)
-            auto_info = ar.to_dict()
-            extra["auto_k"] = auto_info
-            save_state()
-            search_seconds_total += time.perf_counter() - t
-        log(f"auto-k chose k = {auto_info['k']} (calibration ppl {auto_info['base_ppl']:.3f}, budget "
-            f"{auto_info['budget_ppl']:.3f})")
-        if auto_info["k"] < 1:
+        # the refit methods prune more layers within the same budget, so they get a k of their own
+        refit = [m for m in methods if m in REFIT]
+        for key, use_fit in (("auto_k", False), ("auto_k_fit", True)):
+            if use_fit and not refit:
+                continue
+            if key not in extra:
+                t = time.perf_counter()
+                log(f"auto-k{' (refit)' if use_fit else ''}: the largest k whose calibration perplexity stays "
+                    f"within +{100 * s.max_ppl_increase:g} %")
+                ar = auto_k(model, calib, s.max_ppl_increase, max_k=s.max_k, grid=s.grid, batch_size=s.batch_size,
+                            progress=s.progress, fit=use_fit)
+                extra[key] = ar.to_dict()
+                save_state()
+                search_seconds_total += time.perf_counter() - t
+            info = extra[key]
+            log(f"auto-k{' (refit)' if use_fit else ''} chose k = {info['k']} (calibration ppl "
+                f"{info['base_ppl']:.3f}, budget {info['budget_ppl']:.3f})")
+        auto_info = extra["auto_k"]
+        if "auto_k_fit" in extra:
+            auto_info = {**auto_info, "refit": extra["auto_k_fit"]}
+        k_of = {m: int(extra["auto_k_fit" if m in refit else "auto_k"]["k"]) for m in methods}
+        if min(k_of.values()) < 1:
             raise ValueError(
-                f"No k fits the budget: pruning even the top layer raises calibration perplexity above "
-                f"{auto_info['budget_ppl']:.3f} (+{100 * s.max_ppl_increase:g} %). Allow a larger --max-ppl-increase."
+                f"No k fits the budget for {', '.join(m for m, k in k_of.items() if k < 1)}: pruning even the top "
+                f"layer raises calibration perplexity above {auto_info['budget_ppl']:.3f} "
+                f"(+{100 * s.max_ppl_increase:g} %). Allow a larger --max-ppl-increase."
             )
-        ks = [int(auto_info["k"])]
+        ks = sorted(set(k_of.values()), reverse=True)
+        pairs = [(k_of[m], m) for m in methods]
 
     selector = Selector(model, calib, grid=s.grid, batch_size=s.batch_size, refine_passes=s.refine_passes,
                         progress=s.progress, log=log)
-    for k in ks:
-        for m in methods:
-            key = f"{k}:{m}"
-            if key in rows:
-                continue
-            t = time.perf_counter()
-            log(f"selecting {m} (k = {k}) — {METHODS[m].summary}")
-            plan = selector.select(m, k)
-            search_seconds_total += time.perf_counter() - t
-            measure(key, plan, k)
+    for k, m in sorted(pairs, key=lambda p: -p[0]):  # largest k first: greedy prefixes are reused
+        key = f"{k}:{m}"
+        if key in rows:
+            continue
+        t = time.perf_counter()
+        log(f"selecting {m} (k = {k}) — {METHODS[m].summary}")
+        plan = selector.select(m, k)
+        search_seconds_total += time.perf_counter() - t
+        measure(key, plan, k)
     seconds["search"] = search_seconds_total
     seconds["eval"] = eval_seconds
     seconds["total"] = time.perf_counter() - t_start
 
-    ordered = [rows["0:original"]] + [rows[f"{k}:{m}"] for k in ks for m in methods]
+    ordered = [rows["0:original"]] + [rows[f"{k}:{m}"] for k in ks for m in methods if (k, m) in pairs]
     report = CompareReport(
         settings={**s.fingerprint_fields(), "command": s.command, "threads": torch.get_num_threads(),
                   "calib_overlap": overlap, "grid": selector.grid},
@@ -290,6 +300,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
 
 
 SEARCHED = ("harp", "harp-refine", "harp-low", "harp-any")  # methods whose alphas the report lists
+REFIT = ("harp-ls", "harp-any-ls")  # methods whose pruned layers get the least-squares refit
 
 
 def layers_str(layers: Sequence[int]) -> str:
@@ -439,7 +450,9 @@ def _footer(rep: CompareReport) -> list[str]:
         a = rep.auto_k
         out.append(f"- auto-k: largest k with calibration perplexity ≤ {a['budget_ppl']:.3f} "
                    f"(original {a['base_ppl']:.3f} +{100 * a['max_increase']:g} %) → k = {a['k']} "
-                   f"(searched {len(a['per_k'])} layers in {_fmt_time(a['seconds'])}).")
+                   f"(searched {len(a['per_k'])} layers in {_fmt_time(a['seconds'])})"
+                   + (f"; for the refit methods k = {a['refit']['k']} (refit {len(a['refit']['per_k'])} layers "
+                      f"in {_fmt_time(a['refit']['seconds'])})" if a.get("refit") else "") + ".")
     sec = rep.seconds
     h = rep.host
     la = h.get("load_average_at_start")

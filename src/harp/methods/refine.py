@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from ..core import temporarily_pruned
+from ..fit import fit_layers
 from ..modeling import arch_for, get_module
 from ..perplexity import perplexity
 from ..progress import Progress
 from ..replay import capture_inputs, run_layers, tail_nll
-from ..search import DEFAULT_GRID, SearchResult, parse_grid, search_alphas
+from ..search import DEFAULT_GRID, SearchResult, parse_grid, search_alphas, top_layers
 
 
 @dataclass
@@ -196,11 +197,16 @@ def auto_k(
     batch_size: int = 4,
     chunk_tokens: int = 1024,
     progress: bool = False,
+    fit: bool = False,
 ) -> AutoKResult:
     """Choose k: HARP's greedy top-down search, run one layer deeper at a time, stops at the first k
     whose calibration perplexity exceeds `(1 + max_increase) x` the original's; the answer is the
     k before it (the greedy alphas of the top j layers do not depend on how many more follow, so
     one search serves every k). Returns k = 0 if even one layer breaks the budget.
+
+    With `fit`, the layers get the least-squares refit instead (harp.fit_layers, each layer fitted on
+    the original model's inputs, so one fit of the top `max_k` layers serves every k); k grows until the
+    refit model's calibration perplexity breaks the budget.
 
     The budget is checked on calibration text, never on evaluation text.
     """
@@ -222,6 +228,8 @@ def auto_k(
         if ppl > budget:
             raise _OverBudget
 
+    if fit:
+        return _auto_k_fit(model, windows, max_k, base, budget, max_increase, t0, batch_size, chunk_tokens, progress)
     stopped = False
     res: SearchResult | None = None
     try:
@@ -243,4 +251,24 @@ def auto_k(
         k=k, layers=[int(r["layer"]) for r in chosen], alphas=[float(r["alpha"]) for r in chosen],
         base_ppl=base, budget_ppl=budget, max_increase=max_increase, per_k=per_k,
         seconds=time.perf_counter() - t0, stopped_early=stopped, search=info,
+    )
+
+
+def _auto_k_fit(model: nn.Module, windows: torch.Tensor, max_k: int, base: float, budget: float, max_increase: float,
+                t0: float, batch_size: int, chunk_tokens: int, progress: bool) -> AutoKResult:
+    order = top_layers(len(get_module(model, arch_for(model.config).layers)), max_k)
+    fits = fit_layers(model, windows, order, batch_size=batch_size, progress=progress)
+    per_k: list[dict[str, float]] = []
+    k = 0
+    for j in range(1, max_k + 1):
+        with temporarily_pruned(model, order[:j], [1.0] * j, fits.maps):
+            ppl = perplexity(model, windows, batch_size=batch_size, chunk_tokens=chunk_tokens).ppl
+        per_k.append({"k": j, "layer": order[j - 1], "alpha": 1.0, "ppl": ppl, "seconds": time.perf_counter() - t0})
+        if ppl > budget:
+            break
+        k = j
+    return AutoKResult(
+        k=k, layers=order[:k], alphas=[1.0] * k, base_ppl=base, budget_ppl=budget, max_increase=max_increase,
+        per_k=per_k, seconds=time.perf_counter() - t0, stopped_early=k < max_k,
+        search={"method": "lstsq", "searched_k": len(per_k), "fit_seconds": fits.seconds},
     )
