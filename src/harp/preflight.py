@@ -492,7 +492,7 @@ class TextCheck:
 
 
 def check_text(source: str | None, default: str, flag: str, windows: int | None, seq_len: int | None,
-               out: Collector) -> TextCheck:
+               out: Collector, seq_flag: str = "--seq-len") -> TextCheck:
     """A text source exists, and has enough bytes for `windows` x `seq_len` tokens (a token covers at least
     one byte of UTF-8 text, so fewer bytes than tokens is too short for certain). Does not tokenize."""
     from .text import BUNDLED, TEXT_SUFFIXES
@@ -526,7 +526,7 @@ def check_text(source: str | None, default: str, flag: str, windows: int | None,
         need = (windows or 1) * seq_len
         if nbytes < seq_len:
             out.add(f"{flag} {p}: {nbytes:,} bytes of text, fewer than one window of {seq_len:,} tokens (a token "
-                    "is at least one byte): give more text or a smaller --seq-len.")
+                    f"is at least one byte): give more text or a smaller {seq_flag}.")
         elif nbytes < need:
             out.add(f"{flag} {p}: {nbytes:,} bytes of text, fewer than the {need:,} tokens {windows} windows of "
                     f"{seq_len:,} need (a token is at least one byte): give more text, fewer windows or shorter ones.")
@@ -669,13 +669,16 @@ def check_prune(s: Any) -> ModelInfo | None:
     check_positive(out, batch_size=s.batch_size)
     if s.method not in ("cached", "naive"):
         out.add(f"--method {s.method!r}: use 'cached' or 'naive'.")
+    from .fit import check_fit_settings
+
+    out.run(check_fit_settings, getattr(s, "fit", "none"), getattr(s, "ridge", "auto"), getattr(s, "fit_prior", "auto"))
     out.run(_dtype, s.dtype)
     if s.threads is not None and s.threads < 1:
         out.add(f"--threads {s.threads}: must be at least 1.")
     from .text import DEFAULT_CALIB, DEFAULT_EVAL
 
     c = check_text(s.calib, DEFAULT_CALIB, "--calib", s.calib_windows, s.seq_len, out)
-    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out, "--eval-seq-len")
     check_disjoint_sources(c, e, out)
     outp = check_output(s.out, s.overwrite, [info.path if info else None], out)
     if outp is not None and info is not None and info.num_layers and count and s.select == "top" and s.alphas is None:
@@ -697,7 +700,7 @@ def check_eval(model: Any, eval_text: str | None, eval_tokens: int | None, eval_
         out.add(f"--eval-seq-len {eval_seq_len}: a window needs at least 2 tokens.")
     elif eval_tokens is not None and eval_tokens < eval_seq_len:
         out.add(f"--eval-tokens {eval_tokens} is less than one window of --eval-seq-len {eval_seq_len}.")
-    check_text(eval_text, DEFAULT_EVAL, "--eval", 1, eval_seq_len, out)
+    check_text(eval_text, DEFAULT_EVAL, "--eval", 1, eval_seq_len, out, "--eval-seq-len")
     check_output(json_out, overwrite, [info.path if info else None], out, flag="--json", is_file=True)
     out.raise_if_any()
     return info
@@ -745,7 +748,7 @@ def check_compare(s: Any) -> ModelInfo | None:
     if s.eval_tokens is not None and s.eval_tokens < s.eval_seq_len:
         out.add(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
     c = check_text(s.calib, DEFAULT_CALIB, "--calib", s.calib_windows, s.seq_len, out)
-    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out, "--eval-seq-len")
     check_disjoint_sources(c, e, out)
     check_output(s.out, s.overwrite, [info.path if info else None], out)
     out.raise_if_any()
