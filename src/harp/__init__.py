@@ -2,8 +2,9 @@
 
     import harp
     model, tok = harp.load_model()                       # bundled SmolLM2-135M, or a folder / .gguf / hub id
-    result = harp.search_alphas(model, calib_windows, 8)  # greedy top-down alpha search (cached)
-    harp.prune(model, layers=result.layers, alphas=result.alphas)
+    fit = harp.fit_layers(model, calib_windows, [29, 28, 27, 26])  # closed-form refit of the pruned layers
+    harp.prune(model, fit.layers, [1.0] * 4, maps=fit.maps)
+    # or the paper's HARP: r = harp.search_alphas(model, calib_windows, 4); harp.prune(model, r.layers, r.alphas)
     harp.save(model, "out/", tokenizer=tok)
     model = harp.load("out/")
 """
@@ -11,7 +12,8 @@
 from ._version import __version__
 from .checkpoint import load, save  # noqa: E402
 from .core import prune, pruned_plan, temporarily_pruned  # noqa: E402
-from .modeling import ARCHITECTURES, supported_families  # noqa: E402
+from .fit import FitResult, LayerFit, fit_layers  # noqa: E402
+from .modeling import ARCHITECTURES, LinearMap, supported_families  # noqa: E402
 from .models import load_model  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 from .pipeline import PruneSettings, run_prune  # noqa: E402
@@ -21,6 +23,9 @@ from .text import bos_token, calibration_windows, evaluation_windows, load_text,
 
 __all__ = [
     "ARCHITECTURES",
+    "FitResult",
+    "LayerFit",
+    "LinearMap",
     "PruneSettings",
     "SearchResult",
     "__version__",
@@ -28,6 +33,7 @@ __all__ = [
     "calibration_windows",
     "count_parameters",
     "evaluation_windows",
+    "fit_layers",
     "kv_cache_bytes",
     "load",
     "load_model",

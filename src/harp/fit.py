@@ -85,6 +85,7 @@ class LayerFit:
     heldout_error: float | None  # the same, cross-validated (each fold fitted without its windows)
     alpha: float  # the best scalar alpha for this layer in the same sense (HARP's one-parameter fit)
     alpha_error: float  # its relative reconstruction error
+    target: float  # ‖A‖² summed over the calibration tokens (the errors above are relative to it)
     map: LinearMap = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,6 +333,6 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
         layer=idx, ridge=r, prior=p,
         calib_error=total.error(full) / target,
         heldout_error=best[0] / target if search_cv else None,
-        alpha=alpha, alpha_error=total.error(alpha * w0) / target,
+        alpha=alpha, alpha_error=total.error(alpha * w0) / target, target=total.target,
         map=LinearMap(w.cpu(), None if bias is None else bias.cpu()),
     )
