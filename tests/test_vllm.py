@@ -83,7 +83,8 @@ def run_vllm(python: Path, tmp: Path, model: Path, prompts: list[list[int]], *, 
 @torch.no_grad()
 def reference(path: Path, prompts: list[list[int]], new_tokens: int = NEW_TOKENS) -> tuple[list, list]:
     """harp's model in transformers: greedy `generate` tokens and the prompt tokens' log-probabilities."""
-    model = harp.load(path, dtype=torch.float32)
+    # eager: the attention that implements Gemma 2's logit soft-capping in transformers
+    model = harp.load(path, dtype=torch.float32, attn_implementation="eager")
     model.generation_config.eos_token_id = None  # vLLM runs with ignore_eos: always new_tokens tokens
     tokens, logprobs = [], []
     for p in prompts:
@@ -107,21 +108,24 @@ def max_logprob_diff(a: list[list[float]], b: list[list[float]]) -> float:
 # --------------------------------------------------------------------------------------------
 
 TINY = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)  # head_dim 32
-TINY_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41], [100, 50, 20, 77, 3]]
+TINY_PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 90, 91, 92], [100, 50, 20, 77, 3]]
 # layer 0, mid-stack and top, mixed alphas (0 = attention removed, layer 0 included)
 TINY_PLANS = {
     "qwen2": ([0, 3, 5], [0.0, 0.6, 0.3]),
     "llama": ([0, 2, 5], [0.8, 0.0, 0.4]),
     "qwen3": ([1, 3, 5], [0.5, 0.0, 0.2]),
+    "gemma2": ([0, 3, 5], [0.7, 0.0, 0.4]),  # alpha folded into the attention-output norm; soft-capping
+    "gemma3": ([0, 2, 5], [0.0, 0.5, 0.3]),  # sliding and global layers (window 8 < the prompts' length)
 }
+GEMMA = ("gemma2", "gemma3")
 
 
 def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], **overrides) -> Path:
     from tiny import VOCAB, byte_tokenizer, tiny_model
 
     kw = {**TINY, **overrides}
-    if family == "qwen3":
-        kw["head_dim"] = 32
+    if family in ("qwen3", *GEMMA):
+        kw["head_dim"] = 32  # vLLM's CPU attention needs head_dim >= 32
     model = tiny_model(family, vocab_size=VOCAB, **kw)
     harp.prune(model, layers=layers, alphas=alphas)
     harp.save(model, path, tokenizer=byte_tokenizer())
@@ -204,10 +208,16 @@ def test_unknown_format_version_is_refused(vllm_python: Path, tiny_dir: Path, tm
     assert "HARP format version 99" in err and "Upgrade harp-prune" in err, err
 
 
-def test_unsupported_family_is_refused(vllm_python: Path, tmp_path: Path) -> None:
-    path = tiny_checkpoint(tmp_path / "gemma2", "gemma2", [4, 5], [0.5, 0.0], head_dim=32)
+def test_unsupported_family_is_refused(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """A HARP block on a family the plugin does not serve (here a Phi-3 config, which reaches vLLM
+    under the LlamaForCausalLM name the folder carries) is refused by name, with the alternatives."""
+    path = tmp_path / "phi3"
+    shutil.copytree(tiny_dir / "llama", path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "phi3"
+    (path / "config.json").write_text(json.dumps(cfg))
     err = _refusal(vllm_python, tmp_path, path)
-    assert "'gemma2'" in err and "Qwen2" in err and "LLaMA" in err and "transformers" in err, err
+    assert "model_type 'phi3'" in err and "Qwen2" in err and "Gemma2" in err and "transformers" in err, err
 
 
 # --------------------------------------------------------------------------------------------

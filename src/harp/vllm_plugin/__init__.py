@@ -11,7 +11,7 @@ pruned layers in its ``harp`` block gets the HARP model (:mod:`harp.vllm_plugin.
 config gets vLLM's own model, unchanged. So ``vllm serve DIR`` works on a ``harp.save`` folder as it
 is. Set ``HARP_VLLM_OVERRIDE=0`` to leave vLLM's built-in names alone; the HARP classes are then
 reached explicitly with ``--hf-overrides '{"architectures": ["HarpLlamaForCausalLM"]}'`` (or
-``HarpMistral…``, ``HarpQwen2…``, ``HarpQwen3…``).
+``HarpMistral…``, ``HarpQwen2…``, ``HarpQwen3…``, ``HarpGemma…``, ``HarpGemma2…``, ``HarpGemma3…``).
 
 This module imports nothing from vLLM at import time (registration is lazy, by class path).
 """
@@ -28,18 +28,21 @@ HARP_ARCHITECTURES = {
     "HarpMistralForCausalLM": "HarpMistralForCausalLM",
     "HarpQwen2ForCausalLM": "HarpQwen2ForCausalLM",
     "HarpQwen3ForCausalLM": "HarpQwen3ForCausalLM",
+    "HarpGemmaForCausalLM": "HarpGemmaForCausalLM",
+    "HarpGemma2ForCausalLM": "HarpGemma2ForCausalLM",
+    "HarpGemma3ForCausalLM": "HarpGemma3ForCausalLM",
 }
 
 # vLLM's built-in names a harp.save folder carries -> dispatching subclass (vLLM's own model unless the
-# config has pruned layers). The Gemma entries only refuse HARP checkpoints with a clear message.
+# config has pruned layers).
 BUILTIN_OVERRIDES = {
     "LlamaForCausalLM": "LlamaOrHarp",
     "MistralForCausalLM": "MistralOrHarp",
     "Qwen2ForCausalLM": "Qwen2OrHarp",
     "Qwen3ForCausalLM": "Qwen3OrHarp",
-    "GemmaForCausalLM": "GemmaOrRefuse",
-    "Gemma2ForCausalLM": "Gemma2OrRefuse",
-    "Gemma3ForCausalLM": "Gemma3OrRefuse",
+    "GemmaForCausalLM": "GemmaOrHarp",
+    "Gemma2ForCausalLM": "Gemma2OrHarp",
+    "Gemma3ForCausalLM": "Gemma3OrHarp",
 }
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
@@ -66,6 +66,8 @@ class Family:
     mlp: Callable[[Any, Any, str], nn.Module]
     v_bias: Callable[[Any], bool]
     o_bias: Callable[[Any], bool]
+    gemma: bool = False  # Gemma: (1 + w) RMS norms, embeddings scaled by sqrt(hidden)
+    sandwich: bool = False  # Gemma 2/3: attention output norm, and pre/post-MLP norms
 
 
 def _llama_qkv_bias(c: Any) -> bool:
@@ -96,6 +98,21 @@ def _qwen2_mlp(c: Any, q: Any, prefix: str) -> nn.Module:
         quant_config=q,
         prefix=prefix,
     )
+
+
+def _gemma_mlp(cls: type) -> Callable[[Any, Any, str], nn.Module]:
+    def build(c: Any, q: Any, prefix: str) -> nn.Module:
+        kw: dict[str, Any] = {"hidden_activation": getattr(c, "hidden_activation", None)}
+        if cls is gemma.GemmaMLP:
+            kw["hidden_act"] = getattr(c, "hidden_act", None)
+        return cls(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, quant_config=q, prefix=prefix,
+                   **kw)
+
+    return build
+
+
+def _attention_bias(c: Any) -> bool:
+    return bool(getattr(c, "attention_bias", False))
 
 
 def _qwen_layer(cls: type) -> Callable[[VllmConfig, Any, str], nn.Module]:
@@ -140,8 +157,20 @@ FAMILIES: dict[str, Family] = {
         "HarpQwen3ForCausalLM",
         _qwen_layer(qwen3.Qwen3DecoderLayer),
         _qwen2_mlp,
-        lambda c: bool(getattr(c, "attention_bias", False)),
-        lambda c: bool(getattr(c, "attention_bias", False)),
+        _attention_bias,
+        _attention_bias,
+    ),
+    "gemma": Family(
+        "Gemma", ("gemma",), "HarpGemmaForCausalLM", _qwen_layer(gemma.GemmaDecoderLayer),
+        _gemma_mlp(gemma.GemmaMLP), _attention_bias, _attention_bias, gemma=True,
+    ),
+    "gemma2": Family(
+        "Gemma2", ("gemma2",), "HarpGemma2ForCausalLM", _qwen_layer(gemma2.Gemma2DecoderLayer),
+        _gemma_mlp(gemma2.Gemma2MLP), _attention_bias, _attention_bias, gemma=True, sandwich=True,
+    ),
+    "gemma3": Family(
+        "Gemma3", ("gemma3_text",), "HarpGemma3ForCausalLM", _qwen_layer(gemma3.Gemma3DecoderLayer),
+        _gemma_mlp(gemma3.Gemma3MLP), _attention_bias, _attention_bias, gemma=True, sandwich=True,
     ),
 }
 
@@ -250,18 +279,27 @@ class HarpDecoderLayer(nn.Module):
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or hidden // heads
+        norm = GemmaRMSNorm if family.gemma else RMSNorm
+        eps = config.rms_norm_eps
         self.layer_idx = extract_layer_index(prefix)
         self.alpha = alpha
+        self.sandwich = family.sandwich
+        self.input_layernorm = self.self_attn = self.post_attention_layernorm = None
         if alpha != 0.0:
-            self.input_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+            self.input_layernorm = norm(hidden, eps=eps)
             self.self_attn = HarpLinearAttention(
                 hidden, kv_heads * head_dim, family.v_bias(config), family.o_bias(config), quant_config,
                 f"{prefix}.self_attn",
             )
-        else:
-            self.input_layernorm = None
-            self.self_attn = None
-        self.post_attention_layernorm = RMSNorm(hidden, eps=config.rms_norm_eps)
+        if family.sandwich:
+            # Gemma 2/3: post_attention_layernorm norms the attention output (alpha is folded into its
+            # weight; gone with the attention when alpha = 0); the MLP has its own pre and post norms
+            if alpha != 0.0:
+                self.post_attention_layernorm = norm(hidden, eps=eps)
+            self.pre_feedforward_layernorm = norm(hidden, eps=eps)
+            self.post_feedforward_layernorm = norm(hidden, eps=eps)
+        else:  # post_attention_layernorm is the MLP's input norm
+            self.post_attention_layernorm = norm(hidden, eps=eps)
         self.mlp = family.mlp(config, quant_config, f"{prefix}.mlp")
 
     def forward(
@@ -274,13 +312,19 @@ class HarpDecoderLayer(nn.Module):
             else:
                 hidden_states, residual = self.input_layernorm(hidden_states, residual)
             hidden_states = self.self_attn(hidden_states)
+            if self.sandwich:
+                hidden_states = self.post_attention_layernorm(hidden_states)
         # alpha = 0: the attention sub-layer adds nothing; (hidden_states, residual) are still the stream
+        pre_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
         if residual is None:
             residual = hidden_states
-            hidden_states = self.post_attention_layernorm(hidden_states)
+            hidden_states = pre_mlp(hidden_states)
         else:
-            hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+            hidden_states, residual = pre_mlp(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        if self.sandwich:
+            hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return hidden_states, residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,14 +369,19 @@ class HarpModel(nn.Module):
             config.num_hidden_layers, build, prefix=f"{prefix}.layers"
         )
         if get_pp_group().is_last_rank:
-            self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.norm = (GemmaRMSNorm if family.gemma else RMSNorm)(config.hidden_size, eps=config.rms_norm_eps)
         else:
             self.norm = PPMissingLayer()
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], config.hidden_size
         )
+        self.scale_embeddings = family.gemma
+        if family.gemma:  # as vLLM's Gemma models: sqrt(hidden) in the model's dtype
+            self.register_buffer("normalizer", torch.tensor(config.hidden_size**0.5), persistent=False)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.scale_embeddings:
+            return self.embed_tokens(input_ids) * self.normalizer
         return self.embed_tokens(input_ids)
 
     def forward(
@@ -391,7 +440,10 @@ class _HarpForCausalLM(nn.Module, SupportsPP):
             )
             if config.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-            self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+            self.logits_processor = LogitsProcessor(
+                config.vocab_size, scale=getattr(config, "logit_scale", 1.0),
+                soft_cap=getattr(config, "final_logit_softcapping", None),
+            )
         else:
             self.lm_head = PPMissingLayer()
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
@@ -462,6 +514,9 @@ HarpLlamaModel, HarpLlamaForCausalLM = _family_classes("llama")
 HarpMistralModel, HarpMistralForCausalLM = _family_classes("mistral")
 HarpQwen2Model, HarpQwen2ForCausalLM = _family_classes("qwen2")
 HarpQwen3Model, HarpQwen3ForCausalLM = _family_classes("qwen3")
+HarpGemmaModel, HarpGemmaForCausalLM = _family_classes("gemma")
+HarpGemma2Model, HarpGemma2ForCausalLM = _family_classes("gemma2")
+HarpGemma3Model, HarpGemma3ForCausalLM = _family_classes("gemma3")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,23 +537,10 @@ def _dispatching(base: type[nn.Module], harp_cls: type[_HarpForCausalLM]) -> typ
     return Dispatch
 
 
-def _refusing(base: type[nn.Module]) -> type[nn.Module]:
-    class Refuse(base):  # type: ignore[misc, valid-type]
-        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-            vllm_config = kwargs.get("vllm_config", args[0] if args else None)
-            if vllm_config is not None:
-                harp_plan(vllm_config.model_config.hf_config)  # raises for a pruned checkpoint of this family
-            return super().__new__(cls)
-
-    Refuse.__name__ = Refuse.__qualname__ = f"{base.__name__}OrRefuse"
-    Refuse.__module__ = __name__
-    return Refuse
-
-
 LlamaOrHarp = _dispatching(llama.LlamaForCausalLM, HarpLlamaForCausalLM)
 MistralOrHarp = _dispatching(mistral.MistralForCausalLM, HarpMistralForCausalLM)
 Qwen2OrHarp = _dispatching(qwen2.Qwen2ForCausalLM, HarpQwen2ForCausalLM)
 Qwen3OrHarp = _dispatching(qwen3.Qwen3ForCausalLM, HarpQwen3ForCausalLM)
-GemmaOrRefuse = _refusing(gemma.GemmaForCausalLM)
-Gemma2OrRefuse = _refusing(gemma2.Gemma2ForCausalLM)
-Gemma3OrRefuse = _refusing(gemma3.Gemma3ForCausalLM)
+GemmaOrHarp = _dispatching(gemma.GemmaForCausalLM, HarpGemmaForCausalLM)
+Gemma2OrHarp = _dispatching(gemma2.Gemma2ForCausalLM, HarpGemma2ForCausalLM)
+Gemma3OrHarp = _dispatching(gemma3.Gemma3ForCausalLM, HarpGemma3ForCausalLM)
