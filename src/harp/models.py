@@ -227,6 +227,11 @@ def load_model(
         model = load_harp(p, dtype=dt, attn_implementation=attn_implementation)
         tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
     else:
+        if p.is_dir():  # a damaged folder is one error naming the file, not a loader traceback
+            from .checkpoint import read_config
+            from .preflight import check_complete
+
+            check_complete(p, read_config(p))
         kw: dict[str, Any] = {"dtype": dt}
         if attn_implementation:
             kw["attn_implementation"] = attn_implementation

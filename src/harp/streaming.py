@@ -101,7 +101,18 @@ def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
             f"--streamed reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
             f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass --model DIR."
         )
-    if p.is_file():
+    if p.is_file() and p.suffix == ".gguf":
+        from .models import converted_gguf
+
+        cached = converted_gguf(p)  # every harp command caches a GGUF's conversion: stream from that
+        if cached is None:
+            raise ValueError(
+                f"--streamed needs a safetensors model folder, not the file {p}. Run any harp command on it once "
+                f"without --streamed (e.g. `harp eval {p}`): its conversion is cached and --streamed reads it. Or: "
+                + _CONVERT_HINT.format(src=p)
+            )
+        p = cached
+    elif p.is_file():
         raise ValueError(
             f"--streamed needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
         )
