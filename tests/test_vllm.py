@@ -116,8 +116,9 @@ TINY_PLANS = {
     "qwen3": ([1, 3, 5], [0.5, 0.0, 0.2]),
     "gemma2": ([0, 3, 5], [0.7, 0.0, 0.4]),  # alpha folded into the attention-output norm; soft-capping
     "gemma3": ([0, 2, 5], [0.0, 0.5, 0.3]),  # sliding and global layers (window 8 < the prompts' length)
+    "gemma": ([0, 3, 5], [0.6, 0.0, 0.2]),  # Gemma 1: (1 + w) norms, scaled embeddings, no extra norms
 }
-GEMMA = ("gemma2", "gemma3")
+GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], **overrides) -> Path:
@@ -126,7 +127,19 @@ def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[flo
     kw = {**TINY, **overrides}
     if family in ("qwen3", *GEMMA):
         kw["head_dim"] = 32  # vLLM's CPU attention needs head_dim >= 32
-    model = tiny_model(family, vocab_size=VOCAB, **kw)
+    if family == "gemma":  # not among tests/tiny.py's families: built the same way here
+        import transformers
+        from tiny import COMMON
+
+        torch.manual_seed(0)
+        model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**{**COMMON, **kw, "vocab_size": VOCAB}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.eval()
+    else:
+        model = tiny_model(family, vocab_size=VOCAB, **kw)
     harp.prune(model, layers=layers, alphas=alphas)
     harp.save(model, path, tokenizer=byte_tokenizer())
     return path
