@@ -18,7 +18,6 @@ from harp.plan import (
     layer_parameters,
     load_config,
     parse_calib,
-    plan,
     result_summary,
     search_memory,
 )
@@ -153,10 +152,10 @@ def test_cli_plan_errors():
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b"])
 def test_docs_show_the_current_plan(name):
     """docs/scaling.md quotes `harp plan` for Llama-3.1-8B and -70B; fail when the numbers drift."""
-    from harp.commands.plan import render
+    from harp.commands.plan import full_plan, render
 
     text = DOCS.read_text()
-    p = plan(load_config(name), 8, 16, 512, dtype="bfloat16", device="cuda")
+    p = full_plan(load_config(name), 8, 16, 512, dtype="bfloat16", device="cuda")
     for line in render(p, name, 80.0):
         assert line in text, f"docs/scaling.md is out of date: missing {line!r}"
 

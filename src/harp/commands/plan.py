@@ -62,6 +62,18 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
     return lines
 
 
+def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None, **kw: Any) -> dict[str, Any]:
+    """`harp.plan.plan` plus the KV saving at the contexts every command states it at (2,048 tokens and the
+    model's maximum; `context` adds one)."""
+    from harp.flops import kv_contexts, kv_savings
+
+    contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
+    p = plan(cfg, k, windows, seq_len, context=context or contexts[-1], **kw)
+    top = p["result"]["layers"]
+    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, kw.get("dtype", "float32"), contexts)
+    return p
+
+
 def plan_cmd(
     model: str = typer.Option("smollm2-135m", "--model", "-m",
                               help=f"A config.json, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."),
@@ -79,8 +91,6 @@ def plan_cmd(
 ) -> None:
     """Peak memory of the alpha search (streamed and in-memory) and the size / KV savings of the result,
     from the model's config alone: know before starting whether a search fits your GPU."""
-    from harp.flops import kv_contexts, kv_savings
-
     if context is not None and context < 1:
         raise ValueError(f"--context {context}: must be a positive number of tokens.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -91,11 +101,8 @@ def plan_cmd(
         raise ValueError(f"{model} is already a HARP-pruned checkpoint (layers {sorted(pruned.get('layers', []))}): "
                          "plan on the original model (its config.json, folder or preset).")
     n, s = parse_calib(calib)
-    contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
-    p = plan(cfg, layers, n, s, dtype=dtype, device=device, batch_size=batch_size, chunk_tokens=chunk_tokens,
-             activations=activations, context=context or contexts[-1])
-    top = p["result"]["layers"]
-    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, dtype, contexts)
+    p = full_plan(cfg, layers, n, s, dtype=dtype, device=device, batch_size=batch_size, chunk_tokens=chunk_tokens,
+                  activations=activations, context=context)
     console = Console(width=200)
     if as_json:
         console.print_json(json.dumps(p))
