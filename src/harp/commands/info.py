@@ -91,9 +91,15 @@ def info_cmd(
         if cal:
             t.add_row("calibration", f"{cal.get('description')}: {cal.get('windows')} x {cal.get('seq_len')} tokens, "
                       f"seed {cal.get('seed')}")
+        fit = rec.get("fit") or {}
+        if fit.get("used"):
+            t.add_row("pruned layers' maps", "least-squares refit (harp-ls): ridge, prior per layer (top first) "
+                      + ", ".join(f"{f['ridge']:g} {f['prior']}" for f in fit.get("per_layer", []))
+                      + f"; the alphas scale the refit maps; {fit.get('seconds', 0):.0f} s")
         s = rec.get("search") or {}
         if s.get("method"):
-            t.add_row("search", f"{s.get('method')}, grid {s.get('grid')}, {s.get('seconds', 0):.0f} s")
+            what = "search (reference row)" if fit.get("used") else "search"
+            t.add_row(what, f"{s.get('method')}, grid {s.get('grid')}, {s.get('seconds', 0):.0f} s")
     summ = d.get("harp_summary") or {}
     if summ.get("ppl"):
         t.add_row("perplexity", ", ".join(f"{k} {v:.3f}" for k, v in summ["ppl"].items()))
