@@ -343,6 +343,18 @@ def test_llamacpp_runs_tiny_gguf(llama_cpp_works: None, tmp_path: Path, family, 
     np.testing.assert_allclose(got, harp_logits(model).float().numpy(), atol=2e-4, rtol=1e-3)
 
 
+def test_llamacpp_runs_refit_layers(llama_cpp_works: None, tmp_path: Path) -> None:
+    """A refit layer (harp.fit_layers) is the same linear layer with another map: GGUF export and llama.cpp
+    reproduce harp's logits, at layer 0, mid-stack and top, with an alpha-0 layer beside them."""
+    model = tiny_model("llama", intermediate_size=256)
+    calib = torch.randint(0, 128, (6, 32), generator=torch.Generator().manual_seed(0))
+    fit = harp.fit_layers(model, calib, [0, 3, 5])
+    harp.prune(model, layers=[0, 3, 5, 2], alphas=[1.0, 1.0, 0.8, 0.0], maps=fit.maps)
+    path = export_gguf(model, tmp_path / "refit.gguf", dtype="f32")
+    got = _llama_logits(path, IDS)
+    np.testing.assert_allclose(got, harp_logits(model).float().numpy(), atol=2e-4, rtol=1e-3)
+
+
 # The default model pruned at k = 8 with the alphas `make prune` searched (default settings), as recorded
 # in benchmarks/results/prune_smollm2_k8.json: read from there so the test does not rerun the search.
 DEFAULT_RESULT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "prune_smollm2_k8.json"
