@@ -72,7 +72,7 @@ def summary_table(r: PruneReport) -> Table:
         t.add_row("refit: ridge, prior (top first)",
                   ", ".join(f"{f['ridge']:g} {f['prior']}" for f in r.fit["per_layer"]))
     p = r.ppl
-    saved = " [saved]"
+    saved = " (the saved model)"
     t.add_row("perplexity: original", f"{p['original']:.3f}")
     if "harp-ls" in p:
         t.add_row("perplexity: HARP + least-squares refit (harp-ls)" + (saved if refit else ""), f"{p['harp-ls']:.3f}")
