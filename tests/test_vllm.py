@@ -221,6 +221,17 @@ def test_unknown_format_version_is_refused(vllm_python: Path, tiny_dir: Path, tm
     assert "HARP format version 99" in err and "Upgrade harp-prune" in err, err
 
 
+def test_plugin_serves_the_format_harp_writes(vllm_python: Path) -> None:
+    proc = subprocess.run(
+        [str(vllm_python), "-c", "from harp.modeling import FORMAT_VERSION as v; "
+         "from harp.vllm_plugin.models import SERVED_FORMAT_VERSIONS as s; print(v, list(s))"],
+        capture_output=True, text=True, env=_vllm_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written, served = proc.stdout.split(maxsplit=1)
+    assert int(written) in json.loads(served), "teach harp.vllm_plugin the new checkpoint format"
+
+
 def test_unsupported_family_is_refused(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
     """A HARP block on a family the plugin does not serve (here a Phi-3 config, which reaches vLLM
     under the LlamaForCausalLM name the folder carries) is refused by name, with the alternatives."""

@@ -310,7 +310,8 @@ def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, A
     if linear:
         problems.append(
             f"layers {linear} are replace_with_linear (HARP alpha != 0), which vLLM does not implement: "
-            "prune those layers with alpha = 0 (--alphas 0,...) for vLLM, or serve with llama.cpp."
+            "prune those layers with alpha = 0 (--alphas 0,...) for this route, or serve the HARP checkpoint "
+            "itself with harp's vLLM plugin (pip install 'harp-prune[vllm]'; vllm serve DIR), or llama.cpp."
         )
     attn = [b for b in blocks if not b["attention"].get("no_op") and not b["attention"].get("replace_with_linear")]
     kv_heads = heads // attn[0]["attention"]["n_heads_in_group"] if attn else None

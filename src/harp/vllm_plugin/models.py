@@ -48,6 +48,10 @@ from vllm.sequence import IntermediateTensors
 
 from ..modeling import FORMAT_VERSION
 
+# The HARP checkpoint formats this plugin knows how to build. Its own list, not modeling.FORMAT_VERSION: a
+# new checkpoint format must be taught to the plugin before it serves it (the test suite checks they agree).
+SERVED_FORMAT_VERSIONS = (1,)
+
 # --------------------------------------------------------------------------------------------
 # The checkpoint's HARP block
 # --------------------------------------------------------------------------------------------
@@ -209,10 +213,11 @@ def harp_plan(config: Any) -> dict[int, float]:
         version = int(harp.get("format_version", 1))
     except (TypeError, ValueError):
         version = -1
-    if version < 1 or version > FORMAT_VERSION:
+    if version not in SERVED_FORMAT_VERSIONS:
         raise ValueError(
             f"harp vLLM plugin: this checkpoint uses HARP format version {harp.get('format_version')!r}; the "
-            f"installed harp-prune reads versions 1..{FORMAT_VERSION}. Upgrade harp-prune in the vLLM "
+            f"installed harp-prune serves versions {list(SERVED_FORMAT_VERSIONS)} in vLLM (it writes version "
+            f"{FORMAT_VERSION}). Upgrade harp-prune in the vLLM "
             "environment (pip install -U 'harp-prune[vllm]'), or load the folder with transformers "
             "(harp.load / trust_remote_code=True)."
         )
