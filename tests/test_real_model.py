@@ -96,3 +96,17 @@ def test_harp_prune_cli_small_budget_then_reload_same_perplexity(tmp_path):
     wt = e["scores"]["wikitext"]
     assert wt["samples"] == s["eval_tokens"]  # the same tokens, counted the same way
     assert wt["value"] == pytest.approx(s["ppl"]["harp"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_default_model_adds_no_bos_so_its_windows_are_unchanged(smollm2):
+    """SmolLM2's tokenizer adds no BOS token: harp's BOS-aware windows are exactly the plain text windows,
+    so every number measured on it before BOS-aware windows existed still holds."""
+    from harp.text import bos_token, calibration_windows, evaluation_windows
+
+    _, tok = smollm2
+    assert tok.bos_token_id == 1 and bos_token(tok) is None
+    ids = tokenize(tok, load_text(None, "wikitext2-valid"))
+    assert torch.equal(calibration_windows(ids, 8, 256, 0, bos=bos_token(tok)), calibration_windows(ids, 8, 256, 0))
+    ev = tokenize(tok, load_text(None, "wikitext2-raw-test"))
+    assert torch.equal(evaluation_windows(ev, 1024, 8192, bos=bos_token(tok)), ev[:8192].view(8, 1024))
