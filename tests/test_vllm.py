@@ -117,6 +117,7 @@ TINY_PLANS = {
     "gemma2": ([0, 3, 5], [0.7, 0.0, 0.4]),  # alpha folded into the attention-output norm; soft-capping
     "gemma3": ([0, 2, 5], [0.0, 0.5, 0.3]),  # sliding and global layers (window 8 < the prompts' length)
     "gemma": ([0, 3, 5], [0.6, 0.0, 0.2]),  # Gemma 1: (1 + w) norms, scaled embeddings, no extra norms
+    "llama_mha": ([1, 4, 5], [0.9, 0.0, 0.5]),  # LLaMA with attention_bias: pruned layers keep v and o biases
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 
@@ -157,12 +158,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tiny_pruned_matches_harp(vllm_python: Path, tiny_dir: Path, tmp_path: Path, family: str) -> None:
     path = tiny_dir / family
     layers, _ = TINY_PLANS[family]
-    if family == "qwen2":  # the point of this family: v biases survive the pruning
+    if family in ("qwen2", "llama_mha"):  # the point of these: v (and o) biases survive the pruning
         from safetensors import safe_open
 
         with safe_open(str(path / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
-        assert {f"model.layers.{i}.self_attn.v_proj.bias" for i in layers if i != 0} <= keys
+        linear = [i for i, a in zip(*TINY_PLANS[family], strict=True) if a != 0]
+        assert {f"model.layers.{i}.self_attn.v_proj.bias" for i in linear} <= keys
+        if family == "llama_mha":
+            assert {f"model.layers.{i}.self_attn.o_proj.bias" for i in linear} <= keys
     got = run_vllm(vllm_python, tmp_path, path, TINY_PROMPTS)
     want_tokens, want_lp = reference(path, TINY_PROMPTS)
     assert got["model_class"].startswith("Harp"), got["model_class"]
