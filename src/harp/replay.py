@@ -45,37 +45,45 @@ def capture_inputs(model: nn.Module, windows: torch.Tensor, start: int, batch_si
     arch = arch_for(model.config)
     stack = get_module(model, arch.layers)
     backbone = get_module(model, arch.backbone)
-    num = len(stack)
     dev = model_device(model)
     batches: list[Batch] = []
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(dev)
-        got: dict[int, tuple[tuple, dict]] = {}
-        hidden: list[torch.Tensor] = []
-
-        def make_hook(j: int, got: dict = got, hidden: list = hidden) -> Callable:
-            def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                h = args[0] if args else kwargs["hidden_states"]
-                rest = args[1:] if args else ()
-                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                got[j] = (rest, kw)
-                if j == start:
-                    hidden.append(h.detach().clone())
-                if j == num - 1:
-                    raise StopForward
-
-            return hook
-
-        handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(start, num)]
-        try:
-            backbone(input_ids=w, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        batches.append(Batch(w, hidden[0], got))
+        got, hidden = record_layer_calls(backbone, stack, w, start)
+        batches.append(Batch(w, hidden, got))
     return batches
+
+
+def record_layer_calls(
+    backbone: nn.Module, stack: nn.ModuleList, input_ids: torch.Tensor, start: int
+) -> tuple[dict[int, tuple[tuple, dict]], torch.Tensor]:
+    """One forward of `backbone` on `input_ids`, recording what every decoder layer >= `start` is called
+    with (the arguments after the hidden state: masks, rotary tables, cache flags) and a copy of the
+    hidden state entering layer `start`. Stops before the top layer runs: nothing above is needed."""
+    num = len(stack)
+    got: dict[int, tuple[tuple, dict]] = {}
+    hidden: list[torch.Tensor] = []
+
+    def make_hook(j: int) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            h = args[0] if args else kwargs["hidden_states"]
+            got[j] = (args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if j == start:
+                hidden.append(h.detach().clone())
+            if j == num - 1:
+                raise StopForward
+
+        return hook
+
+    handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(start, num)]
+    try:
+        backbone(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got, hidden[0]
 
 
 @torch.no_grad()

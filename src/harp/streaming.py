@@ -39,7 +39,7 @@ from torch import nn
 
 from .modeling import arch_for, get_module
 from .progress import Progress
-from .replay import Batch, StopForward, layer_output
+from .replay import Batch, layer_output, record_layer_calls
 from .search import SearchResult, digest_rows, run_search, tensor_digest
 
 ACTIVATIONS = ("device", "cpu", "disk")
@@ -343,31 +343,10 @@ class StreamedModel:
         try:
             for i in range(0, len(windows), batch_size):
                 w = windows[i : i + batch_size].to(self.device)
-                got: dict[int, tuple[tuple, dict]] = {}
-                first: list[torch.Tensor] = []
-
-                def make_hook(j: int, got: dict = got, first: list = first) -> Callable:
-                    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                        h = args[0] if args else kwargs["hidden_states"]
-                        got[j] = (args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-                        if j == 0:
-                            first.append(h)
-                        if j == num - 1:
-                            raise StopForward
-
-                    return hook
-
-                handles = [stack[j].register_forward_pre_hook(make_hook(j), with_kwargs=True) for j in range(num)]
-                try:
-                    backbone(input_ids=w, use_cache=False)
-                except StopForward:
-                    pass
-                finally:
-                    for h in handles:
-                        h.remove()
+                got, first = record_layer_calls(backbone, stack, w, 0)
                 windows_dev.append(w)
                 calls.append(got)
-                hidden.append(keep(first[0]))
+                hidden.append(keep(first))
         finally:
             for layer in stack:
                 del layer.forward
