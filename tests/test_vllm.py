@@ -118,6 +118,7 @@ TINY_PLANS = {
     "gemma3": ([0, 2, 5], [0.0, 0.5, 0.3]),  # sliding and global layers (window 8 < the prompts' length)
     "gemma": ([0, 3, 5], [0.6, 0.0, 0.2]),  # Gemma 1: (1 + w) norms, scaled embeddings, no extra norms
     "llama_mha": ([1, 4, 5], [0.9, 0.0, 0.5]),  # LLaMA with attention_bias: pruned layers keep v and o biases
+    "mistral": ([0, 1, 5], [0.0, 0.3, 0.6]),  # vLLM's MistralDecoderLayer for the unpruned layers
 }
 GEMMA = ("gemma", "gemma2", "gemma3")
 
