@@ -123,7 +123,8 @@ TINY_PLANS = {
 GEMMA = ("gemma", "gemma2", "gemma3")
 
 
-def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], **overrides) -> Path:
+def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], fit: bool = False,
+                    **overrides) -> Path:
     from tiny import VOCAB, byte_tokenizer, tiny_model
 
     kw = {**TINY, **overrides}
@@ -142,7 +143,11 @@ def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[flo
         model.eval()
     else:
         model = tiny_model(family, vocab_size=VOCAB, **kw)
-    harp.prune(model, layers=layers, alphas=alphas)
+    maps = None
+    if fit:  # the least-squares refit: arbitrary maps of the same shapes (and an o bias where o_proj has one)
+        calib = torch.randint(0, VOCAB, (6, 48), generator=torch.Generator().manual_seed(1))
+        maps = harp.fit_layers(model, calib, layers).maps
+    harp.prune(model, layers=layers, alphas=alphas, maps=maps)
     harp.save(model, path, tokenizer=byte_tokenizer())
     return path
 
@@ -176,6 +181,20 @@ def test_tiny_pruned_matches_harp(vllm_python: Path, tiny_dir: Path, tmp_path: P
     diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
     assert diff < LOGPROB_TOL, diff
     print(f"\ntiny {family}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama_mha"])
+def test_tiny_refit_matches_harp(vllm_python: Path, tmp_path: Path, family: str) -> None:
+    """A checkpoint whose pruned layers carry least-squares refit maps (harp prune's default) serves in vLLM
+    with harp's greedy tokens and prompt logprobs (v biases, and o biases where o_proj has one)."""
+    layers, alphas = TINY_PLANS[family]
+    path = tiny_checkpoint(tmp_path / f"{family}-refit", family, layers, [a if a == 0 else 1.0 for a in alphas],
+                           fit=True)
+    got = run_vllm(vllm_python, tmp_path, path, TINY_PROMPTS)
+    want_tokens, want_lp = reference(path, TINY_PROMPTS)
+    assert got["tokens"] == want_tokens
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
 
 
 def test_explicit_architecture_without_overriding_builtins(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
