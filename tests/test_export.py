@@ -343,6 +343,7 @@ def test_llamacpp_runs_tiny_gguf(llama_cpp_works: None, tmp_path: Path, family, 
     np.testing.assert_allclose(got, harp_logits(model).float().numpy(), atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.slow  # needs llama-cpp-python, like the other llama.cpp tests (the fast suite runs without it)
 def test_llamacpp_runs_refit_layers(llama_cpp_works: None, tmp_path: Path) -> None:
     """A refit layer (harp.fit_layers) is the same linear layer with another map: GGUF export and llama.cpp
     reproduce harp's logits, at layer 0, mid-stack and top, with an alpha-0 layer beside them."""
