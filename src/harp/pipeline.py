@@ -22,6 +22,7 @@ from .methods.scores import attention_drop_scores, pick
 from .modeling import LinearMap, decoder_layers, layer_indices
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
+from .preflight import check_prune
 from .search import SearchResult, parse_grid, search_alphas, top_layers
 from .stats import count_parameters, kv_bytes_after_prefill, removed_parameters
 from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
@@ -113,6 +114,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     """Search the alphas (unless given), prune, measure perplexity before/after, save if `out`."""
     t_start = time.perf_counter()
     s = settings
+    check_prune(s)  # every argument against the config / GGUF header / files, all problems at once: nothing loaded
     if s.threads:
         torch.set_num_threads(s.threads)
     out = check_output_dir(s.out, s.overwrite) if s.out else None

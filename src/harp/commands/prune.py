@@ -155,9 +155,9 @@ def prune_cmd(
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
     from harp.checkpoint import output_lock
-    from harp.preflight import check_prune, resumable
+    from harp.preflight import resumable
 
-    check_prune(settings)  # every argument against the config / GGUF header / files: nothing loaded yet
+    # run_prune checks every argument against the config / GGUF header / files before loading anything
     with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
         report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
     console.print(summary_table(report))
