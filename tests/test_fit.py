@@ -234,6 +234,7 @@ def test_run_prune_select_auto_picks_the_lower_calibration_perplexity(folder):
     cands = rep.selection["candidates"]
     picked = rep.selection["picked"]
     assert picked == min(cands, key=lambda r: cands[r]["calib_ppl"])
+    assert rep.selection["judged_on"] == "2 held-out calibration windows"  # not the windows the fit saw
     assert sorted(rep.layers) == cands[picked]["layers"]
 
 

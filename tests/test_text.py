@@ -40,6 +40,13 @@ def test_windows_start_with_bos_and_keep_their_shape():
     # without a BOS the windows are exactly the text, as before
     assert torch.equal(evaluation_windows(ids, 32, 96), ids[:96].view(3, 32))
     assert calibration_windows(ids, 2, 2, bos=1)[:, 0].tolist() == [1, 1]  # BOS + one text token: one target
+    # skip = n with the same seed: held-out windows, disjoint from the default ones
+    fit_w, held = calibration_windows(ids, 8, 32, seed=3), calibration_windows(ids, 4, 32, seed=3, skip=8)
+    assert not {tuple(r) for r in fit_w.tolist()} & {tuple(r) for r in held.tolist()}
+    both = {tuple(r) for r in calibration_windows(ids, 12, 32, seed=3).tolist()}
+    assert both == {tuple(r) for r in fit_w.tolist()} | {tuple(r) for r in held.tolist()}
+    with pytest.raises(ValueError, match="were asked for"):
+        calibration_windows(ids, 30, 32, skip=10)
 
 
 def test_bos_windows_through_the_library(toks):

@@ -236,7 +236,16 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         if s.select == "attention-drop":
             layers = any_depth
             log(f"selected by the Attention Drop score (any depth): layers {sorted(layers)}")
-        else:  # auto: prune both ways, keep the lower calibration perplexity
+        else:  # auto: prune both ways, keep the lower perplexity on held-out calibration windows
+            # windows of the calibration text the fit / search never saw: the fitting windows themselves
+            # favour whichever candidate overfits them most
+            n_held = max(2, s.calib_windows // 2)
+            try:
+                held = calibration_windows(tokenize(tok, calib_text), n_held, s.seq_len, s.seed, bos=bos,
+                                           skip=s.calib_windows)
+                held_desc = f"{n_held} held-out calibration windows"
+            except ValueError:
+                held, held_desc = calib, "the calibration windows (the text is too short for held-out ones)"
             cands: dict[str, dict[str, Any]] = {}
             made: dict[str, Any] = {}
             for rule, lays in (("top", layers), ("attention-drop", any_depth)):
@@ -244,17 +253,18 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
                     continue
                 if fit == "lstsq":
                     made[rule] = fit_on(lays)
-                    with temporarily_pruned(model, lays, [1.0] * k, made[rule].maps):
-                        cal = perplexity(model, calib, batch_size=s.batch_size).ppl
+                    plan_alphas, plan_maps = [1.0] * k, made[rule].maps
                 else:
                     made[rule] = search_on(model, lays, None)
-                    cal = made[rule].final_ppl
+                    plan_alphas, plan_maps = made[rule].alphas, None
+                with temporarily_pruned(model, lays, plan_alphas, plan_maps):
+                    cal = perplexity(model, held, batch_size=s.batch_size).ppl
                 cands[rule] = {"layers": sorted(lays), "calib_ppl": cal}
             picked = min(cands, key=lambda r: cands[r]["calib_ppl"])
             layers = sorted(cands[picked]["layers"], reverse=True)
             fitted, searched = (made[picked], None) if fit == "lstsq" else (None, made[picked])
-            selection.update(candidates=cands, picked=picked)
-            log("--select auto: calibration perplexity " + ", ".join(
+            selection.update(candidates=cands, picked=picked, judged_on=held_desc)
+            log(f"--select auto, perplexity on {held_desc}: " + ", ".join(
                 f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
         seconds["select"] = time.perf_counter() - t
 

@@ -140,20 +140,22 @@ def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
 
 
 def calibration_windows(
-    ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, *, bos: int | None = None
+    ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, *, bos: int | None = None, skip: int = 0
 ) -> torch.Tensor:
     """`n` distinct non-overlapping windows of `seq_len` tokens, chosen by a seeded permutation.
 
     With `bos` (see `bos_token`), every window starts with that token followed by `seq_len - 1` text
-    tokens, as the model sees a real prompt; the BOS position itself is never a prediction target."""
+    tokens, as the model sees a real prompt; the BOS position itself is never a prediction target.
+    `skip` passes over the first windows of the permutation: `skip=n` with the same seed gives windows
+    disjoint from the default ones (held-out calibration text, e.g. to choose between pruned models)."""
     available, per = _need(ids, n, seq_len, "calibration", bos)
-    if n > available:
+    if n + skip > available:
         raise ValueError(
             f"The calibration text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
-            f"but {n} were asked for. Use fewer windows, a shorter --seq-len, or more text."
+            f"but {n + skip} were asked for. Use fewer windows, a shorter --seq-len, or more text."
         )
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(available, generator=g)[:n].sort().values
+    pick = torch.randperm(available, generator=g)[skip : skip + n].sort().values
     return _with_bos(torch.stack([ids[i * per : (i + 1) * per] for i in pick.tolist()]), bos)
 
 

@@ -63,7 +63,8 @@ def summary_table(r: PruneReport) -> Table:
               + ("" if rule == "top" else f" (chosen by --select {rule})"))
     if r.selection.get("picked"):
         t.add_row("--select auto", ", ".join(f"{k} {c['calib_ppl']:.2f}" for k, c in r.selection["candidates"].items())
-                  + f" (calibration ppl): picked {r.selection['picked']}")
+                  + f" (ppl on {r.selection.get('judged_on', 'calibration windows')}): picked "
+                  f"{r.selection['picked']}")
     given = r.search.get("method") == "given"
     refit = r.method == "harp-ls"
     t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
