@@ -41,6 +41,7 @@ def test_prune_end_to_end_then_info(folder, tmp_path):
     assert set(summary["ppl"]) == {"original", "harp", "harp-ls", "alpha=1", "alpha=0"}
     assert summary["params_removed"] == summary["params_removed_predicted"] > 0
     assert summary["kv_reduction"] == pytest.approx(3 / 6)
+    assert [r["saving"] for r in summary["kv_at_contexts"]] == pytest.approx([3 / 6] * len(summary["kv_at_contexts"]))
     # checkpoint: weights, config, search log with every candidate, tokenizer
     log = json.loads((out / "search_log.json").read_text())
     assert len(log) == 3 * 3

@@ -179,3 +179,13 @@ def test_window_errors():
         evaluation_windows(ids, 128)
     assert evaluation_windows(ids, 32).shape == (3, 32)
     assert evaluation_windows(ids, 32, max_tokens=64).shape == (2, 32)
+
+
+def test_damaged_state_file_is_an_error_not_a_silent_restart(tmp_path):
+    """The library says a state file is damaged (the CLI's preflight says so too) instead of ignoring it."""
+    model = tiny_model("llama")
+    state = tmp_path / "state.json"
+    state.write_text('{"version": 1, "finger')
+    with pytest.raises(ValueError, match="is damaged: it is not JSON. Delete it"):
+        search_alphas(model, torch.randint(0, 128, (2, 16)), 2, grid=[0.0, 1.0], state_path=state)
+    assert state.exists()  # never deleted for the user

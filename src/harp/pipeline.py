@@ -17,7 +17,7 @@ from ._version import __version__
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
 from .fit import FitResult, check_fit_settings, fit_layers
-from .flops import parameter_count
+from .flops import kv_savings, parameter_count
 from .methods.scores import attention_drop_scores, pick
 from .modeling import LinearMap, decoder_layers, layer_indices
 from .models import DEFAULT_MODEL
@@ -93,6 +93,9 @@ class PruneReport:
     selection: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
     method: str = "harp"  # what the saved model is: "harp" (searched alphas) or "harp-ls" (refit)
+    # KV bytes before/after at the contexts every command states (2,048 tokens and the model's maximum),
+    # from the config: a sliding-window model's saving depends on the context
+    kv_at_contexts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def params_removed(self) -> int:
@@ -345,6 +348,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         selection=selection,
         fit=fit_info,
         method=method,
+        kv_at_contexts=kv_savings(model.config, None, dtype=s.dtype),
     )
     report.settings["grid"] = grid
     report.settings["calib_overlap"] = overlap

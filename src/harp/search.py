@@ -175,9 +175,10 @@ def _read_state(path: Path, fp: str) -> dict[str, Any] | None:
         return None
     try:
         state = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn write cannot happen (atomic replace); a foreign file is ignored
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fp:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # harp's writes are atomic: someone else's damage
+        raise ValueError(f"{path} (the saved progress of an interrupted search) is damaged: it is not JSON. "
+                         "Delete it to start the search over.") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != fp:
         raise ValueError(
             f"{path} holds the progress of a different search (other model, calibration text, layers or "
             "grid). Delete it to start over, or rerun with the original arguments to resume it."

@@ -41,16 +41,12 @@ def _ridge(s: str) -> float | str:
 def kv_row(r: PruneReport) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
     from the saved config; a sliding-window model's saving depends on the context."""
-    from harp.checkpoint import read_config
-    from harp.flops import kv_savings, kv_savings_text
-    from harp.plan import config_from_dict
+    from harp.flops import kv_savings_text
 
-    try:
-        cfg = config_from_dict(read_config(r.out))
-        return kv_savings_text(kv_savings(cfg, None, dtype=r.settings.get("dtype") or "float32"))
-    except (TypeError, ValueError, OSError):  # no saved folder: the measured prefill figure
-        return (f"{r.kv_bytes_before:,} -> {r.kv_bytes_after:,} bytes after a 16-token prefill "
-                f"(-{100 * (1 - r.kv_bytes_after / max(r.kv_bytes_before, 1)):.1f} %)")
+    if r.kv_at_contexts:
+        return kv_savings_text(r.kv_at_contexts)
+    return (f"{r.kv_bytes_before:,} -> {r.kv_bytes_after:,} bytes after a 16-token prefill "
+            f"(-{100 * (1 - r.kv_bytes_after / max(r.kv_bytes_before, 1)):.1f} %)")
 
 
 def summary_table(r: PruneReport) -> Table:
