@@ -388,7 +388,8 @@ def test_ctrl_c_during_search_then_resume_and_a_second_run_refuses(folder, tmp_p
     out = tmp_path / "run"
     state = tmp_path / ".run.harp-search.json"
     args = ["prune", "--model", folder, "--out", out, "--layers", "6", "--calib-windows", "4", "--seq-len", "64",
-            "--eval-tokens", "128", "--eval-seq-len", "64", "--grid", "0:1:0.02"]  # the search runs (references on)
+            "--eval-tokens", "128", "--eval-seq-len", "64", "--grid", "0:1:0.002"]  # 501 candidates: a search
+    # long enough (seconds per layer) that the second run and the SIGINT land while it runs, on an idle machine too
     code = "import sys; from harp.cli import main; sys.argv[0] = 'harp'; main()"
     env = {**os.environ, "HARP_NO_PROGRESS": "1"}
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
