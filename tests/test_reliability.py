@@ -392,8 +392,11 @@ def test_ctrl_c_during_search_then_resume_and_a_second_run_refuses(folder, tmp_p
     # long enough (seconds per layer) that the second run and the SIGINT land while it runs, on an idle machine too
     code = "import sys; from harp.cli import main; sys.argv[0] = 'harp'; main()"
     env = {**os.environ, "HARP_NO_PROGRESS": "1"}
+    # SIGINT back to its default in the child: a suite started in the background (`make test &`, a CI runner)
+    # hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not state.exists() and p.poll() is None and time.monotonic() < deadline:
