@@ -43,15 +43,13 @@ from .modeling import (
     layer_indices,
 )
 from .progress import Progress
-from .replay import Batch, capture_inputs, run_layers
+from .replay import Prepare, capture_inputs, run_layers
 
 FIT_METHODS = ("none", "lstsq")
 PRIORS = ("zero", "alpha")
 # relative ridge strengths tried by ridge="auto": λ = r · mean(diag(V Vᵀ))
 RIDGE_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 DEFAULT_FOLDS = 4
-
-Prepare = Callable[[int, Progress], tuple[list[Batch], int]]
 
 
 @dataclass
@@ -310,11 +308,9 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
         w0 = attn.o_proj.weight.detach().double().to(total.gram.device)
     else:
         w0 = fold_output(attn.o_proj.weight, geo["heads"], geo["kv_heads"], geo["head_dim"]).to(total.gram.device)
-    with_bias = total.gram.shape[0] == w0.shape[1] + 1
+    with_bias = attn.o_proj.bias is not None  # the statistics carry a constant-1 column exactly then
     if with_bias:
-        b0 = attn.o_proj.bias
-        b0 = torch.zeros(w0.shape[0], dtype=w0.dtype) if b0 is None else b0.detach().double()
-        w0 = torch.cat([w0, b0.to(w0.device)[:, None]], dim=1)
+        w0 = torch.cat([w0, attn.o_proj.bias.detach().double().to(w0.device)[:, None]], dim=1)
     unknowns = total.gram.shape[0]
     if total.tokens < unknowns:
         warnings.warn(
@@ -348,13 +344,13 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
             warnings.warn(f"Layer {idx}: V Vᵀ is singular or nearly so (condition {float(cond):.2g}); "
                           "the ridge keeps the fit solvable.", stacklevel=3)
     alpha = _best_alpha(total, w0)
+    calib_error = total.error(w) / target
     bias = None
     if with_bias:
         w, bias = w[:, :-1].contiguous(), w[:, -1].contiguous()
-    full = w if bias is None else torch.cat([w, bias[:, None]], dim=1)
     return LayerFit(
         layer=idx, ridge=r, prior=p,
-        calib_error=total.error(full) / target,
+        calib_error=calib_error,
         heldout_error=best[0] / target if search_cv else None,
         alpha=alpha, alpha_error=total.error(alpha * w0) / target, target=total.target,
         map=LinearMap(w.cpu(), None if bias is None else bias.cpu()),

@@ -33,6 +33,12 @@ class Batch:
     kwargs: dict[int, tuple[tuple, dict]]  # per layer >= start: (args after hidden, kwargs)
 
 
+
+# What a search or a fit needs to begin with: the batches entering layer `lo` and how many decoder-layer
+# passes producing them took. In memory that is `capture_inputs`; the streamed model streams its bottom
+# layers (harp.streaming).
+Prepare = Callable[[int, Any], tuple[list[Batch], int]]
+
 def layer_output(out: Any) -> torch.Tensor:
     """The hidden state a decoder layer returns (transformers returns a tensor or a tuple)."""
     return out[0] if isinstance(out, tuple) else out

@@ -30,7 +30,7 @@ from .core import temporarily_pruned
 from .modeling import LinearMap, arch_for, get_module
 from .perplexity import perplexity
 from .progress import Progress
-from .replay import Batch, capture_inputs, run_layers, tail_nll
+from .replay import Batch, Prepare, capture_inputs, run_layers, tail_nll
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 STATE_VERSION = 1
@@ -214,11 +214,6 @@ def search_alphas(
         state_path=state_path, progress=progress, callback=callback, maps=maps,
     )
 
-
-# What a search needs to begin with: the batches (residual stream entering layer `lo` and the arguments of
-# the layers above) and how many decoder-layer passes producing them took. The in-memory search runs the
-# model (`capture_inputs`); the streamed search (harp.streaming) runs the bottom layers one at a time.
-Prepare = Callable[[int, Progress], tuple[list[Batch], int]]
 
 
 def run_search(
