@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 import harp.compare as compare_mod
 from harp.cli import get_app
-from harp.compare import CompareSettings, layers_str, run_compare
+from harp.compare import CompareSettings, run_compare
 from harp.methods import METHODS, Selector
 from harp.models import load_model
 from harp.perplexity import perplexity
+from harp.report.compare import layers_str
 from harp.text import calibration_windows, evaluation_windows, load_text, tokenize
 
 WORDS = ("the model prunes attention in high layers and rescales what is left so that perplexity stays low "
