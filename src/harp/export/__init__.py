@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .deci import DeciModel, ExportError, check_exportable, deci_config, layer_kinds, to_deci
+from .deci import DeciModel, ExportError, check_exportable, deci_config, deci_kinds, to_deci
 from .gguf_writer import DTYPES as GGUF_DTYPES
 from .gguf_writer import write_gguf
 
@@ -35,7 +35,7 @@ __all__ = [
     "export",
     "export_deci",
     "export_gguf",
-    "layer_kinds",
+    "deci_kinds",
     "to_deci",
 ]
 
@@ -198,7 +198,8 @@ def export(
             overwrite=overwrite,
             name=name,
         )
-    return path, layer_kinds(model)
+    kinds = deci_kinds(model.config)
+    return path, {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in ("attention", "linear", "no_op")}
 
 
 def _check_out(fmt: str, out: str | os.PathLike[str], overwrite: bool) -> None:

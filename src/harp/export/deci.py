@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..flops import ATTENTION, LINEAR, NONE, layer_kinds
+
 DECI_ARCHITECTURE = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -63,13 +65,14 @@ class DeciModel:
     harp: dict[str, Any] = field(default_factory=dict)
 
 
-def _layer_kind(attn: nn.Module) -> str:
-    """Duck-typed, so it also recognises modules of a checkpoint loaded through remote code."""
-    if hasattr(attn, "q_proj"):
-        return "attention"
-    if hasattr(attn, "v_proj") and hasattr(attn, "o_proj"):
-        return "linear"
-    return "no_op"
+# DeciLM's name for each kind of attention sub-layer (`harp.flops.layer_kinds`): a pruned layer with
+# alpha = 0 is DeciLM's `no_op`
+DECI_KINDS = {ATTENTION: "attention", LINEAR: "linear", NONE: "no_op"}
+
+
+def deci_kinds(config: Any) -> list[str]:
+    """Per decoder layer, its DeciLM attention kind ("attention", "linear" or "no_op")."""
+    return [DECI_KINDS[k] for k in layer_kinds(config)]
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:
@@ -190,9 +193,8 @@ def _linear_bias(attn: nn.Module) -> torch.Tensor | None:
 def _layer_problems(model: nn.Module, ffn_multiple_of_256: bool) -> list[str]:
     problems: list[str] = []
     layers = model.model.layers
-    for i, layer in enumerate(layers):
+    for i, (layer, kind) in enumerate(zip(layers, deci_kinds(model.config), strict=True)):
         attn = layer.self_attn
-        kind = _layer_kind(attn)
         if kind == "attention":
             extra = [n for n in ("q_norm", "k_norm") if isinstance(getattr(attn, n, None), nn.Module)]
             if extra:
@@ -255,10 +257,10 @@ def to_deci(model: nn.Module, *, ffn_multiple_of_256: bool = True) -> DeciModel:
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": base.embed_tokens.weight.detach()}
     layers: list[DeciLayer] = []
     attention_bias = False
-    for i, layer in enumerate(base.layers):
+    kinds = deci_kinds(cfg)
+    for i, (layer, kind) in enumerate(zip(base.layers, kinds, strict=True)):
         p = f"model.layers.{i}."
         attn = layer.self_attn
-        kind = _layer_kind(attn)
         if kind != "no_op":
             t[p + "input_layernorm.weight"] = layer.input_layernorm.weight.detach()
         if kind == "attention":
@@ -276,9 +278,9 @@ def to_deci(model: nn.Module, *, ffn_multiple_of_256: bool = True) -> DeciModel:
             t[p + f"mlp.{n}.weight"] = getattr(mlp, n).weight.detach()
         layers.append(DeciLayer(kind, mlp.gate_proj.weight.shape[0]))
     if attention_bias:  # the format has one switch for q/k/v/o biases: give missing ones zeros
-        for i, layer in enumerate(base.layers):
+        for i, (layer, kind) in enumerate(zip(base.layers, kinds, strict=True)):
             attn = layer.self_attn
-            if _layer_kind(attn) != "attention":
+            if kind != "attention":
                 continue
             for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 lin = getattr(attn, n)
@@ -367,11 +369,3 @@ def deci_config(d: DeciModel, dtype: torch.dtype) -> dict[str, Any]:
     if d.harp:
         cfg["harp"] = {"layers": d.harp.get("layers", []), "alphas": d.harp.get("alphas", [])}
     return cfg
-
-
-def layer_kinds(model: nn.Module) -> dict[str, list[int]]:
-    """Decoder layer indices by DeciLM attention kind ("attention", "linear", "no_op")."""
-    out: dict[str, list[int]] = {"attention": [], "linear": [], "no_op": []}
-    for i, layer in enumerate(model.model.layers):
-        out[_layer_kind(layer.self_attn)].append(i)
-    return out
