@@ -25,6 +25,7 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoint import atomic_dir, check_output_dir, write_json_atomic
+from .core import check_k
 from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
 from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
 from .modeling import decoder_layers
@@ -146,8 +147,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
         raise ValueError(f"{s.model} is already HARP-pruned: compare methods on the original model.")
     num = len(decoder_layers(model))
     for k in ks:
-        if not 1 <= k < num:
-            raise ValueError(f"--layers {k}: choose between 1 and {num - 1} for this {num}-layer model.")
+        check_k(k, num, keep_one=True)  # whole-layer methods are among those compared
     seconds["load"] = time.perf_counter() - t
     name = s.model or DEFAULT_MODEL
     log(f"model: {name} ({type(model).__name__}, {num} layers, {count_parameters(model) / 1e6:.1f} M parameters)")

@@ -12,6 +12,20 @@ from torch import nn
 from .modeling import FORMAT_VERSION, LinearMap, arch_for, get_module, prune_layer, validate_plan
 
 
+def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k") -> int:
+    """The number of layers to prune, checked against the model's `num_layers`: a whole number from 1
+    to `num_layers` (every attention sub-layer may become a HARP layer), or to `num_layers - 1` with
+    `keep_one` (methods that remove whole layers, and `harp compare`, which sets them side by side at
+    equal k: a model keeps at least one layer). Returns k; raises ValueError naming `name`."""
+    top = num_layers - 1 if keep_one else num_layers
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+        if keep_one:
+            raise ValueError(f"{name} = {k!r} layers: choose between 1 and {top} for this {num_layers}-layer model "
+                             "(whole layers are removed, and a model keeps at least one).")
+        raise ValueError(f"{name} = {k!r} layers must be between 1 and the model's {num_layers} layers.")
+    return k
+
+
 def pruned_plan(model: nn.Module) -> dict[str, Any]:
     """The HARP block of a model: {'format_version', 'layers', 'alphas'} (empty lists if unpruned)."""
     harp = getattr(model.config, "harp", None) or {}

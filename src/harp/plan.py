@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .core import check_k
 from .flops import dtype_bytes, kv_cache_bytes_expected, parameter_count
 from .modeling import arch_for, attention_geometry
 from .stats import attention_parameters, removed_parameters
@@ -153,8 +154,7 @@ def search_memory(
     peak phase ('phase': 'cache' or 'search', as an int flag 0/1)."""
     arch_for(config)
     layers = config.num_hidden_layers
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layers:
-        raise ValueError(f"--layers {k!r}: must be between 1 and the model's {layers} layers.")
+    check_k(k, layers)
     if batch_size < 1 or chunk_tokens < 1:
         raise ValueError("batch size and chunk tokens must be positive.")
     if activations not in ("device", "cpu", "disk"):

@@ -444,12 +444,7 @@ def check_layer_choice(
         if dup:
             out.add(f"--layer-ids repeats {dup}: layer indices must be distinct.")
     else:
-        kk = 8 if k is None else k
-        if isinstance(kk, bool) or not isinstance(kk, int) or kk < 1 or (n is not None and kk > n):
-            out.add(f"{k_flag} {kk}: k = {kk} layers must be between 1 and the model's "
-                    f"{n if n is not None else 'number of'} layers.")
-        else:
-            count = kk
+        count = _check_k(8 if k is None else k, n, out, k_flag)
     if alphas is not None:
         bad_a = [a for a in alphas if not math.isfinite(a)]
         if bad_a:
@@ -457,6 +452,22 @@ def check_layer_choice(
         if count is not None and len(alphas) != count:
             out.add(f"--alphas gives {len(alphas)} values for {count} layers (one per layer, top layer first).")
     return count
+
+
+def _check_k(k: Any, n: int | None, out: Collector, flag: str, keep_one: bool = False) -> int | None:
+    """`core.check_k` as a problem naming the flag; with the layer count unknown (a hub id, checked
+    again once its config is loaded) only whether k is a positive whole number."""
+    from .core import check_k
+
+    try:
+        if n is not None:
+            return check_k(k, n, keep_one=keep_one)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k = {k!r} layers must be between 1 and the model's number of layers.")
+        return k
+    except ValueError as e:
+        out.add(f"{flag} {k}: {e}")
+        return None
 
 
 def check_positive(out: Collector, **values: int | None) -> None:
@@ -741,8 +752,7 @@ def check_compare(s: Any) -> ModelInfo | None:
     info = model_or_problem(s.model, out, "compare on the original model.")
     n = info.num_layers if info else None
     for k in s.ks or []:
-        if n is not None and not 1 <= k <= n:
-            out.add(f"--layers {k}: k must be between 1 and the model's {n} layers.")
+        _check_k(k, n, out, "--layers", keep_one=True)  # as run_compare: whole-layer methods are compared
     check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
     if s.eval_tokens is not None and s.eval_tokens < s.eval_seq_len:

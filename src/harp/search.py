@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .checkpoint import write_json_atomic
-from .core import temporarily_pruned
+from .core import check_k, temporarily_pruned
 from .modeling import LinearMap, arch_for, get_module
 from .perplexity import perplexity
 from .progress import Progress
@@ -116,8 +116,7 @@ def parse_grid(spec: str | Sequence[float] | None) -> list[float]:
 
 def top_layers(num_layers: int, k: int) -> list[int]:
     """The top k decoder layers, top first. Raises for k outside 1..num_layers."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers:
-        raise ValueError(f"k = {k!r} layers: must be between 1 and the model's {num_layers} layers.")
+    check_k(k, num_layers)
     return list(range(num_layers - 1, num_layers - 1 - k, -1))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import temporarily_pruned
+from ..core import check_k, temporarily_pruned
 from ..fit import LayerFit, fit_layers
 from ..modeling import LinearMap, decoder_layers
 from ..perplexity import perplexity
@@ -243,8 +243,7 @@ class Selector:
     def select(self, method: str, k: int) -> Plan:
         (method,) = parse_methods([method])
         n = self.num_layers
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
-            raise ValueError(f"k = {k!r}: choose between 1 and {n - 1} layers for this {n}-layer model.")
+        check_k(k, n, keep_one=True)  # whole-layer methods are among those compared at this k
         top = top_layers(n, k)
         if method == "no-rescale":
             return Plan(method, "attention", top, [1.0] * k)

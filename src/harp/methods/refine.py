@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import temporarily_pruned
+from ..core import check_k, temporarily_pruned
 from ..fit import fit_layers
 from ..modeling import arch_for, get_module
 from ..perplexity import perplexity
@@ -213,9 +213,7 @@ def auto_k(
     if not (max_increase > 0 and math.isfinite(max_increase)):
         raise ValueError(f"max_increase must be a positive fraction (got {max_increase}).")
     num = len(get_module(model, arch_for(model.config).layers))
-    max_k = num - 1 if max_k is None else int(max_k)
-    if not 1 <= max_k <= num:
-        raise ValueError(f"--max-k {max_k}: must be between 1 and the model's {num} layers.")
+    max_k = num - 1 if max_k is None else check_k(max_k, num, keep_one=True, name="max_k")  # harp compare's k
     t0 = time.perf_counter()
     base = perplexity(model, windows, batch_size=batch_size, chunk_tokens=chunk_tokens).ppl
     budget = base * (1.0 + max_increase)

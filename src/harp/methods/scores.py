@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import check_k
 from ..modeling import HarpLinearAttention, HarpNoAttention, arch_for, get_module
 from ..perplexity import model_device
 from ..replay import layer_output
@@ -158,7 +159,6 @@ def block_influence(model: nn.Module, windows: torch.Tensor, batch_size: int = 4
 def pick(scores: list[float], k: int, highest: bool) -> list[int]:
     """Indices of the k highest (or lowest) scores; ties broken by the higher layer index (for a
     pruning rule the higher layer is the conventional, cheaper-to-lose choice)."""
-    if not 1 <= k <= len(scores):
-        raise ValueError(f"k = {k}: must be between 1 and the model's {len(scores)} layers.")
+    check_k(k, len(scores))
     order = sorted(range(len(scores)), key=lambda i: ((-scores[i]) if highest else scores[i], -i))
     return order[:k]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import check_k
 from ..modeling import arch_for, get_module
 from ..perplexity import perplexity
 from ..progress import Progress
@@ -56,8 +57,7 @@ def sleb(
     left unchanged. `callback(step, layer, ppl)` is called after each removal."""
     arch = arch_for(model.config)
     num = len(get_module(model, arch.layers))
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < num:
-        raise ValueError(f"k = {k!r}: SLEB can remove between 1 and {num - 1} of this model's {num} layers.")
+    check_k(k, num, keep_one=True)
     if method not in ("cached", "naive"):
         raise ValueError(f"Unknown SLEB method {method!r}: use 'cached' or 'naive'.")
     if windows.dim() != 2 or windows.shape[1] < 2:
