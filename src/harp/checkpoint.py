@@ -3,16 +3,11 @@ transformers (`trust_remote_code=True`) through modeling code written next to th
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
-import socket
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +15,7 @@ import torch
 from torch import nn
 
 from . import modeling
+from ._io import atomic_dir, check_output_dir, output_lock, write_json_atomic  # noqa: F401  (re-exported)
 from ._version import __version__
 from .core import pruned_plan
 
@@ -42,120 +38,9 @@ HarpForCausalLM = harp_model_class({base})
 '''
 
 
-def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Refuse to write into an existing non-empty directory unless `overwrite`; fail early if the
-    parent is not writable. Returns the resolved path. Nothing is written."""
-    out = Path(path).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"Output path {out} exists and is not a directory. Choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output directory {out} already exists and is not empty. Choose another path, or pass "
-            "overwrite=True (CLI: --overwrite) to replace it."
-        )
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"Cannot write to {probe}: choose an output directory you can write to.")
-    return out
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` in one rename.
-
-    An interrupted write leaves only a hidden `.NAME.tmp-*` folder, never a half-written `path`.
-    """
-    out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _readable_by_all(tmp)
-        if out.exists():
-            # one atomic step where the OS has it: a kill at any moment leaves the old folder or the new one
-            if _rename_exchange(tmp, out):
-                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-            else:
-                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def _readable_by_all(folder: Path) -> None:
-    """Files as the user's umask makes them (0644 usually): some writers (safetensors) create 0600 files."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for f in folder.rglob("*"):
-        if f.is_file() and not f.is_symlink():
-            f.chmod(0o666 & ~mask)
-
-
-@contextmanager
-def output_lock(path: str | os.PathLike[str], what: str = "harp prune") -> Iterator[Path]:
-    """Hold an exclusive lock on an output path for the whole run: a second run on the same output
-    refuses at once instead of interleaving its search state and checkpoint with the first one's.
-
-    The lock is an flock on `.NAME.harp-lock` next to the output, so a run killed with -9 leaves no
-    stale lock behind (the file may stay; the lock dies with the process)."""
-    out = Path(path).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.parent / f".{out.name}.harp-lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise FileExistsError(
-                f"{out} is being written by another run ({holder}): wait for it to finish, or choose another "
-                "--out. Two runs on one output would mix their search state and checkpoint."
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{what}, pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        try:
-            yield lock
-        finally:
-            os.ftruncate(fd, 0)
-            try:
-                os.remove(lock)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prepare_for_save(model: nn.Module) -> None:
-    # A model dequantised from GGUF refuses save_pretrained while its quantizer marker is set.
+def prepare_for_save(model: nn.Module) -> None:
+    """Clear the quantizer markers of a model dequantised from GGUF: it refuses save_pretrained while
+    they are set."""
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -204,7 +89,7 @@ def save(
     out_recipe.update(recipe or {})
     try:
         with atomic_dir(path, overwrite) as tmp:
-            _prepare_for_save(model)
+            prepare_for_save(model)
             model.config.harp = plan
             model.config.auto_map = {"AutoModelForCausalLM": "modeling_harp.HarpForCausalLM"}
             try:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import StateMismatch, atomic_dir, check_output_dir, read_state, write_json_atomic
 from ._version import __version__
-from .checkpoint import atomic_dir, check_output_dir, write_json_atomic
 from .core import check_k
 from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
 from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
@@ -166,17 +166,15 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
     fp = _fingerprint(s, model)
     rows: dict[str, dict[str, Any]] = {}
     extra: dict[str, Any] = {}
-    if state_file is not None and state_file.is_file():
-        try:
-            st = json.loads(state_file.read_text())
-        except json.JSONDecodeError:
-            st = {}
-        if st.get("version") == STATE_VERSION and st.get("fingerprint") == fp:
-            rows = st.get("rows", {})
-            extra = st.get("extra", {})
-            log(f"resuming: {len(rows)} row(s) already measured ({state_file})")
-        else:
-            log(f"ignoring {state_file}: it belongs to a different comparison")
+    try:
+        st = read_state(state_file, STATE_VERSION, fp)
+    except StateMismatch:
+        st = None
+        log(f"ignoring {state_file}: it belongs to a different comparison")
+    if st is not None:
+        rows = st.get("rows", {})
+        extra = st.get("extra", {})
+        log(f"resuming: {len(rows)} row(s) already measured ({state_file})")
 
     def save_state() -> None:
         if state_file is not None:

@@ -34,7 +34,6 @@ ATTENTION = "attention"  # an original attention sub-layer
 LINEAR = "linear"  # HARP identity attention, alpha != 0: v_proj + folded o_proj
 NONE = "none"  # HARP alpha == 0: no attention sub-layer
 
-_DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "float64": 8}
 
 
 def _plan(config: Any, harp: Mapping[str, Any] | None) -> dict[int, float]:
@@ -174,12 +173,11 @@ def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) 
 
 def dtype_bytes(dtype: Any) -> int:
     """Bytes per element of a torch dtype or a dtype name ('float32', 'bf16', ...)."""
+    from .models import torch_dtype
+
     if hasattr(dtype, "itemsize"):
         return int(dtype.itemsize)
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPE_BYTES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPE_BYTES))}.")
-    return _DTYPE_BYTES[name]
+    return torch_dtype(str(dtype).removeprefix("torch.")).itemsize
 
 
 def kv_cache_bytes_expected(

@@ -49,9 +49,10 @@ def default_model_dir() -> Path:
         return out
     gguf = _default_gguf()
     model, tok = _convert_gguf(gguf, torch.float32)
-    from .checkpoint import _prepare_for_save, atomic_dir
+    from ._io import atomic_dir
+    from .checkpoint import prepare_for_save
 
-    _prepare_for_save(model)
+    prepare_for_save(model)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -115,14 +116,15 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import _prepare_for_save, atomic_dir, write_json_atomic
+    from ._io import atomic_dir, write_json_atomic
+    from .checkpoint import prepare_for_save
 
     cached = converted_gguf(path)
     if cached is not None:
         model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
         return model, AutoTokenizer.from_pretrained(str(cached))
     model, tok = _convert_gguf(path, torch.float32)
-    _prepare_for_save(model)
+    prepare_for_save(model)
     folder = gguf_cache_folder(path)
     st = Path(path).stat()
     try:
@@ -188,16 +190,23 @@ def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
     return str(source)  # a hub id; works only online
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+# The one dtype table: every name harp accepts for a dtype (loading, the streamed search, the memory
+# planner's byte counts; the exports' short names point into it).
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A torch dtype from a name in `DTYPES` (or a torch dtype as it is); None is float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
+    if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
-    return table[dtype]
+    return DTYPES[dtype]
 
 
 def load_model(
@@ -216,13 +225,13 @@ def load_model(
     from .checkpoint import load as load_harp
 
     src = resolve_model_source(source)
-    dt = _dtype(dtype)
+    dt = torch_dtype(dtype)
     p = Path(src)
     if p.is_file() and p.suffix == ".gguf":
         model, tok = _load_gguf(p, dt)
-        from .checkpoint import _prepare_for_save
+        from .checkpoint import prepare_for_save
 
-        _prepare_for_save(model)
+        prepare_for_save(model)
     elif p.is_dir() and is_harp_checkpoint(p):
         model = load_harp(p, dtype=dt, attn_implementation=attn_implementation)
         tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None

@@ -658,7 +658,7 @@ def check_search_state(state: Path, order: list[int] | None, grid: list[float] |
 
 def check_prune(s: Any) -> ModelInfo | None:
     """Everything `harp prune` / `harp.run_prune` can know before loading weights. Raises Problems."""
-    from .models import _dtype
+    from .models import torch_dtype
     from .pipeline import SELECTIONS, state_file_for
 
     out = Collector()
@@ -683,7 +683,7 @@ def check_prune(s: Any) -> ModelInfo | None:
     from .fit import check_fit_settings
 
     out.run(check_fit_settings, getattr(s, "fit", "none"), getattr(s, "ridge", "auto"), getattr(s, "fit_prior", "auto"))
-    out.run(_dtype, s.dtype)
+    out.run(torch_dtype, s.dtype)
     if s.threads is not None and s.threads < 1:
         out.add(f"--threads {s.threads}: must be at least 1.")
     from .text import DEFAULT_CALIB, DEFAULT_EVAL

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import write_json_atomic
+from ._io import StateMismatch, read_state, write_json_atomic
 from .core import check_k, temporarily_pruned
 from .modeling import LinearMap, arch_for, get_module
 from .perplexity import perplexity
@@ -170,19 +170,16 @@ def fingerprint(
 
 
 def _read_state(path: Path, fp: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
     try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):  # harp's writes are atomic: someone else's damage
-        raise ValueError(f"{path} (the saved progress of an interrupted search) is damaged: it is not JSON. "
-                         "Delete it to start the search over.") from None
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != fp:
+        return read_state(path, STATE_VERSION, fp)
+    except StateMismatch as e:
+        if e.damaged:
+            raise ValueError(f"{path} (the saved progress of an interrupted search) is damaged: it is not JSON. "
+                             "Delete it to start the search over.") from None
         raise ValueError(
             f"{path} holds the progress of a different search (other model, calibration text, layers or "
             "grid). Delete it to start over, or rerun with the original arguments to resume it."
-        )
-    return state
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------

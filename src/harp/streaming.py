@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .modeling import arch_for, get_module
+from .models import torch_dtype
 from .progress import Progress
 from .replay import Batch, layer_output, record_layer_calls
 from .search import SearchResult, digest_rows, run_search, tensor_digest
@@ -76,12 +77,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible.")
     return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    from .models import _dtype
-
-    return _dtype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ class StreamedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = streamable_folder(source)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = torch_dtype(dtype)
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(str(self.folder))
         if getattr(config, "harp", None):
@@ -397,7 +392,7 @@ def load_on_device(
         p = Path(src)
         if not (p.is_file() or (p.is_dir() and is_harp_checkpoint(p))):  # GGUF / HARP checkpoints: one GPU
             model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=resolve_dtype(dtype), device_map="auto", offload_folder=str(cache_dir() / "offload")
+                src, dtype=torch_dtype(dtype), device_map="auto", offload_folder=str(cache_dir() / "offload")
             ).eval()
             model.harp_source = str(source) if source is not None else src
             return model, (AutoTokenizer.from_pretrained(src) if with_tokenizer else None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -301,25 +300,19 @@ def output_paths(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[st
     return paths
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_bench(
     result: dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False, plot: bool = True
 ) -> dict[str, Path]:
     """Write bench.json, bench.md (the Markdown table) and bench.png into `out_dir`, each atomically;
     refuse to clobber existing ones unless `overwrite`. Returns the paths written."""
-    from ..checkpoint import write_json_atomic
+    from .._io import write_json_atomic, write_text_atomic
 
     paths = output_paths(out_dir, overwrite)
     if plot:
         check_plot_available()
     paths["json"].parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(paths["json"], result)
-    _write_text_atomic(paths["table"], bench_table(result) + "\n")
+    write_text_atomic(paths["table"], bench_table(result) + "\n")
     written = {"json": paths["json"], "table": paths["table"]}
     if plot:
         written["png"] = plot_bench(result, paths["png"])

@@ -33,8 +33,8 @@ def analyze_cmd(
     Attention Drop / ShortGPT scores, as a table, a Markdown/JSON file and a PNG plot."""
     import torch
 
+    from harp._io import atomic_dir, write_json_atomic
     from harp.analyze import analyze
-    from harp.checkpoint import atomic_dir, write_json_atomic
     from harp.models import load_model
     from harp.report.analyze import analyze_markdown, plot_analyze
     from harp.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize

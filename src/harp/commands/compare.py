@@ -98,7 +98,7 @@ def compare_cmd(
         threads=threads, out=str(out), overwrite=overwrite,
         command="harp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None,
     )
-    from harp.checkpoint import output_lock
+    from harp._io import output_lock
     from harp.preflight import check_compare
 
     check_compare(settings)  # the model's config, k, grid, texts and output, before any weight is read

@@ -47,7 +47,7 @@ def eval_cmd(
     """Evaluate one model: WikiText-2 perplexity by default, lm-eval tasks with --tasks."""
     import torch
 
-    from harp.checkpoint import write_json_atomic
+    from harp._io import write_json_atomic
     from harp.evaluate import evaluate, parse_limit, resolve_tasks
     from harp.models import load_model
     from harp.preflight import check_eval

@@ -151,7 +151,7 @@ def prune_cmd(
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
-    from harp.checkpoint import output_lock
+    from harp._io import output_lock
     from harp.preflight import resumable
 
     # run_prune checks every argument against the config / GGUF header / files before loading anything
@@ -159,6 +159,6 @@ def prune_cmd(
         report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
     console.print(summary_table(report))
     if json_out is not None:
-        from harp.checkpoint import write_json_atomic
+        from harp._io import write_json_atomic
 
         write_json_atomic(json_out, report.to_dict())

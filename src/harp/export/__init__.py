@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import DTYPES
 from .deci import DeciModel, ExportError, check_exportable, deci_config, deci_kinds, to_deci
 from .gguf_writer import DTYPES as GGUF_DTYPES
 from .gguf_writer import write_gguf
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 FORMATS = ("deci", "gguf")
-DECI_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DECI_DTYPES = {"f32": DTYPES["float32"], "f16": DTYPES["float16"], "bf16": DTYPES["bfloat16"]}  # the short names
 _SHARD_BYTES = 5 * 2**30
 
 
@@ -91,7 +92,7 @@ def export_deci(
         dtype: "f32", "f16" or "bf16"; default keeps the model's dtype.
         source_dir: the model's folder, to copy `generation_config.json` from.
     """
-    from ..checkpoint import atomic_dir, write_json_atomic
+    from .._io import atomic_dir, write_json_atomic
 
     if dtype is not None and dtype not in DECI_DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r} for --format deci; use one of {', '.join(DECI_DTYPES)}.")
@@ -166,7 +167,7 @@ def export(
     is_gguf = src_path.is_file() and src_path.suffix == ".gguf"
     # Load in the precision that is written (the whole model is resident while exporting): f32 unless
     # the output is 16-bit anyway; q8_0 is quantised from f32.
-    load_dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype or "", torch.float32)
+    load_dtype = DECI_DTYPES.get(dtype or "", torch.float32)  # a GGUF quantisation (q8_0) loads in float32
     model, tok = load_model(source, dtype=load_dtype, with_tokenizer=is_gguf)
     if not is_gguf:
         tok = saved_tokenizer(src)
@@ -204,7 +205,7 @@ def export(
 
 def _check_out(fmt: str, out: str | os.PathLike[str], overwrite: bool) -> None:
     """Fail before loading the model if the output cannot be written."""
-    from ..checkpoint import check_output_dir
+    from .._io import check_output_dir
 
     p = Path(out).expanduser()
     if fmt == "deci":

@@ -6,9 +6,10 @@ dataclasses and computes nothing new; matplotlib is imported only when a plot is
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
+
+from .._io import atomic_file
 
 
 def check_plot_available() -> None:
@@ -43,11 +44,9 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_file(path, suffix=".png") as tmp:  # savefig picks the format by the extension
+            fig.savefig(tmp, dpi=dpi)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
