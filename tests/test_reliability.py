@@ -28,7 +28,7 @@ from tiny import tiny_folder, tiny_model
 from typer.testing import CliRunner
 
 import harp
-from harp import preflight
+from harp import preflight, sources
 from harp.checkpoint import RECIPE_FILE, output_lock
 from harp.cli import get_app
 from harp.search import MAX_GRID, parse_grid
@@ -350,8 +350,8 @@ def test_harp_block_reader_property(version, layers, alphas):
     if version is not None:
         block["format_version"] = version
     try:
-        got_layers, got_alphas = preflight.check_harp_block(block, 6, "cfg.json")
-    except preflight.Problems as e:
+        got_layers, got_alphas = sources.check_harp_block(block, 6, "cfg.json")
+    except sources.Problems as e:
         assert e.problems and all(p.startswith("cfg.json: ") for p in e.problems)
         return
     # accepted: exactly a well-formed block

@@ -134,7 +134,7 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from .preflight import read_json_config
+    from .sources import read_json_config
 
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
@@ -163,7 +163,7 @@ def load(
     """
     import transformers
 
-    from .preflight import check_complete
+    from .sources import check_complete
 
     path = Path(path).expanduser()
     cfg = read_config(path)

@@ -66,7 +66,7 @@ def _convert_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """Dequantise a GGUF with transformers' reader (slow: about a minute for 1 GB on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .preflight import read_gguf_header
+    from .sources import read_gguf_header
 
     read_gguf_header(path)  # one clear error naming the file for a truncated or non-GGUF file
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -97,7 +97,7 @@ def gguf_cache_folder(path: str | os.PathLike[str]) -> Path:
 
 def converted_gguf(path: str | os.PathLike[str]) -> Path | None:
     """The cached safetensors folder of a GGUF file, if one was converted before (and is complete)."""
-    from .preflight import check_weight_files
+    from .sources import check_weight_files
 
     folder = gguf_cache_folder(path)
     if not (folder / GGUF_SOURCE_FILE).is_file():
@@ -238,7 +238,7 @@ def load_model(
     else:
         if p.is_dir():  # a damaged folder is one error naming the file, not a loader traceback
             from .checkpoint import read_config
-            from .preflight import check_complete
+            from .sources import check_complete
 
             check_complete(p, read_config(p))
         kw: dict[str, Any] = {"dtype": dt}

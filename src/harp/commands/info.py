@@ -15,7 +15,7 @@ from harp.checkpoint import RECIPE_FILE, read_config
 def describe(path: str | Path) -> dict:
     """A dict describing a checkpoint folder (no weights are loaded). A damaged folder (truncated weights,
     a malformed harp block, a half-written save) is an error naming the file, not a description."""
-    from harp.preflight import check_complete
+    from harp.sources import check_complete
 
     path = Path(path)
     cfg = read_config(path)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -152,7 +157,6 @@ def prune_cmd(
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
     from harp._io import output_lock
-    from harp.preflight import resumable
 
     # run_prune checks every argument against the config / GGUF header / files before loading anything
     with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
@@ -162,3 +166,30 @@ def prune_cmd(
         from harp._io import write_json_atomic
 
         write_json_atomic(json_out, report.to_dict())
+
+
+@contextmanager
+def resumable(out: str | os.PathLike[str] | None, err: Any = None) -> Iterator[None]:
+    """Turn Ctrl-C (KeyboardInterrupt) into one line saying how to resume, exit code 130, no traceback.
+    The search state file written after every layer is left in place."""
+    import sys
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        line = "interrupted."
+        if out is not None:
+            from harp.pipeline import state_file_for
+
+            state = state_file_for(Path(out).expanduser().resolve())
+            if state.is_file():
+                try:
+                    done = len(json.loads(state.read_text()).get("done", []))
+                except (ValueError, OSError, AttributeError):
+                    done = "some"
+                line = (f"interrupted: the search progress ({done} layer(s) done) is kept in {state}; rerun the "
+                        "same command to resume (or delete that file to start over).")
+            else:
+                line = "interrupted before the first searched layer was done: nothing to resume; rerun to start."
+        print(f"error: {line}", file=err or sys.stderr, flush=True)
+        raise SystemExit(130) from None
