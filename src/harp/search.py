@@ -199,31 +199,6 @@ def search_alphas(
     state_path: str | Path | None = None,
     progress: bool = False,
     callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
-    maps: Mapping[int, LinearMap] | None = None,
-) -> SearchResult:
-    """HARP's greedy top-down alpha search (see `run_search` for the arguments).
-
-    With `maps` (from `harp.fit_layers`), the searched factor scales each layer's fitted map instead of
-    its folded `W_O R`; alpha 0 still removes the attention sub-layer."""
-    return run_search(
-        model, windows, layers, grid=grid, method=method, batch_size=batch_size, chunk_tokens=chunk_tokens,
-        state_path=state_path, progress=progress, callback=callback, maps=maps,
-    )
-
-
-
-def run_search(
-    model: nn.Module,
-    windows: torch.Tensor,
-    layers: int | Sequence[int] = 8,
-    *,
-    grid: str | Sequence[float] | None = None,
-    method: str = "cached",
-    batch_size: int = 4,
-    chunk_tokens: int = 1024,
-    state_path: str | Path | None = None,
-    progress: bool = False,
-    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
     prepare: Prepare | None = None,
     keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
     digest: Callable[[str, torch.Tensor], float] | None = None,
@@ -241,7 +216,7 @@ def run_search(
         state_path: JSON file to write progress to after each layer, and to resume from.
         callback: called as callback(layer, alpha, log) after each layer is fixed.
         maps: fitted output maps per layer (`harp.fit_layers`): alpha scales them instead of `W_O R`.
-        prepare, keep, digest: for `run_search` only (the streamed search): `prepare(lo, bar)` supplies
+        prepare, keep, digest: for the streamed search (`harp.streaming`): `prepare(lo, bar)` supplies
             the cached batches instead of a forward of the whole model, `keep(t)` stores each cached
             hidden state (e.g. on the CPU or memory-mapped on disk), `digest` fingerprints weights that
             are not resident.

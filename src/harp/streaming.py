@@ -11,7 +11,7 @@ streamed search computes it from a safetensors checkpoint on disk one decoder la
 3. Layer j = 0 .. start-1: load its tensors from the shards (only those, via the index), run every
    calibration batch through it, put it back on the meta device.
 4. Load layers start .. L-1, the final norm and the LM head, and run the ordinary cached search
-   (`harp.search.run_search`) on that partially resident model.
+   (`harp.search.search_alphas`) on that partially resident model.
 
 Peak memory is therefore the top layers + head + the calibration activations (+ one bottom layer
 while streaming), independent of the depth L. Everything the search computes is the same arithmetic
@@ -41,7 +41,7 @@ from .modeling import arch_for, get_module
 from .models import torch_dtype
 from .progress import Progress
 from .replay import Batch, layer_output, record_layer_calls
-from .search import SearchResult, digest_rows, run_search, tensor_digest
+from .search import SearchResult, digest_rows, search_alphas, tensor_digest
 
 ACTIVATIONS = ("device", "cpu", "disk")
 DEVICES = "cpu, cuda, cuda:N or auto"
@@ -488,7 +488,7 @@ def streamed_search(
         raise ValueError(f"Unknown activations place {activations!r}: use one of {', '.join(ACTIVATIONS)}.")
     sm = model or StreamedModel(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
     with activation_store(activations, sm.device, spill_dir) as keep:
-        result = run_search(
+        result = search_alphas(
             sm.model, windows, layers, grid=grid, method="cached", batch_size=batch_size, chunk_tokens=chunk_tokens,
             state_path=state_path, progress=progress, callback=callback,
             prepare=lambda lo, bar: sm.capture(windows, lo, batch_size, bar, keep),

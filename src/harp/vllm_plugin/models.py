@@ -83,25 +83,16 @@ def _llama_o_bias(c: Any) -> bool:
     return bool(getattr(c, "attention_bias", False) or getattr(c, "bias", False))
 
 
-def _llama_mlp(c: Any, q: Any, prefix: str) -> nn.Module:
-    return llama.LlamaMLP(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act,
-        quant_config=q,
-        bias=getattr(c, "mlp_bias", False),
-        prefix=prefix,
-    )
+def _mlp(cls: Any, bias: bool) -> Callable[[Any, Any, str], nn.Module]:
+    """A builder of the family's vLLM MLP (`cls`); `bias`: whether the family's config may ask for an
+    MLP bias (LLaMA's `mlp_bias`; Qwen2's MLP has none)."""
 
+    def build(c: Any, q: Any, prefix: str) -> nn.Module:
+        extra = {"bias": getattr(c, "mlp_bias", False)} if bias else {}
+        return cls(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, hidden_act=c.hidden_act,
+                   quant_config=q, prefix=prefix, **extra)
 
-def _qwen2_mlp(c: Any, q: Any, prefix: str) -> nn.Module:
-    return qwen2.Qwen2MLP(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act,
-        quant_config=q,
-        prefix=prefix,
-    )
+    return build
 
 
 def _gemma_mlp(cls: type) -> Callable[[Any, Any, str], nn.Module]:
@@ -133,7 +124,7 @@ FAMILIES: dict[str, Family] = {
         ("llama",),
         "HarpLlamaForCausalLM",
         lambda v, c, p: llama.LlamaDecoderLayer(vllm_config=v, prefix=p, config=c),
-        _llama_mlp,
+        _mlp(llama.LlamaMLP, bias=True),
         _llama_qkv_bias,
         _llama_o_bias,
     ),
@@ -142,7 +133,7 @@ FAMILIES: dict[str, Family] = {
         ("mistral",),
         "HarpMistralForCausalLM",
         lambda v, c, p: mistral.MistralDecoderLayer(vllm_config=v, prefix=p, config=c),
-        _llama_mlp,
+        _mlp(llama.LlamaMLP, bias=True),
         _llama_qkv_bias,
         _llama_o_bias,
     ),
@@ -151,7 +142,7 @@ FAMILIES: dict[str, Family] = {
         ("qwen2",),
         "HarpQwen2ForCausalLM",
         _qwen_layer(qwen2.Qwen2DecoderLayer),
-        _qwen2_mlp,
+        _mlp(qwen2.Qwen2MLP, bias=False),
         lambda c: True,
         lambda c: False,
     ),
@@ -160,7 +151,7 @@ FAMILIES: dict[str, Family] = {
         ("qwen3",),
         "HarpQwen3ForCausalLM",
         _qwen_layer(qwen3.Qwen3DecoderLayer),
-        _qwen2_mlp,
+        _mlp(qwen2.Qwen2MLP, bias=False),
         _attention_bias,
         _attention_bias,
     ),
