@@ -160,3 +160,19 @@ def test_overlapping_text_warns(folder, tmp_path):
                                       str(part), *SMALL, "--layers", "1"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     torch.manual_seed(0)
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_flags():
+    """The library names its parameters (`seq_len=1`); commands/ is the one place that turns them into
+    flags, for every command (harp.cli wraps each in flag_errors)."""
+    from harp.commands import cli_text, flag_errors
+    from harp.evaluate import parse_limit
+
+    assert cli_text("`seq_len=1`: too short; pass `overwrite=True` or `overwrite`, not `k=99`") == (
+        "--seq-len 1: too short; pass --overwrite or --overwrite, not --layers 99")
+    assert cli_text("run `harp eval DIR` or set `trust_remote_code=True`") == (
+        "run `harp eval DIR` or set `trust_remote_code=True`")  # not a flag of harp's: left as it is
+    with pytest.raises(ValueError, match="`limit` must be at least 1"):
+        parse_limit("0")
+    with pytest.raises(ValueError, match="^--limit must be at least 1"), flag_errors():
+        parse_limit("0")

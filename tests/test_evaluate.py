@@ -153,7 +153,7 @@ def test_task_and_limit_parsing():
 
 def test_limit_for_a_task_not_asked_for_is_an_error(tiny, data_dir):
     model, tok = tiny
-    with pytest.raises(ValueError, match="not in --tasks"):
+    with pytest.raises(ValueError, match="not in `tasks`"):  # the CLI says --tasks (harp.commands.cli_text)
         evaluate(model, tok, "piqa", limit="gsm8k=3", data_dir=data_dir)
 
 

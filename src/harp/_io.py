@@ -28,11 +28,11 @@ def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> P
     parent is not writable. Returns the resolved path. Nothing is written."""
     out = Path(path).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"Output path {out} exists and is not a directory. Choose another --out.")
+        raise FileExistsError(f"Output path {out} exists and is not a directory. Choose another `out`.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"Output directory {out} already exists and is not empty. Choose another path, or pass "
-            "overwrite=True (CLI: --overwrite) to replace it."
+            "`overwrite=True` to replace it."
         )
     parent = out.parent
     probe = parent
@@ -109,7 +109,7 @@ def output_lock(path: str | os.PathLike[str], what: str = "harp prune") -> Itera
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise FileExistsError(
                 f"{out} is being written by another run ({holder}): wait for it to finish, or choose another "
-                "--out. Two runs on one output would mix their search state and checkpoint."
+                "`out`. Two runs on one output would mix their search state and checkpoint."
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{what}, pid {os.getpid()} on {socket.gethostname()}".encode(), 0)

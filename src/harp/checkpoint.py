@@ -113,7 +113,7 @@ def save(
             raise DiskFullError(
                 f"No space left on the device while saving the checkpoint to {Path(path).expanduser().resolve()} "
                 f"({e.strerror}; it needs about {_model_bytes(model) / 2**20:,.0f} MiB of weights). Nothing was "
-                "written and the temporary folder was removed: free some space or choose another --out."
+                "written and the temporary folder was removed: free some space or choose another `out`."
             ) from None
         raise
     return Path(path).expanduser().resolve()

@@ -6,9 +6,11 @@ and `get_app` registers them. Adding a command is a module there and one line in
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -44,8 +46,15 @@ def help_text(doc: str | None) -> str:
 
 
 def _register(name: str, fn: Callable[..., None]) -> None:
+    from .commands import flag_errors
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> None:
+        with flag_errors():  # library errors name parameters; the user typed flags
+            fn(*args, **kwargs)
+
     text = help_text(fn.__doc__)
-    app.command(name, help=text, short_help=text.split("\n\n")[0])(fn)
+    app.command(name, help=text, short_help=text.split("\n\n")[0])(command)
 
 
 def commands() -> list[tuple[str, Callable[..., None]]]:

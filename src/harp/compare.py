@@ -134,11 +134,11 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
     ks = sorted({int(k) for k in s.ks}, reverse=True)
     if s.auto_k:
         if s.max_ppl_increase is None:
-            raise ValueError("--auto-k needs --max-ppl-increase P (percent the calibration perplexity may rise).")
+            raise ValueError("`auto_k` needs `max_ppl_increase` P (percent the calibration perplexity may rise).")
     elif not ks:
-        raise ValueError("Give --layers K (or several, e.g. 4,8), or --auto-k --max-ppl-increase P.")
+        raise ValueError("Give `ks` K (or several, e.g. 4,8), or `auto_k` `max_ppl_increase` P.")
     if s.eval_tokens < s.eval_seq_len:
-        raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
+        raise ValueError(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -246,7 +246,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
             raise ValueError(
                 f"No k fits the budget for {', '.join(m for m, k in k_of.items() if k < 1)}: pruning even the top "
                 f"layer raises calibration perplexity above {auto_info['budget_ppl']:.3f} "
-                f"(+{100 * s.max_ppl_increase:g} %). Allow a larger --max-ppl-increase."
+                f"(+{100 * s.max_ppl_increase:g} %). Allow a larger `max_ppl_increase`."
             )
         ks = sorted(set(k_of.values()), reverse=True)
         pairs = [(k_of[m], m) for m in methods]

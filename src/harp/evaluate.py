@@ -133,7 +133,7 @@ def parse_limit(spec: str | int | dict[str, int] | None) -> dict[str, int | None
         try:
             n = int(val)
         except ValueError:
-            raise ValueError(f"Bad --limit {spec!r}: use N, or TASK=N pairs, e.g. '200,gsm8k=20'.") from None
+            raise ValueError(f"Bad `limit={spec!r}`: use N, or TASK=N pairs, e.g. '200,gsm8k=20'.") from None
         _positive(n)
         key = key.strip()
         out[ALIASES.get(key, key) if key else "*"] = n
@@ -142,7 +142,7 @@ def parse_limit(spec: str | int | dict[str, int] | None) -> dict[str, int | None
 
 def _positive(n: int) -> int:
     if n < 1:
-        raise ValueError(f"--limit must be at least 1 (got {n}).")
+        raise ValueError(f"`limit` must be at least 1 (got {n}).")
     return n
 
 
@@ -243,7 +243,7 @@ def evaluate(
     limits = parse_limit(limit)
     unknown_limits = set(limits) - {"*"} - {s.name for s in specs}
     if unknown_limits:
-        raise ValueError(f"--limit names task(s) {sorted(unknown_limits)} that are not in --tasks "
+        raise ValueError(f"`limit` names task(s) {sorted(unknown_limits)} that are not in `tasks` "
                          f"({', '.join(s.name for s in specs)}).")
     say = log or (lambda m: None)
     t_all = time.perf_counter()

@@ -128,7 +128,7 @@ def _need(ids: torch.Tensor, n: int, seq_len: int, what: str, bos: int | None) -
     if available < 1:
         raise ValueError(
             f"The {what} text has {ids.numel()} tokens, fewer than one window of {seq_len}: "
-            "give more text or a smaller --seq-len."
+            "give more text or a smaller `seq_len`."
         )
     return available, per
 
@@ -152,7 +152,7 @@ def calibration_windows(
     if n + skip > available:
         raise ValueError(
             f"The calibration text has {ids.numel()} tokens: only {available} windows of {seq_len}, "
-            f"but {n + skip} were asked for. Use fewer windows, a shorter --seq-len, or more text."
+            f"but {n + skip} were asked for. Use fewer windows, a shorter `seq_len`, or more text."
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=g)[skip : skip + n].sort().values
@@ -193,7 +193,7 @@ def check_disjoint(calib_text: Text, eval_text: Text, calib: torch.Tensor, evalu
     if calib_text.sha256 == eval_text.sha256:
         raise ValueError(
             "Calibration and evaluation text are the same: the perplexity would be measured on the text the "
-            "alphas were fitted to. Pass different --calib and --eval sources."
+            "alphas were fitted to. Pass different `calib` and `eval` sources."
         )
     frac = overlap_fraction(calib, evaluation)
     if frac > 0.01:

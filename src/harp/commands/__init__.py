@@ -1,1 +1,56 @@
-"""One module per `harp` sub-command, each a plain function; `harp.cli.commands()` lists and registers them."""
+"""One module per `harp` sub-command, each a plain function; `harp.cli.commands()` lists and registers them.
+
+This package (with `harp.cli`) is the only place that names command-line flags. The library names its
+Python parameters instead, in backticks: `seq_len=1`, `overwrite`, `max_ppl_increase`. `cli_text`
+turns those into this command line's flags (--seq-len 1, --overwrite, --max-ppl-increase), and
+`flag_errors`, which `harp.cli` wraps around every command, applies it to a library error's message
+before the error becomes one `error:` line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# Library parameter -> flag, where the flag is not the parameter with dashes ("seq_len" -> "--seq-len").
+FLAGS = {"k": "--layers", "ks": "--layers", "fmt": "--format", "json_out": "--json"}
+# The parameters whose flag is the rule's. A backticked name in neither table is left as it is.
+PARAMS = {
+    "auto_k", "calib", "calib_windows", "data_dir", "eval", "eval_seq_len", "eval_tokens", "limit", "max_k",
+    "max_ppl_increase", "model", "out", "overwrite", "seq_len", "tasks",
+}
+
+_PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def flag(name: str) -> str | None:
+    """The flag of library parameter `name`, or None if the command line has none."""
+    if name in FLAGS:
+        return FLAGS[name]
+    return "--" + name.replace("_", "-") if name in PARAMS else None
+
+
+def cli_text(message: str) -> str:
+    """A library message with its backticked parameters as flags: `seq_len=1` -> --seq-len 1,
+    `overwrite=True` or `overwrite` -> --overwrite."""
+
+    def one(m: re.Match[str]) -> str:
+        f = flag(m.group(1))
+        if f is None:
+            return m.group(0)
+        value = m.group(2)
+        return f if value is None or value == "True" else f"{f} {value}"
+
+    return _PARAM.sub(one, message)
+
+
+@contextmanager
+def flag_errors() -> Iterator[None]:
+    """Re-raise a library error (ValueError, OSError, ...) with its message in terms of flags."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if len(e.args) == 1 and isinstance(e.args[0], str):
+            e.args = (cli_text(e.args[0]),)
+        raise

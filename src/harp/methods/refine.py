@@ -181,9 +181,9 @@ def parse_ppl_increase(spec: str | float) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise ValueError(f"--max-ppl-increase {spec!r}: give a percentage, e.g. 10 (or 10%).") from None
+        raise ValueError(f"`max_ppl_increase={spec!r}`: give a percentage, e.g. 10 (or 10%).") from None
     if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"--max-ppl-increase must be a positive percentage (got {spec!r}).")
+        raise ValueError(f"`max_ppl_increase` must be a positive percentage (got {spec!r}).")
     return v / 100.0
 
 
