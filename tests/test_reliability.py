@@ -112,8 +112,8 @@ def test_prune_reports_every_problem_at_once_without_loading(no_weights, folder,
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--layers", "0"], "k = 0 layers must be between 1 and the model's 30 layers"),
-    (["--layers", "99"], "k = 99 layers must be between 1 and the model's 30 layers"),
+    (["--layers", "0"], "--layers 0: the number of layers must be between 1 and the model's 30."),
+    (["--layers", "99"], "--layers 99: the number of layers must be between 1 and the model's 30."),
     (["--layers", "4", "--alphas", "0.5,0.5"], "--alphas gives 2 values for 4 layers"),
     (["--layer-ids", "29,30"], "--layer-ids 30: out of range, the model has layers 0..29"),
     (["--grid", "0:1:0.0000001"], "10,000,001 candidates per layer"),
@@ -150,7 +150,7 @@ def test_every_command_validates_before_loading(no_weights, folder, pruned_dir, 
         (["analyze", folder, "--text", missing, "--out", tmp_path / "a"], "text source not found"),
         (["analyze", folder, "--windows", "0", "--out", tmp_path / "a"], "--windows 0: must be at least 1"),
         (["compare", "--model", folder, "--layers", "9", "--out", tmp_path / "c"],
-         "--layers 9: k = 9 layers: choose between 1 and 5"),  # as run_compare: whole-layer methods keep one
+         "--layers 9: choose between 1 and 5 layers"),  # as run_compare: whole-layer methods keep one
         (["compare", "--model", pruned_dir, "--out", tmp_path / "c"], "already a HARP-pruned checkpoint"),
         (["prune", "--model", pruned_dir, "--out", tmp_path / "p"], "already a HARP-pruned checkpoint"),
         (["plan", "--model", pruned_dir], "already a HARP-pruned checkpoint"),

@@ -20,9 +20,9 @@ def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k")
     top = num_layers - 1 if keep_one else num_layers
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
         if keep_one:
-            raise ValueError(f"{name} = {k!r} layers: choose between 1 and {top} for this {num_layers}-layer model "
+            raise ValueError(f"`{name}={k!r}`: choose between 1 and {top} layers for this {num_layers}-layer model "
                              "(whole layers are removed, and a model keeps at least one).")
-        raise ValueError(f"{name} = {k!r} layers must be between 1 and the model's {num_layers} layers.")
+        raise ValueError(f"`{name}={k!r}`: the number of layers must be between 1 and the model's {num_layers}.")
     return k
 
 
