@@ -112,8 +112,8 @@ def test_prune_reports_every_problem_at_once_without_loading(no_weights, folder,
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--layers", "0"], "--layers 0: the number of layers must be between 1 and the model's 30."),
-    (["--layers", "99"], "--layers 99: the number of layers must be between 1 and the model's 30."),
+    (["--layers", "0"], "--layers 0: must be between 1 and the model's 30 layers."),
+    (["--layers", "99"], "--layers 99: must be between 1 and the model's 30 layers."),
     (["--layers", "4", "--alphas", "0.5,0.5"], "--alphas gives 2 values for 4 layers"),
     (["--layer-ids", "29,30"], "--layer-ids 30: out of range, the model has layers 0..29"),
     (["--grid", "0:1:0.0000001"], "10,000,001 candidates per layer"),

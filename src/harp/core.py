@@ -22,7 +22,7 @@ def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k")
         if keep_one:
             raise ValueError(f"`{name}={k!r}`: choose between 1 and {top} layers for this {num_layers}-layer model "
                              "(whole layers are removed, and a model keeps at least one).")
-        raise ValueError(f"`{name}={k!r}`: the number of layers must be between 1 and the model's {num_layers}.")
+        raise ValueError(f"`{name}={k!r}`: must be between 1 and the model's {num_layers} layers.")
     return k
 
 

@@ -61,7 +61,7 @@ def _check_k(k: Any, n: int | None, out: Collector, flag: str, keep_one: bool = 
         if n is not None:
             return check_k(k, n, keep_one=keep_one)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k={k!r}`: the number of layers must be between 1 and the model's number of layers.")
+            raise ValueError(f"`k={k!r}`: must be between 1 and the model's number of layers.")
         return k
     except ValueError as e:  # check_k names the parameter (`k=...`): here it is this command's flag
         out.add(str(e).replace(f"`k={k!r}`", f"{flag} {k}", 1))
