@@ -49,8 +49,8 @@ def main() -> None:
     import torch
 
     import harp
+    from harp.accounting import kv_bytes_after_prefill
     from harp.methods import Selector, applied
-    from harp.stats import kv_bytes_after_prefill
     from harp.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
 
     torch.set_num_threads(a.threads)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import harp
 import harp.cli
-from harp import bench, flops
+from harp import accounting, bench
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +49,7 @@ def test_run_bench_structure(pair):
     assert r["settings"]["contexts"] == [8, 16]
     assert r["models"]["pruned"]["harp_layers"] == [4, 5]
     assert r["models"]["pruned"]["parameters"] < r["models"]["original"]["parameters"]
-    bounds = flops.speedup_bounds(orig.config, [8, 16], pruned.config.harp)
+    bounds = accounting.speedup_bounds(orig.config, [8, 16], pruned.config.harp)
     for row, b in zip(r["contexts"], bounds, strict=True):
         pre = row["prefill"]
         assert len(pre["original"]["runs_ms"]) == len(pre["pruned"]["runs_ms"]) == len(pre["ratio"]["pairs"]) == 2
@@ -308,4 +308,4 @@ def test_real_model_kv_cache_falls_by_exactly_k_over_L():
         assert kv["pruned"] * 30 == kv["original"] * 22
         assert row["prefill"]["bound"] > 1 and row["decode"]["bytes_bound"] > 1
     assert r["contexts"][1]["prefill"]["bound"] > r["contexts"][0]["prefill"]["bound"]
-    assert r["models"]["original"]["parameters"] == flops.parameter_count(orig.config) == 134_515_008
+    assert r["models"]["original"]["parameters"] == accounting.parameter_count(orig.config) == 134_515_008

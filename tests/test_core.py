@@ -9,11 +9,11 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
+from harp.accounting import output_cache
 from harp.bench.timing import cache_kwarg
 from harp.core import temporarily_pruned
 from harp.modeling import HarpLinearAttention, HarpNoAttention, attention_geometry, decoder_layers
 from harp.replay import capture_inputs
-from harp.stats import output_cache
 
 ALL = list(FAMILIES)
 
@@ -70,7 +70,7 @@ def test_generate_with_cache_equals_without(family, where, attn):
 
 
 def _expected_removed(config, alphas, qkv_bias, o_bias, qk_norm, out_norm):
-    """Hand count from docs/method.md ("The fold"): written out here independently of harp.stats."""
+    """Hand count from docs/method.md ("The fold"): written out here independently of harp.accounting."""
     g = attention_geometry(config)
     h, nh, kv, d = g["hidden"], g["heads"], g["kv_heads"], g["head_dim"]
     total = 0

@@ -10,8 +10,8 @@ import torch
 from tiny import FAMILIES, tiny_model
 from typer.testing import CliRunner
 
+from harp.accounting import count_parameters, parameter_count, removed_parameters
 from harp.cli import get_app
-from harp.flops import parameter_count
 from harp.plan import (
     PRESETS,
     config_from_dict,
@@ -21,7 +21,6 @@ from harp.plan import (
     result_summary,
     search_memory,
 )
-from harp.stats import count_parameters, removed_parameters
 from harp.streaming import StreamedModel
 
 runner = CliRunner()

@@ -54,7 +54,7 @@ def test_default_model_prune_save_reload_generate(smollm2, tmp_path):
         out = pruned(prompt, use_cache=True)
     text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
     assert len(gen[0]) == prompt.shape[1] + 20 and text.strip()
-    layers_with_kv = sum(1 for layer in harp.stats.output_cache(out).layers if layer.keys is not None)
+    layers_with_kv = sum(1 for layer in harp.accounting.output_cache(out).layers if layer.keys is not None)
     assert layers_with_kv == 22
 
     path = harp.save(pruned, tmp_path / "ck", tokenizer=tok)

@@ -550,7 +550,7 @@ def test_kv_saving_is_stated_at_the_same_contexts_everywhere(tmp_path):
     out = tmp_path / "p"
     r = _invoke("prune", "--model", src, "--out", out, *SMALL, "--layers", "1")  # layer 5: full attention
     assert r.exit_code == 0, r.output
-    from harp.flops import kv_savings, kv_savings_text
+    from harp.accounting import kv_savings, kv_savings_text
     from harp.plan import config_from_dict
 
     cfg = config_from_dict(json.loads((out / "config.json").read_text()))

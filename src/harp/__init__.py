@@ -10,6 +10,7 @@
 """
 
 from ._version import __version__
+from .accounting import count_parameters, kv_cache_bytes, removed_parameters  # noqa: E402
 from .checkpoint import load, save  # noqa: E402
 from .core import prune, pruned_plan, temporarily_pruned  # noqa: E402
 from .fit import FitResult, LayerFit, fit_layers  # noqa: E402
@@ -18,7 +19,6 @@ from .models import load_model  # noqa: E402
 from .perplexity import perplexity  # noqa: E402
 from .pipeline import PruneSettings, run_prune  # noqa: E402
 from .search import SearchResult, search_alphas  # noqa: E402
-from .stats import count_parameters, kv_cache_bytes, removed_parameters  # noqa: E402
 from .text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
 
 __all__ = [

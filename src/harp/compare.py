@@ -25,13 +25,13 @@ from torch import nn
 
 from ._io import StateMismatch, atomic_dir, check_output_dir, read_state, write_json_atomic
 from ._version import __version__
+from .accounting import count_parameters, kv_bytes_after_prefill
 from .core import check_k
 from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
 from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
 from .modeling import decoder_layers
 from .models import DEFAULT_MODEL, load_model
 from .report.compare import compare_markdown, plot_compare
-from .stats import count_parameters, kv_bytes_after_prefill
 from .text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, calibration_windows, check_disjoint, load_text, tokenize
 
 STATE_VERSION = 1

@@ -14,17 +14,16 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from .accounting import count_parameters, kv_bytes_after_prefill, kv_savings, parameter_count, removed_parameters
 from .checkpoint import check_output_dir, save, write_json_atomic
 from .core import prune, temporarily_pruned
 from .fit import FitResult, check_fit_settings, fit_layers
-from .flops import kv_savings, parameter_count
 from .methods.scores import attention_drop_scores, pick
 from .modeling import LinearMap, decoder_layers, layer_indices
 from .models import DEFAULT_MODEL
 from .perplexity import perplexity
 from .preflight import check_prune
 from .search import SearchResult, parse_grid, search_alphas, top_layers
-from .stats import count_parameters, kv_bytes_after_prefill, removed_parameters
 from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
 from .text import (
     DEFAULT_CALIB,

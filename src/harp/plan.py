@@ -28,10 +28,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .accounting import (
+    attention_parameters,
+    dtype_bytes,
+    kv_cache_bytes_expected,
+    parameter_count,
+    removed_parameters,
+)
 from .core import check_k
-from .flops import dtype_bytes, kv_cache_bytes_expected, parameter_count
 from .modeling import arch_for, attention_geometry
-from .stats import attention_parameters, removed_parameters
 
 GiB = 2**30
 MiB = 2**20

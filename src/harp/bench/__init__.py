@@ -20,8 +20,8 @@ Method (what the numbers mean):
 * Prefill: one forward of `n` tokens into an empty `DynamicCache`, logits for the last token only
   (`logits_to_keep=1`, as `generate` does).
 * Decode: `new_tokens` greedy steps of one token each on that cache; throughput = new_tokens / time.
-* KV-cache bytes: read from the cache object after the prefill (`harp.stats.kv_cache_bytes`).
-* Bounds: `harp.flops` (docs/method.md, "Speed bounds"): prefill FLOPs ratio, decode bytes-read
+* KV-cache bytes: read from the cache object after the prefill (`harp.accounting.kv_cache_bytes`).
+* Bounds: `harp.accounting` (docs/method.md, "Speed bounds"): prefill FLOPs ratio, decode bytes-read
   ratio. The measured prefill saving `1 - t_pruned/t_orig` is reported as a fraction of the ideal
   saving `1 - 1/bound`.
 * Memory: with `isolated_memory=True` each model is re-loaded in a fresh subprocess that runs every

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..flops import layer_kinds
-from ..stats import count_parameters
+from ..accounting import count_parameters, layer_kinds
 from .probe import weights_bytes
 from .timing import Timings
 
@@ -125,8 +124,8 @@ def result_skeleton(
         "models": {"original": model_info(a), "pruned": model_info(b)},
         "bounds": {
             "prefill": "FLOPs(original)/FLOPs(pruned): linear maps 2*P per token, causal attention "
-            "2*d*n*(n+1) per layer (d = heads*head_dim), LM head on the last token (harp.flops)",
-            "decode": "bytes read per generated token, weights + KV cache, original/pruned (harp.flops)",
+            "2*d*n*(n+1) per layer (d = heads*head_dim), LM head on the last token (harp.accounting)",
+            "decode": "bytes read per generated token, weights + KV cache, original/pruned (harp.accounting)",
             "fraction_of_ideal_saving": "(1 - t_pruned/t_orig) / (1 - 1/bound), "
             "t_pruned/t_orig = median of the pair-by-pair ratios",
             "ci95": "95 % bootstrap interval of the median pair ratio (2000 resamples, fixed seed), given as speed-up",
@@ -156,7 +155,7 @@ def context_row(
     limit: int | None,
 ) -> dict[str, Any]:
     """One context's entry of the result from its rounds (`runs["original"][i]` and
-    `runs["pruned"][i]` measured together), its `harp.flops.speedup_bounds` row, and the model's
+    `runs["pruned"][i]` measured together), its `harp.accounting.speedup_bounds` row, and the model's
     max_position_embeddings (`limit`, None if unknown)."""
     o, p = runs["original"], runs["pruned"]
     pre_ratio = [q["prefill_s"] / r["prefill_s"] for r, q in zip(o, p, strict=True)]

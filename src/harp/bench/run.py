@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..flops import speedup_bounds
+from ..accounting import speedup_bounds
 from ..report import check_plot_available
 from ..report.bench import bench_table, plot_bench
 from ..text import bos_token

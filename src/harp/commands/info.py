@@ -31,7 +31,7 @@ def describe(path: str | Path) -> dict:
         "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
     }
     if harp_block:
-        from harp.flops import kv_savings
+        from harp.accounting import kv_savings
         from harp.plan import config_from_dict
 
         try:
@@ -47,7 +47,7 @@ def describe(path: str | Path) -> dict:
 
 def kv_text(path: str | Path) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum)."""
-    from harp.flops import kv_savings, kv_savings_text
+    from harp.accounting import kv_savings, kv_savings_text
     from harp.plan import config_from_dict
 
     try:

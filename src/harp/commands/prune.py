@@ -46,7 +46,7 @@ def _ridge(s: str) -> float | str:
 def kv_row(r: PruneReport) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
     from the saved config; a sliding-window model's saving depends on the context."""
-    from harp.flops import kv_savings_text
+    from harp.accounting import kv_savings_text
 
     if r.kv_at_contexts:
         return kv_savings_text(r.kv_at_contexts)

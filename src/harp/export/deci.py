@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..flops import ATTENTION, LINEAR, NONE, layer_kinds
+from ..accounting import ATTENTION, LINEAR, NONE, layer_kinds
 
 DECI_ARCHITECTURE = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
@@ -65,7 +65,7 @@ class DeciModel:
     harp: dict[str, Any] = field(default_factory=dict)
 
 
-# DeciLM's name for each kind of attention sub-layer (`harp.flops.layer_kinds`): a pruned layer with
+# DeciLM's name for each kind of attention sub-layer (`harp.accounting.layer_kinds`): a pruned layer with
 # alpha = 0 is DeciLM's `no_op`
 DECI_KINDS = {ATTENTION: "attention", LINEAR: "linear", NONE: "no_op"}
 
