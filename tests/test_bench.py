@@ -189,7 +189,7 @@ def test_bench_table_and_plot(pair, tmp_path):
     written = bench.write_bench(r, tmp_path / "out")
     assert json.loads(written["json"].read_text())["contexts"][1]["context"] == 8
     assert written["png"].read_bytes()[:8] == PNG_MAGIC
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="`overwrite=True`"):  # the CLI says --overwrite
         bench.write_bench(r, tmp_path / "out")
     bench.write_bench(r, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench.json", "bench.md", "bench.png"]

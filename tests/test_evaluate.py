@@ -117,7 +117,7 @@ def test_piqa_loader_merges_labels_and_checks_them(data_dir):
 def test_missing_data_names_the_file_and_the_fix(tiny, data_dir, monkeypatch, tmp_path):
     model, tok = tiny
     (data_dir / "gsm8k/test.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match=r"gsm8k/test\.jsonl.*--data-dir"):
+    with pytest.raises(FileNotFoundError, match=r"gsm8k/test\.jsonl.*`data_dir`"):  # the CLI says --data-dir
         evaluate(model, tok, "gsm8k", limit=2, data_dir=data_dir)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate(model, tok, "piqa", limit=2, data_dir=tmp_path / "nowhere")

@@ -194,7 +194,7 @@ def test_unsupported_features_error(tmp_path: Path, fmt, family, layers, alphas,
 
 def test_ffn_width_not_multiple_of_256(tmp_path: Path) -> None:
     model = pruned("llama", [5], [0.5], intermediate_size=96)
-    with pytest.raises(ExportError, match="multiple of 256.*--format gguf"):
+    with pytest.raises(ExportError, match="multiple of 256.*`fmt=gguf`"):  # the CLI says --format gguf
         export_deci(model, tmp_path / "d")
     export_gguf(model, tmp_path / "m.gguf", dtype="f32")  # GGUF stores the width exactly
 

@@ -1,12 +1,12 @@
 """Downstream evaluation: WikiText-2 perplexity (harp's own, consecutive windows) and
 lm-evaluation-harness tasks, fully offline by default.
 
-Task names (`--tasks`, comma-separated):
+Task names (`tasks`, comma-separated):
 
 - `wikitext`: perplexity on the evaluation text (default: bundled WikiText-2-raw test, non-overlapping
   1024-token windows, the first 16k tokens) — the same measurement `harp prune` reports.
 - `lambada`, `piqa`, `gsm8k`, `nq_open`: harp's shipped lm-eval task YAMLs (`harp/tasks/`), reading
-  local files from the data folder (`--data-dir`, `$HARP_DATA_DIR` or `./data`).
+  local files from the data folder (`data_dir`, `$HARP_DATA_DIR` or `./data`).
   Each is the same prompt/metric as an lm-eval hub task (LOCAL_TASKS[...].hub).
 - `hub:NAME`, or any other lm-eval task name (`lambada_openai`, `hellaswag`, `arc_easy`, ...): the
   standard lm-eval task, which downloads its data from the Hugging Face hub (online users).
@@ -40,7 +40,7 @@ class LocalTask:
     metric: str  # primary metric key in lm-eval's results ("metric,filter")
     title: str
     hub: str  # the lm-eval hub task with the same prompt and metric
-    max_gen_toks: int | None = None  # the YAML's own generation cap (a --max-gen-toks never raises it)
+    max_gen_toks: int | None = None  # the YAML's own generation cap (a `max_gen_toks` never raises it)
 
     @property
     def generation(self) -> bool:

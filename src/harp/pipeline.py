@@ -123,7 +123,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     grid = parse_grid(s.grid)
     fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
     if s.eval_tokens < s.eval_seq_len:
-        raise ValueError(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
+        raise ValueError(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
 
     t = time.perf_counter()
     model: nn.Module | None = None
@@ -131,11 +131,11 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if s.activations not in ACTIVATIONS:
         raise ValueError(f"Unknown activations place {s.activations!r}: use one of {', '.join(ACTIVATIONS)}.")
     if s.activations != "device" and not s.streamed:
-        raise ValueError("--activations applies to the streamed search; add --streamed (or drop --activations).")
+        raise ValueError("`activations` applies to the streamed search; add `streamed` (or drop `activations`).")
     if s.device != "auto":
         resolve_device(s.device)  # a clear error now, not after the data is prepared
     if s.streamed and s.method != "cached":
-        raise ValueError("--streamed runs the cached search; --method naive needs the whole model resident.")
+        raise ValueError("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     if s.streamed and s.alphas is None:
         # the search comes first and never has the whole model resident; the model is loaded afterwards
         # for evaluation, pruning and saving
@@ -157,24 +157,24 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
     num = config.num_hidden_layers
     if s.select not in SELECTIONS:
-        raise ValueError(f"Unknown --select {s.select!r}: use one of {', '.join(SELECTIONS)}.")
+        raise ValueError(f"Unknown `select={s.select!r}`: use one of {', '.join(SELECTIONS)}.")
     if s.select != "top":
         if s.layers:
-            raise ValueError("--select chooses the layers; it cannot be combined with --layer-ids.")
+            raise ValueError("`select` chooses the layers; it cannot be combined with `layers`.")
         if s.alphas is not None:
-            raise ValueError("--alphas needs known layers: use it with --layer-ids or the top K, not --select.")
+            raise ValueError("`alphas` needs known layers: use it with `layers` or the top K, not `select`.")
         if s.streamed:
-            raise ValueError(f"--select {s.select} scores every layer and needs the whole model resident; "
-                             "drop --streamed.")
+            raise ValueError(f"`select={s.select}` scores every layer and needs the whole model resident; "
+                             "drop `streamed`.")
     if s.layers:
         layers = sorted(layer_indices(s.layers, num), reverse=True)
     else:
         layers = top_layers(num, s.k if s.k is not None else 8)
     if s.alphas is not None and len(s.alphas) != len(layers):
-        raise ValueError(f"--alphas gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
+        raise ValueError(f"`alphas` gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
     seconds = {"load": time.perf_counter() - t}
     what = f"pruning layers {sorted(layers)}" if s.select == "top" else \
-        f"pruning {len(layers)} layers chosen by --select {s.select}"
+        f"pruning {len(layers)} layers chosen by `select={s.select}`"
     log(f"model: {s.model or DEFAULT_MODEL} ({model_desc}), {what}")
 
     t = time.perf_counter()
@@ -230,7 +230,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     fitted: FitResult | None = None  # the refit of the chosen layers, when the selection already made it
     searched: SearchResult | None = None  # HARP's search on the chosen layers, likewise
     if s.select in ("attention-drop", "auto"):
-        assert model is not None  # --streamed was refused above
+        assert model is not None  # `streamed` was refused above
         t = time.perf_counter()
         scores = attention_drop_scores(model, calib, s.batch_size)
         any_depth = sorted(pick(scores, k, highest=True), reverse=True)
@@ -266,7 +266,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
             layers = sorted(cands[picked]["layers"], reverse=True)
             fitted, searched = (made[picked], None) if fit == "lstsq" else (None, made[picked])
             selection.update(candidates=cands, picked=picked, judged_on=held_desc)
-            log(f"--select auto, perplexity on {held_desc}: " + ", ".join(
+            log(f"`select=auto`, perplexity on {held_desc}: " + ", ".join(
                 f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
         seconds["select"] = time.perf_counter() - t
 

@@ -118,7 +118,7 @@ def parse_calib(spec: str) -> tuple[int, int]:
     """'16x512' (also 16×512, 16*512) -> (windows, seq_len)."""
     m = re.fullmatch(r"\s*(\d+)\s*[x×X*]\s*(\d+)\s*", str(spec))
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 2:
-        raise ValueError(f"--calib {spec!r}: give windows x tokens, e.g. 16x512 (at least 1 x 2).")
+        raise ValueError(f"`calib={spec!r}`: give windows x tokens, e.g. 16x512 (at least 1 x 2).")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -286,7 +286,7 @@ def _ffn_width(ffn_mult: float, hidden: int) -> int:
 
 
 def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, Any]:
-    """What vLLM's `DeciLMForCausalLM` will make of a `harp export --format deci` folder, from its
+    """What vLLM's `DeciLMForCausalLM` will make of a deci export folder (`harp.export.export`, `fmt=deci`), from its
     config.json alone (vLLM itself needs a GPU and is not run here).
 
     Mirrors the rules of vLLM's nemotron_nas model: attention layers are normal (`n_heads_in_group`) or
@@ -300,14 +300,14 @@ def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, A
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: pass the folder written by harp export --format deci.")
+        raise FileNotFoundError(f"{folder} has no config.json: pass the folder of a deci export (`fmt=deci`).")
     cfg = json.loads(cfg_path.read_text())
     tp = int(tensor_parallel_size)
     if tp < 1:
         raise ValueError(f"tensor parallel size {tensor_parallel_size!r}: must be >= 1.")
     problems: list[str] = []
     if cfg.get("model_type") != "nemotron-nas" or "DeciLMForCausalLM" not in (cfg.get("architectures") or []):
-        problems.append("config.json is not a DeciLM / nemotron-nas checkpoint: use harp export --format deci.")
+        problems.append("config.json is not a DeciLM / nemotron-nas checkpoint: export it with `fmt=deci`.")
         return {"problems": problems, "layers": cfg.get("num_hidden_layers"), "kv_layers": None, "kv_heads": None}
     blocks = cfg.get("block_configs") or []
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
@@ -315,7 +315,7 @@ def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, A
     if linear:
         problems.append(
             f"layers {linear} are replace_with_linear (HARP alpha != 0), which vLLM does not implement: "
-            "prune those layers with alpha = 0 (--alphas 0,...) for this route, or serve the HARP checkpoint "
+            "prune those layers with alpha = 0 (`alphas=0,...`) for this route, or serve the HARP checkpoint "
             "itself with harp's vLLM plugin (pip install 'harp-prune[vllm]'; vllm serve DIR), or llama.cpp."
         )
     attn = [b for b in blocks if not b["attention"].get("no_op") and not b["attention"].get("replace_with_linear")]

@@ -27,9 +27,9 @@ __all__ = ["Collector", "ModelInfo", "Problems", "check_analyze", "check_compare
 
 def check_layer_choice(
     info: ModelInfo | None, k: int | None, layer_ids: Sequence[int] | None, alphas: Sequence[float] | None,
-    out: Collector, k_flag: str = "--layers",
+    out: Collector, k_name: str = "k",
 ) -> int | None:
-    """k / --layer-ids / --alphas against the model's layer count. Returns how many layers are pruned."""
+    """k / `layers` / `alphas` against the model's layer count. Returns how many layers are pruned."""
     n = info.num_layers if info else None
     count: int | None = None
     if layer_ids:
@@ -37,48 +37,48 @@ def check_layer_choice(
         if n is not None:
             bad = [i for i in layer_ids if not 0 <= i < n]
             if bad:
-                out.add(f"--layer-ids {','.join(map(str, bad))}: out of range, the model has layers 0..{n - 1}.")
+                out.add(f"`layers={','.join(map(str, bad))}`: out of range, the model has layers 0..{n - 1}.")
         dup = sorted({i for i in layer_ids if list(layer_ids).count(i) > 1})
         if dup:
-            out.add(f"--layer-ids repeats {dup}: layer indices must be distinct.")
+            out.add(f"`layers` repeats {dup}: layer indices must be distinct.")
     else:
-        count = _check_k(8 if k is None else k, n, out, k_flag)
+        count = _check_k(8 if k is None else k, n, out, k_name)
     if alphas is not None:
         bad_a = [a for a in alphas if not math.isfinite(a)]
         if bad_a:
-            out.add(f"--alphas {bad_a}: alphas must be finite numbers (typically 0..1).")
+            out.add(f"`alphas={bad_a}`: alphas must be finite numbers (typically 0..1).")
         if count is not None and len(alphas) != count:
-            out.add(f"--alphas gives {len(alphas)} values for {count} layers (one per layer, top layer first).")
+            out.add(f"`alphas` gives {len(alphas)} values for {count} layers (one per layer, top layer first).")
     return count
 
 
-def _check_k(k: Any, n: int | None, out: Collector, flag: str, keep_one: bool = False) -> int | None:
-    """`core.check_k` as a problem naming the flag; with the layer count unknown (a hub id, checked
+def _check_k(k: Any, n: int | None, out: Collector, name: str = "k", keep_one: bool = False) -> int | None:
+    """`core.check_k` as a problem naming the parameter `name`; with the layer count unknown (a hub id, checked
     again once its config is loaded) only whether k is a positive whole number."""
     from .core import check_k
 
     try:
         if n is not None:
-            return check_k(k, n, keep_one=keep_one)
+            return check_k(k, n, keep_one=keep_one, name=name)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k={k!r}`: must be between 1 and the model's number of layers.")
+            raise ValueError(f"`{name}={k!r}`: must be between 1 and the model's number of layers.")
         return k
-    except ValueError as e:  # check_k names the parameter (`k=...`): here it is this command's flag
-        out.add(str(e).replace(f"`k={k!r}`", f"{flag} {k}", 1))
+    except ValueError as e:  # check_k names the parameter (`k=...`); the CLI says which flag that is
+        out.add(str(e))
         return None
 
 
 def check_positive(out: Collector, **values: int | None) -> None:
     for name, v in values.items():
         if v is not None and (isinstance(v, bool) or v < 1):
-            out.add(f"--{name.replace('_', '-')} {v}: must be at least 1.")
+            out.add(f"`{name}={v}`: must be at least 1.")
 
 
-def check_windows(out: Collector, windows: int | None, seq_len: int | None, what: str = "--seq-len") -> None:
+def check_windows(out: Collector, windows: int | None, seq_len: int | None, what: str = "seq_len") -> None:
     if windows is not None and windows < 1:
-        out.add(f"--calib-windows {windows}: need at least one calibration window.")
+        out.add(f"`calib_windows={windows}`: need at least one calibration window.")
     if seq_len is not None and seq_len < 2:
-        out.add(f"{what} {seq_len}: a window needs at least 2 tokens.")
+        out.add(f"`{what}={seq_len}`: a window needs at least 2 tokens.")
 
 
 def check_grid(spec: Any, out: Collector) -> list[float] | None:
@@ -100,8 +100,8 @@ class TextCheck:
     files: list[Path] = field(default_factory=list)
 
 
-def check_text(source: str | None, default: str, flag: str, windows: int | None, seq_len: int | None,
-               out: Collector, seq_flag: str = "--seq-len") -> TextCheck:
+def check_text(source: str | None, default: str, name: str, windows: int | None, seq_len: int | None,
+               out: Collector, seq_name: str = "seq_len") -> TextCheck:
     """A text source exists, and has enough bytes for `windows` x `seq_len` tokens (a token covers at least
     one byte of UTF-8 text, so fewer bytes than tokens is too short for certain). Does not tokenize."""
     from .text import BUNDLED, TEXT_SUFFIXES
@@ -115,29 +115,29 @@ def check_text(source: str | None, default: str, flag: str, windows: int | None,
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
         if not files:
-            out.add(f"{flag} {p}: the folder has no text files ({', '.join(sorted(TEXT_SUFFIXES))}).")
+            out.add(f"`{name}={p}`: the folder has no text files ({', '.join(sorted(TEXT_SUFFIXES))}).")
             return TextCheck(src)
     else:
-        msg = (f"{flag} {src}: text source not found: no such file or folder (give a text file, a folder of .txt "
+        msg = (f"`{name}={src}`: text source not found: no such file or folder (give a text file, a folder of .txt "
                f"files, one of the bundled sets {', '.join(BUNDLED)}, or hf:DATASET when online).")
         out.add(msg, FileNotFoundError(msg))
         return TextCheck(src)
     unreadable = [f for f in files if not os.access(f, os.R_OK)]
     if unreadable:
-        msg = f"{flag} {unreadable[0]}: not readable (permissions)."
+        msg = f"`{name}={unreadable[0]}`: not readable (permissions)."
         out.add(msg, PermissionError(msg))
         return TextCheck(src)
     nbytes = sum(f.stat().st_size for f in files)
     compressed = any(f.suffix == ".gz" for f in files)
     if nbytes == 0 or (nbytes < 1 << 20 and not compressed and not b"".join(f.read_bytes() for f in files).strip()):
-        out.add(f"{flag} {p}: the text is empty.")
+        out.add(f"`{name}={p}`: the text is empty.")
     elif seq_len and seq_len > 1 and not compressed:
         need = (windows or 1) * seq_len
         if nbytes < seq_len:
-            out.add(f"{flag} {p}: {nbytes:,} bytes of text, fewer than one window of {seq_len:,} tokens (a token "
-                    f"is at least one byte): give more text or a smaller {seq_flag}.")
+            out.add(f"`{name}={p}`: {nbytes:,} bytes of text, fewer than one window of {seq_len:,} tokens (a token "
+                    f"is at least one byte): give more text or a smaller `{seq_name}`.")
         elif nbytes < need:
-            out.add(f"{flag} {p}: {nbytes:,} bytes of text, fewer than the {need:,} tokens {windows} windows of "
+            out.add(f"`{name}={p}`: {nbytes:,} bytes of text, fewer than the {need:,} tokens {windows} windows of "
                     f"{seq_len:,} need (a token is at least one byte): give more text, fewer windows or shorter ones.")
     return TextCheck(src, str(p.resolve()), nbytes, files)
 
@@ -163,8 +163,8 @@ def check_disjoint_sources(calib: TextCheck, ev: TextCheck, out: Collector) -> N
     if not same and calib.files and ev.files and calib.nbytes == ev.nbytes:
         same = _text_digest(calib) == _text_digest(ev)
     if same:
-        out.add(f"--calib {calib.source} and --eval {ev.source} are the same text: the perplexity would be "
-                "measured on the text the alphas were fitted to. Pass different --calib and --eval sources.")
+        out.add(f"`calib={calib.source}` and `eval={ev.source}` are the same text: the perplexity would be "
+                "measured on the text the alphas were fitted to. Pass different `calib` and `eval` sources.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,33 +178,33 @@ def _inside(a: Path, b: Path) -> bool:
 
 def check_output(
     out_path: str | os.PathLike[str] | None, overwrite: bool, inputs: Iterable[Path | None], out: Collector,
-    flag: str = "--out", is_file: bool = False,
+    name: str = "out", is_file: bool = False,
 ) -> Path | None:
-    """An output folder (or file) can be written: not an existing non-empty folder without --overwrite,
+    """An output folder (or file) `name` can be written: not an existing non-empty folder without `overwrite`,
     its nearest existing parent writable, and not the input, inside it, or containing it."""
     if out_path is None:
         return None
     p = Path(out_path).expanduser().resolve()
     if is_file:
         if p.is_dir():
-            out.add(f"{flag} {p} is a folder; give a file path.")
+            out.add(f"`{name}={p}` is a folder; give a file path.")
         elif p.exists() and not overwrite:
-            msg = f"{flag} {p} exists: choose another path, or pass --overwrite to replace it."
+            msg = f"`{name}={p}` exists: choose another path, or pass `overwrite=True` to replace it."
             out.add(msg, FileExistsError(msg))
     else:
         if p.exists() and not p.is_dir():
-            out.add(f"{flag} {p} exists and is not a folder: choose another --out.")
+            out.add(f"`{name}={p}` exists and is not a folder: choose another `{name}`.")
         elif p.is_dir() and any(p.iterdir()) and not overwrite:
-            msg = (f"{flag} {p}: output directory already exists and is not empty: choose another path, or pass "
-                   "--overwrite to replace it.")
+            msg = (f"`{name}={p}`: output directory already exists and is not empty: choose another path, or pass "
+                   "`overwrite=True` to replace it.")
             out.add(msg, FileExistsError(msg))
     probe = p.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        out.add(f"{flag} {p}: {probe} is a file, so no folder can be made there.")
+        out.add(f"`{name}={p}`: {probe} is a file, so no folder can be made there.")
     elif not os.access(probe, os.W_OK | os.X_OK):
-        msg = f"{flag} {p}: Cannot write to {probe} (permissions): choose an output you can write to."
+        msg = f"`{name}={p}`: Cannot write to {probe} (permissions): choose an output you can write to."
         out.add(msg, PermissionError(msg))
     for src in inputs:
         if src is None:
@@ -212,7 +212,7 @@ def check_output(
         s = Path(src).expanduser().resolve()
         if _inside(p, s) or _inside(s, p):
             where = "is the input" if p == s else ("is inside the input" if _inside(p, s) else "contains the input")
-            out.add(f"{flag} {p} {where} {s}: writing it would damage the model being read. Choose an output "
+            out.add(f"`{name}={p}` {where} {s}: writing it would damage the model being read. Choose an output "
                     "outside the input.")
     return p
 
@@ -230,7 +230,7 @@ def model_or_problem(source: Any, out: Collector, refuse_pruned: str | None = No
 
 
 def check_search_state(state: Path, order: list[int] | None, grid: list[float] | None, out: Collector) -> None:
-    """A resumable search's state file next to --out: readable, of this harp, and for these layers/grid."""
+    """A resumable search's state file next to `out`: readable, of this harp, and for these layers/grid."""
     from .search import STATE_VERSION
 
     if not state.exists():
@@ -251,7 +251,7 @@ def check_search_state(state: Path, order: list[int] | None, grid: list[float] |
                 f"{way_out}, or rerun with the original arguments to resume it.")
     elif grid is not None and d.get("grid") is not None and [float(x) for x in d["grid"]] != list(grid):
         out.add(f"{state} holds the progress of a search over another grid ({d['grid']}); {way_out}, or rerun with "
-                "the original --grid to resume it.")
+                "the original `grid` to resume it.")
 
 
 def check_prune(s: Any) -> ModelInfo | None:
@@ -262,32 +262,32 @@ def check_prune(s: Any) -> ModelInfo | None:
     out = Collector()
     info = model_or_problem(s.model, out, "prune the original model.")
     if s.select not in SELECTIONS:
-        out.add(f"Unknown --select {s.select!r}: use one of {', '.join(SELECTIONS)}.")
+        out.add(f"Unknown `select={s.select!r}`: use one of {', '.join(SELECTIONS)}.")
     elif s.select != "top":
         if s.layers:
-            out.add("--select chooses the layers; it cannot be combined with --layer-ids.")
+            out.add("`select` chooses the layers; it cannot be combined with `layers`.")
         if s.alphas is not None:
-            out.add("--alphas needs known layers: use it with --layer-ids or the top K, not --select.")
+            out.add("`alphas` needs known layers: use it with `layers` or the top K, not `select`.")
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
     grid = check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
     if s.eval_seq_len < 2:
-        out.add(f"--eval-seq-len {s.eval_seq_len}: a window needs at least 2 tokens.")
+        out.add(f"`eval_seq_len={s.eval_seq_len}`: a window needs at least 2 tokens.")
     elif s.eval_tokens < s.eval_seq_len:
-        out.add(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
+        out.add(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
     check_positive(out, batch_size=s.batch_size)
     if s.method not in ("cached", "naive"):
-        out.add(f"--method {s.method!r}: use 'cached' or 'naive'.")
+        out.add(f"`method={s.method!r}`: use 'cached' or 'naive'.")
     from .fit import check_fit_settings
 
     out.run(check_fit_settings, getattr(s, "fit", "none"), getattr(s, "ridge", "auto"), getattr(s, "fit_prior", "auto"))
     out.run(torch_dtype, s.dtype)
     if s.threads is not None and s.threads < 1:
-        out.add(f"--threads {s.threads}: must be at least 1.")
+        out.add(f"`threads={s.threads}`: must be at least 1.")
     from .text import DEFAULT_CALIB, DEFAULT_EVAL
 
-    c = check_text(s.calib, DEFAULT_CALIB, "--calib", s.calib_windows, s.seq_len, out)
-    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out, "--eval-seq-len")
+    c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
     outp = check_output(s.out, s.overwrite, [info.path if info else None], out)
     if outp is not None and info is not None and info.num_layers and count and s.select == "top" and s.alphas is None:
@@ -306,11 +306,11 @@ def check_eval(model: Any, eval_text: str | None, eval_tokens: int | None, eval_
     out = Collector()
     info = model_or_problem(model, out)
     if eval_seq_len < 2:
-        out.add(f"--eval-seq-len {eval_seq_len}: a window needs at least 2 tokens.")
+        out.add(f"`eval_seq_len={eval_seq_len}`: a window needs at least 2 tokens.")
     elif eval_tokens is not None and eval_tokens < eval_seq_len:
-        out.add(f"--eval-tokens {eval_tokens} is less than one window of --eval-seq-len {eval_seq_len}.")
-    check_text(eval_text, DEFAULT_EVAL, "--eval", 1, eval_seq_len, out, "--eval-seq-len")
-    check_output(json_out, overwrite, [info.path if info else None], out, flag="--json", is_file=True)
+        out.add(f"`eval_tokens={eval_tokens}` is less than one window of `eval_seq_len={eval_seq_len}`.")
+    check_text(eval_text, DEFAULT_EVAL, "eval", 1, eval_seq_len, out, "eval_seq_len")
+    check_output(json_out, overwrite, [info.path if info else None], out, name="json_out", is_file=True)
     out.raise_if_any()
     return info
 
@@ -320,7 +320,7 @@ def check_export(source: Any, fmt: str, out_path: Path, overwrite: bool) -> Mode
     info = model_or_problem(source, out)
     if fmt == "gguf":
         if Path(out_path).suffix != ".gguf":
-            out.add(f"--out {out_path} should be a file name ending in .gguf for --format gguf.")
+            out.add(f"`out={out_path}` should be a file name ending in .gguf for `fmt=gguf`.")
         check_output(out_path, overwrite, [info.path if info else None], out, is_file=True)
     else:
         check_output(out_path, overwrite, [info.path if info else None], out)
@@ -336,8 +336,8 @@ def check_analyze(model: Any, text: str | None, windows: int, seq_len: int, out_
     info = model_or_problem(model, out)
     check_positive(out, windows=windows)
     if seq_len < 2:
-        out.add(f"--seq-len {seq_len}: a window needs at least 2 tokens.")
-    check_text(text, DEFAULT_CALIB, "--text", windows, seq_len, out)
+        out.add(f"`seq_len={seq_len}`: a window needs at least 2 tokens.")
+    check_text(text, DEFAULT_CALIB, "text", windows, seq_len, out)
     check_output(out_path, overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info
@@ -350,13 +350,13 @@ def check_compare(s: Any) -> ModelInfo | None:
     info = model_or_problem(s.model, out, "compare on the original model.")
     n = info.num_layers if info else None
     for k in s.ks or []:
-        _check_k(k, n, out, "--layers", keep_one=True)  # as run_compare: whole-layer methods are compared
+        _check_k(k, n, out, "ks", keep_one=True)  # as run_compare: whole-layer methods are compared
     check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
     if s.eval_tokens is not None and s.eval_tokens < s.eval_seq_len:
-        out.add(f"--eval-tokens {s.eval_tokens} is less than one window of --eval-seq-len {s.eval_seq_len}.")
-    c = check_text(s.calib, DEFAULT_CALIB, "--calib", s.calib_windows, s.seq_len, out)
-    e = check_text(s.eval, DEFAULT_EVAL, "--eval", 1, s.eval_seq_len, out, "--eval-seq-len")
+        out.add(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
+    c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
     check_output(s.out, s.overwrite, [info.path if info else None], out)
     out.raise_if_any()

@@ -338,7 +338,7 @@ def check_complete(folder: str | os.PathLike[str], cfg: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# A --model argument, inspected without loading it
+# A `model` argument, inspected without loading it
 # ------------------------------------------------------------------------------------------------
 
 
@@ -377,7 +377,7 @@ class ModelInfo:
 
 
 def inspect_model(source: str | os.PathLike[str] | None, check_weights: bool = True) -> ModelInfo:
-    """What a --model argument is, its config and HARP block, with its files checked complete.
+    """What a `model` argument is, its config and HARP block, with its files checked complete.
     Raises Problems / ValueError / FileNotFoundError naming the file. Reads no tensor data."""
     from .models import _DEFAULT_ALIASES, DEFAULT_MODEL
     from .plan import PRESETS
@@ -414,6 +414,6 @@ def inspect_model(source: str | os.PathLike[str] | None, check_weights: bool = T
     if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1:
         raise FileNotFoundError(
             f"Model {s!r} not found: no such file or folder, and it is not a hub id (org/name). "
-            f"Use --model {DEFAULT_MODEL} for the bundled default, a local folder, or a .gguf file."
+            f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
         )
     return ModelInfo(s, "hub", None, None)

@@ -50,7 +50,7 @@ _CONVERT_HINT = (
     "Convert it once to a sharded safetensors folder (this loads the model a single time):\n"
     "    python -c \"import harp; m, t = harp.load_model('{src}'); "
     "m.save_pretrained('DIR', max_shard_size='2GB'); t.save_pretrained('DIR')\"\n"
-    "then pass --model DIR."
+    "then pass `model=DIR`."
 )
 
 
@@ -72,10 +72,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"Unsupported device {name!r}: use {DEVICES}.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}). "
-                             "Use --device cpu, or --device auto to take a GPU when there is one.")
+            raise ValueError(f"`device={name}`: torch sees no CUDA device here (torch {torch.__version__}). "
+                             "Use `device=cpu`, or `device=auto` to take a GPU when there is one.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+            raise ValueError(f"`device={name}`: only {torch.cuda.device_count()} CUDA device(s) visible.")
     return dev
 
 
@@ -85,7 +85,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
-    """The local safetensors folder behind a --model argument, or a ValueError saying how to make one."""
+    """The local safetensors folder behind a `model` argument, or a ValueError saying how to make one."""
     from .checkpoint import is_harp_checkpoint
     from .models import resolve_model_source
 
@@ -93,8 +93,8 @@ def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
     p = Path(src)
     if not p.exists():
         raise ValueError(
-            f"--streamed reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
-            f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass --model DIR."
+            f"`streamed` reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
+            f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass `model=DIR`."
         )
     if p.is_file() and p.suffix == ".gguf":
         from .models import converted_gguf
@@ -102,20 +102,20 @@ def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
         cached = converted_gguf(p)  # every harp command caches a GGUF's conversion: stream from that
         if cached is None:
             raise ValueError(
-                f"--streamed needs a safetensors model folder, not the file {p}. Run any harp command on it once "
-                f"without --streamed (e.g. `harp eval {p}`): its conversion is cached and --streamed reads it. Or: "
+                f"`streamed` needs a safetensors model folder, not the file {p}. Run any harp command on it once "
+                f"without `streamed` (e.g. `harp eval {p}`): its conversion is cached and `streamed` reads it. Or: "
                 + _CONVERT_HINT.format(src=p)
             )
         p = cached
     elif p.is_file():
         raise ValueError(
-            f"--streamed needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
+            f"`streamed` needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
         )
     if is_harp_checkpoint(p):
         raise ValueError(f"{p} is already a HARP-pruned checkpoint; search alphas on the original model.")
     if not any(p.glob("*.safetensors")):
         raise ValueError(
-            f"--streamed needs safetensors weights, and {p} has none (PyTorch .bin files are pickles that "
+            f"`streamed` needs safetensors weights, and {p} has none (PyTorch .bin files are pickles that "
             "cannot be read one tensor at a time). " + _CONVERT_HINT.format(src=p)
         )
     return p
@@ -410,7 +410,7 @@ def check_resident(model: nn.Module, layers: Iterable[int]) -> None:
         raise ValueError(
             f"Layers {bad} were offloaded by device_map='auto' (their weights are not resident), and pruning "
             "folds their attention weights. Give the GPUs more room (more GPUs, fewer other processes), or "
-            "use --device cpu for the evaluation and pruning; the search itself can run with --streamed."
+            "use `device=cpu` for the evaluation and pruning; the search itself can run with `streamed`."
         )
 
 

@@ -33,7 +33,7 @@ def parse_contexts(spec: str | Iterable[int]) -> list[int]:
     """'256,512,1024' (or a list of ints) -> sorted distinct positive context lengths."""
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
     if not items:
-        raise ValueError("No context lengths given: pass e.g. --context 256,512,1024.")
+        raise ValueError("No context lengths given: pass e.g. `contexts=256,512,1024`.")
     out: list[int] = []
     for s in items:
         try:
@@ -291,12 +291,14 @@ def output_paths(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[st
     `overwrite`. Nothing is written."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory: choose another --out.")
+        raise FileExistsError(f"{out} exists and is not a directory: choose another `out`.")
     paths = {"json": out / JSON_NAME, "table": out / TABLE_NAME, "png": out / PLOT_NAME}
     if not overwrite:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
-            raise FileExistsError(f"{', '.join(existing)} already exist(s): choose another --out or pass --overwrite.")
+            raise FileExistsError(
+                f"{', '.join(existing)} already exist(s): choose another `out` or pass `overwrite=True`."
+            )
     return paths
 
 

@@ -14,11 +14,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # Library parameter -> flag, where the flag is not the parameter with dashes ("seq_len" -> "--seq-len").
-FLAGS = {"k": "--layers", "ks": "--layers", "fmt": "--format", "json_out": "--json"}
+FLAGS = {
+    "k": "--layers", "ks": "--layers", "layers": "--layer-ids", "fmt": "--format", "json_out": "--json",
+    "contexts": "--context",
+}
 # The parameters whose flag is the rule's. A backticked name in neither table is left as it is.
 PARAMS = {
-    "auto_k", "calib", "calib_windows", "data_dir", "eval", "eval_seq_len", "eval_tokens", "limit", "max_k",
-    "max_ppl_increase", "model", "out", "overwrite", "seq_len", "tasks",
+    "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "data_dir", "device", "eval",
+    "eval_seq_len", "eval_tokens", "grid", "limit", "max_k", "max_ppl_increase", "method", "model", "out",
+    "overwrite", "plot", "select", "seq_len", "streamed", "tasks", "text", "threads", "tokenizer_gguf", "windows",
 }
 
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
@@ -33,13 +37,15 @@ def flag(name: str) -> str | None:
 
 def cli_text(message: str) -> str:
     """A library message with its backticked parameters as flags: `seq_len=1` -> --seq-len 1,
-    `overwrite=True` or `overwrite` -> --overwrite."""
+    `overwrite=True` or `overwrite` -> --overwrite, `plot=False` -> --no-plot."""
 
     def one(m: re.Match[str]) -> str:
         f = flag(m.group(1))
         if f is None:
             return m.group(0)
         value = m.group(2)
+        if value == "False":
+            return "--no-" + f.removeprefix("--")
         return f if value is None or value == "True" else f"{f} {value}"
 
     return _PARAM.sub(one, message)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harp.commands import cli_text
 from harp.pipeline import PruneReport, PruneSettings, run_prune
 
 
@@ -160,7 +161,7 @@ def prune_cmd(
 
     # run_prune checks every argument against the config / GGUF header / files before loading anything
     with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
-        report = run_prune(settings, log=lambda m: console.print(m, highlight=False))
+        report = run_prune(settings, log=lambda m: console.print(cli_text(m), highlight=False))
     console.print(summary_table(report))
     if json_out is not None:
         from harp._io import write_json_atomic

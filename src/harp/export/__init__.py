@@ -95,7 +95,7 @@ def export_deci(
     from .._io import atomic_dir, write_json_atomic
 
     if dtype is not None and dtype not in DECI_DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r} for --format deci; use one of {', '.join(DECI_DTYPES)}.")
+        raise ValueError(f"Unknown dtype {dtype!r} for `fmt=deci`; use one of {', '.join(DECI_DTYPES)}.")
     d = to_deci(model, ffn_multiple_of_256=True)  # validates; raises before anything is written
     target = DECI_DTYPES[dtype] if dtype else next(iter(d.tensors.values())).dtype
     tensors = {k: v.to(target) for k, v in d.tensors.items()}
@@ -156,11 +156,11 @@ def export(
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     if fmt == "gguf" and dtype is not None and dtype not in GGUF_DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r} for --format gguf; use one of {', '.join(GGUF_DTYPES)}.")
+        raise ValueError(f"Unknown dtype {dtype!r} for `fmt=gguf`; use one of {', '.join(GGUF_DTYPES)}.")
     if fmt == "deci" and dtype is not None and dtype not in DECI_DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r} for --format deci; use one of {', '.join(DECI_DTYPES)}.")
+        raise ValueError(f"Unknown dtype {dtype!r} for `fmt=deci`; use one of {', '.join(DECI_DTYPES)}.")
     if fmt == "gguf" and tokenizer_gguf is not None and not Path(tokenizer_gguf).is_file():
-        raise FileNotFoundError(f"--tokenizer-gguf {tokenizer_gguf} not found.")
+        raise FileNotFoundError(f"`tokenizer_gguf={tokenizer_gguf}` not found.")
     _check_out(fmt, out, overwrite)
     src = resolve_model_source(source)
     src_path = Path(src)
@@ -188,7 +188,7 @@ def export(
         if tok is None and tokenizer_gguf is None:
             raise ExportError(
                 f"{source} has no tokenizer files, so the GGUF would have no vocabulary. Pass "
-                "--tokenizer-gguf FILE (any GGUF of the same base model)."
+                "`tokenizer_gguf=FILE` (any GGUF of the same base model)."
             )
         path = export_gguf(
             model,
@@ -206,14 +206,9 @@ def export(
 def _check_out(fmt: str, out: str | os.PathLike[str], overwrite: bool) -> None:
     """Fail before loading the model if the output cannot be written."""
     from .._io import check_output_dir
+    from .gguf_writer import check_gguf_out
 
-    p = Path(out).expanduser()
     if fmt == "deci":
-        check_output_dir(p, overwrite)
-        return
-    if p.suffix != ".gguf":
-        raise ValueError(f"--out {p} should be a file name ending in .gguf for --format gguf.")
-    if p.is_dir():
-        raise FileExistsError(f"{p} is a directory; --out for --format gguf is a file path.")
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists. Choose another --out, or pass --overwrite to replace it.")
+        check_output_dir(Path(out).expanduser(), overwrite)
+    else:
+        check_gguf_out(out, overwrite)

@@ -164,9 +164,9 @@ def check_exportable(model: nn.Module, *, ffn_multiple_of_256: bool = True) -> N
     if not problems:
         problems = _layer_problems(model, ffn_multiple_of_256)
     if problems:
-        if ffn_multiple_of_256:  # --format deci
+        if ffn_multiple_of_256:  # `fmt=deci`
             head = "Cannot export to the DeciLM/nemotron-nas layout (nothing was written)"
-        else:  # --format gguf: the same limits, as llama.cpp's `deci` architecture has them
+        else:  # `fmt=gguf`: the same limits, as llama.cpp's `deci` architecture has them
             head = "Cannot export to GGUF for llama.cpp's `deci` architecture (nothing was written)"
             problems = [p.replace("the DeciLM format", "a llama.cpp GGUF")
                         .replace("a DeciLM replace_with_linear layer", "a llama.cpp linear-attention layer")
@@ -216,7 +216,7 @@ def _layer_problems(model: nn.Module, ffn_multiple_of_256: bool) -> list[str]:
             problems.append(
                 f"intermediate_size {inter} is not a multiple of 256: the DeciLM config stores FFN width as "
                 "ffn_mult and readers round int(2 * ffn_mult * hidden / 3) up to a multiple of 256, so this "
-                "width cannot be expressed. Alternative: export --format gguf (stores the width exactly)."
+                "width cannot be expressed. Alternative: export `fmt=gguf` (stores the width exactly)."
             )
     return problems
 

@@ -79,6 +79,20 @@ class _Tensors:
             self.writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
 
+
+def check_gguf_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """`out` can take a GGUF: a file name ending in .gguf, not a folder, not an existing file unless
+    `overwrite`. Returns it as a Path."""
+    p = Path(out).expanduser()
+    if p.suffix != ".gguf":
+        raise ValueError(f"`out={p}` should be a file name ending in .gguf for `fmt=gguf`.")
+    if p.is_dir():
+        raise FileExistsError(f"{p} is a directory; `out` for `fmt=gguf` is a file path (e.g. model.gguf).")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p} already exists. Choose another `out`, or pass `overwrite=True` to replace it.")
+    return p
+
+
 def write_gguf(
     d: DeciModel,
     out: str | os.PathLike[str],
@@ -94,17 +108,7 @@ def write_gguf(
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-    out = Path(out).expanduser().resolve()
-    if out.is_dir():
-        raise FileExistsError(
-            f"{out} is a directory; --out for --format gguf is a file path (e.g. model.gguf)."
-        )
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out} already exists. Choose another --out, or pass --overwrite to replace it."
-        )
-    if out.suffix != ".gguf":
-        raise ValueError(f"GGUF output {out} should end in .gguf.")
+    out = check_gguf_out(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     qtype, ftype = DTYPES[dtype]
 

@@ -2,7 +2,7 @@
 
 Two sources, in this order of preference:
 
-1. a reference GGUF of the same base model (`--tokenizer-gguf`, or the model's own .gguf source):
+1. a reference GGUF of the same base model (`tokenizer_gguf`, or the model's own .gguf source):
    its `tokenizer.*` keys are copied verbatim;
 2. the Hugging Face tokenizer, for byte-level BPE tokenizers (LLaMA 3, Qwen2, SmolLM, GPT-2 style):
    tokens, token types, merges and special ids are written the way llama.cpp's converter writes them.
@@ -56,7 +56,7 @@ def copy_tokenizer_metadata(writer: gguf.GGUFWriter, source: str | Path, vocab_s
     tokens = reader.get_field("tokenizer.ggml.tokens")
     if tokens is None:
         raise ExportError(
-            f"{source} has no tokenizer metadata (tokenizer.ggml.tokens); pick another --tokenizer-gguf."
+            f"{source} has no tokenizer metadata (tokenizer.ggml.tokens); pick another `tokenizer_gguf`."
         )
     if len(tokens.data) != vocab_size:
         raise ExportError(
@@ -78,7 +78,7 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     if name is None:
         raise ExportError(
             "harp does not recognise this tokenizer's pre-tokenizer, so it cannot write llama.cpp "
-            "tokenizer metadata that tokenises exactly like the original. Pass --tokenizer-gguf FILE, any "
+            "tokenizer metadata that tokenises exactly like the original. Pass `tokenizer_gguf=FILE`, any "
             "GGUF of the same base model (e.g. the one llama.cpp's convert_hf_to_gguf.py makes of the "
             "unpruned model); its tokenizer metadata is copied."
         )
@@ -99,7 +99,7 @@ def hf_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: i
         raise ExportError(
             f"harp builds GGUF tokenizer metadata for byte-level BPE tokenizers only; this one is "
             f"{type(tokenizer).__name__} (SentencePiece-style tokenizers need scores harp does not write). "
-            "Pass --tokenizer-gguf FILE, any GGUF of the same base model; its tokenizer metadata is copied."
+            "Pass `tokenizer_gguf=FILE`, any GGUF of the same base model; its tokenizer metadata is copied."
         )
     pre = pre_tokenizer_name(tokenizer)
     vocab: dict[str, int] = tokenizer.get_vocab()

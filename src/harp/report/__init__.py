@@ -17,7 +17,7 @@ def check_plot_available() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError("The plot needs matplotlib: pip install 'harp-prune[plot]' (or pass --no-plot).") from None
+        raise ValueError("The plot needs matplotlib: pip install 'harp-prune[plot]' (or pass `plot=False`).") from None
 
 
 def pyplot() -> Any:

@@ -3,7 +3,7 @@
 Each YAML names one of the loaders below as its `custom_dataset`; lm-eval calls it with the task's
 metadata, so the data folder is found at run time, in this order:
 
-1. `harp_data_dir` in the task metadata (harp passes `--data-dir` this way; plain lm-eval users can
+1. `harp_data_dir` in the task metadata (harp passes its `data_dir` this way; plain lm-eval users can
    pass `--metadata '{"harp_data_dir": "/path"}'`),
 2. the environment variable HARP_DATA_DIR,
 3. `./data`, relative to the current directory.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "HARP_DATA_DIR"
-DEFAULT_DIRS = ("data",)  # never a developer machine's path: users pass --data-dir
+DEFAULT_DIRS = ("data",)  # never a developer machine's path: users pass `data_dir`
 
 # task -> (relative path, where to get it, sha256 of the official file)
 DATA_FILES: dict[str, list[tuple[str, str, str]]] = {
@@ -53,7 +53,7 @@ def resolve_data_dir(explicit: str | os.PathLike[str] | None = None) -> tuple[Pa
     if explicit:
         p = Path(explicit).expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"Task data folder {p} (from --data-dir / harp_data_dir) does not exist.")
+            raise FileNotFoundError(f"Task data folder {p} (from `data_dir` / harp_data_dir) does not exist.")
         return p.resolve(), "given"
     env = os.environ.get(ENV_VAR)
     if env:
@@ -66,7 +66,7 @@ def resolve_data_dir(explicit: str | os.PathLike[str] | None = None) -> tuple[Pa
         if p.is_dir() and any((p / rel).is_file() for files in DATA_FILES.values() for rel, _, _ in files):
             return p.resolve(), f"default location ./{cand}"
     raise FileNotFoundError(
-        "No task data folder found: pass --data-dir DIR (or set HARP_DATA_DIR) to a folder holding "
+        "No task data folder found: pass `data_dir=DIR` (or set HARP_DATA_DIR) to a folder holding "
         f"{', '.join(rel for files in DATA_FILES.values() for rel, _, _ in files)}. "
         f"Looked in: {', '.join(str(Path(c).resolve()) for c in DEFAULT_DIRS)}."
     )
@@ -81,7 +81,7 @@ def task_files(task: str, data_dir: str | os.PathLike[str] | None = None) -> lis
         if not p.is_file():
             raise FileNotFoundError(
                 f"Task {task!r} needs {p} (data folder {root}, {how}), which is missing. Get {source} and put it "
-                f"there, point --data-dir / {ENV_VAR} at a folder that has it, or use the hub version of the task "
+                f"there, point `data_dir` / {ENV_VAR} at a folder that has it, or use the hub version of the task "
                 "when online (see `harp eval --help`)."
             )
         out.append(p)

@@ -224,7 +224,7 @@ def harp_plan(config: Any) -> dict[int, float]:
             f"harp vLLM plugin: this is a HARP checkpoint of model_type {mt!r}, which the vLLM plugin does not "
             f"serve. It serves HARP checkpoints of {supported_summary()}. Alternatives for this model: "
             "transformers (harp.load(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)), "
-            "or harp export --format gguf for llama.cpp where the family allows it (docs/serving.md)."
+            "or a GGUF export (`harp export`, `fmt=gguf`) for llama.cpp where the family allows it (docs/serving.md)."
         )
     n = int(config.num_hidden_layers)
     plan: dict[int, float] = {}
