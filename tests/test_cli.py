@@ -217,3 +217,25 @@ def test_library_errors_name_no_flag_of_harp():
                 if isinstance(c, ast.Constant) and isinstance(c.value, str):
                     found += [(rel, f) for f in re.findall(r"--[a-z][a-z0-9-]*", c.value) if f in flags]
     assert found == []
+
+
+def test_k_of_a_model_whose_layer_count_is_unknown():
+    """A hub id's layer count is unknown before its config loads: k is checked by core.check_k without an
+    upper bound, named as the parameter, shown as --layers on the command line."""
+    from harp.commands import flag_errors
+    from harp.pipeline import PruneSettings
+    from harp.preflight import Problems, check_prune
+
+    for k in (0, True, 2.5):
+        with pytest.raises(Problems, match=rf"^`k={k!r}`: must be between 1 and the model's number of layers\.$"):
+            check_prune(PruneSettings(model="org/name", k=k))
+    with pytest.raises(Problems, match=r"^--layers 0: must be between 1 and the model's number of layers\.$"), \
+            flag_errors():
+        check_prune(PruneSettings(model="org/name", k=0))
+    assert check_prune(PruneSettings(model="org/name", k=500)).kind == "hub"  # no upper bound yet
+    from harp.compare import CompareSettings
+    from harp.preflight import check_compare
+
+    with pytest.raises(Problems, match=r"^--layers 0: must be between 1 and the model's number of layers\.$"), \
+            flag_errors():
+        check_compare(CompareSettings(model="org/name", ks=(0, 4)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,18 +54,15 @@ def check_layer_choice(
 
 
 def _check_k(k: Any, n: int | None, out: Collector, name: str = "k", keep_one: bool = False) -> int | None:
-    """`core.check_k` as a problem naming the parameter `name`; with the layer count unknown (a hub id, checked
-    again once its config is loaded) only whether k is a positive whole number."""
+    """`core.check_k` as a problem naming the parameter `name` (`harp.commands` shows its flag). With the
+    layer count unknown (a hub id, checked again once its config is loaded) the same check without an upper
+    bound: only whether k is a positive whole number."""
     from .core import check_k
 
     try:
-        if n is not None:
-            return check_k(k, n, keep_one=keep_one, name=name)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`{name}={k!r}`: must be between 1 and the model's number of layers.")
-        return k
-    except ValueError as e:  # check_k names the parameter (`k=...`); the CLI says which flag that is
-        out.add(str(e))
+        return check_k(k, sys.maxsize if n is None else n, keep_one=keep_one and n is not None, name=name)
+    except ValueError as e:
+        out.add(str(e) if n is not None else f"`{name}={k!r}`: must be between 1 and the model's number of layers.")
         return None
 
 
