@@ -172,7 +172,7 @@ def cache_entries() -> list[dict[str, Any]]:
 
 def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
     """Turn a `model` argument into something `from_pretrained` or the GGUF loader can take."""
-    if source is None or str(source).lower() in _DEFAULT_ALIASES:
+    if is_default_model(source):
         return str(default_model_dir())
     p = Path(source).expanduser()
     if p.exists():
@@ -181,13 +181,23 @@ def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
         if p.is_dir() and not (p / "config.json").is_file():
             raise ValueError(f"{p} is a folder without config.json: it is not a transformers model folder.")
         return str(p)
-    looks_like_path = str(source).startswith((".", "/", "~")) or str(source).endswith(".gguf")
-    if looks_like_path or str(source).count("/") != 1:
+    return hub_id(source)  # works only online
+
+
+def is_default_model(source: str | os.PathLike[str] | None) -> bool:
+    """Whether `source` names the bundled default model (None, "default", "smollm2", ...)."""
+    return source is None or str(source).lower() in _DEFAULT_ALIASES
+
+
+def hub_id(source: str | os.PathLike[str]) -> str:
+    """`source`, which is no file or folder here, as a hub id (org/name); FileNotFoundError if it is not one."""
+    s = str(source)
+    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1:
         raise FileNotFoundError(
-            f"Model {source!r} not found: no such file or folder, and it is not a hub id (org/name). "
+            f"Model {s!r} not found: no such file or folder, and it is not a hub id (org/name). "
             f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
         )
-    return str(source)  # a hub id; works only online
+    return s
 
 
 # The one dtype table: every name harp accepts for a dtype (loading, the streamed search, the memory

@@ -122,8 +122,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     out = check_output_dir(s.out, s.overwrite) if s.out else None
     grid = parse_grid(s.grid)
     fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
-    if s.eval_tokens < s.eval_seq_len:
-        raise ValueError(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
 
     t = time.perf_counter()
     model: nn.Module | None = None
@@ -156,16 +154,10 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if getattr(config, "harp", None):
         raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
     num = config.num_hidden_layers
-    if s.select not in SELECTIONS:
-        raise ValueError(f"Unknown `select={s.select!r}`: use one of {', '.join(SELECTIONS)}.")
-    if s.select != "top":
-        if s.layers:
-            raise ValueError("`select` chooses the layers; it cannot be combined with `layers`.")
-        if s.alphas is not None:
-            raise ValueError("`alphas` needs known layers: use it with `layers` or the top K, not `select`.")
-        if s.streamed:
-            raise ValueError(f"`select={s.select}` scores every layer and needs the whole model resident; "
-                             "drop `streamed`.")
+    # `select` itself, and with `layers` or `alphas`, was refused by check_prune
+    if s.select != "top" and s.streamed:
+        raise ValueError(f"`select={s.select}` scores every layer and needs the whole model resident; "
+                         "drop `streamed`.")
     if s.layers:
         layers = sorted(layer_indices(s.layers, num), reverse=True)
     else:

@@ -379,10 +379,10 @@ class ModelInfo:
 def inspect_model(source: str | os.PathLike[str] | None, check_weights: bool = True) -> ModelInfo:
     """What a `model` argument is, its config and HARP block, with its files checked complete.
     Raises Problems / ValueError / FileNotFoundError naming the file. Reads no tensor data."""
-    from .models import _DEFAULT_ALIASES, DEFAULT_MODEL
+    from .models import DEFAULT_MODEL, hub_id, is_default_model
     from .plan import PRESETS
 
-    if source is None or str(source).lower() in _DEFAULT_ALIASES:
+    if is_default_model(source):
         return ModelInfo(DEFAULT_MODEL, "default", None, dict(PRESETS["smollm2-135m"]))
     p = Path(source).expanduser()
     if p.is_file():
@@ -410,10 +410,4 @@ def inspect_model(source: str | os.PathLike[str] | None, check_weights: bool = T
             problems.run(check_complete, p, cfg)
         problems.raise_if_any()
         return ModelInfo(str(source), "folder", p, cfg, harp)
-    s = str(source)
-    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1:
-        raise FileNotFoundError(
-            f"Model {s!r} not found: no such file or folder, and it is not a hub id (org/name). "
-            f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
-        )
-    return ModelInfo(s, "hub", None, None)
+    return ModelInfo(hub_id(source), "hub", None, None)
