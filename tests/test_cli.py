@@ -178,6 +178,19 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags():
         parse_limit("0")
 
 
+def test_library_warnings_are_printed_with_flags():
+    """A warning raised inside a command (the refit's "too few calibration tokens") names the flag."""
+    import warnings
+
+    from harp.commands import flag_errors
+
+    with pytest.warns(UserWarning, match=r"^too few tokens: more or longer --calib-windows\.$"):
+        with flag_errors():
+            warnings.warn("too few tokens: more or longer `calib_windows`.", UserWarning, stacklevel=1)
+    with pytest.warns(UserWarning, match="`calib_windows`"):  # outside a command: the parameter
+        warnings.warn("more or longer `calib_windows`.", UserWarning, stacklevel=1)
+
+
 def test_cli_text_renders_the_new_parameter_names():
     from harp.commands import cli_text
 
@@ -186,7 +199,7 @@ def test_cli_text_renders_the_new_parameter_names():
 
 
 def test_library_errors_name_no_flag_of_harp():
-    """No error a library module raises (or collects as a problem) spells one of harp's flags: it names the
+    """No error a library module raises (or collects as a problem, or warns) spells one of harp's flags: it names the
     parameter in backticks and harp.commands renders the flag. commands/ and cli.py are the CLI itself;
     bench/probe.py is the argparse of the memory probe's own child process."""
     import ast
@@ -201,7 +214,7 @@ def test_library_errors_name_no_flag_of_harp():
     flags = {o for cmd in group.commands.values() for p in cmd.params
              for o in (*p.opts, *getattr(p, "secondary_opts", [])) if o.startswith("--")} - {"--help"}
     root = Path(harp.__file__).parent
-    skip = {"cli.py", "bench/probe.py", "fit.py"}  # fit.py: pending (its refit hint names --calib-windows)
+    skip = {"cli.py", "bench/probe.py"}
     found = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
@@ -210,7 +223,8 @@ def test_library_errors_name_no_flag_of_harp():
         for node in ast.walk(ast.parse(path.read_text())):
             f = node.func if isinstance(node, ast.Call) else None
             is_problem = isinstance(f, ast.Attribute) and (f.attr == "add" or (
-                f.attr == "append" and getattr(f.value, "id", None) == "problems"))  # Collector.add, problem lists
+                f.attr == "append" and getattr(f.value, "id", None) == "problems") or f.attr == "warn")
+            # Collector.add, problem lists, warnings.warn
             if not (isinstance(node, ast.Raise) or is_problem):
                 continue
             for c in ast.walk(node):

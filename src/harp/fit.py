@@ -316,7 +316,7 @@ def _fit_one(idx: int, layer: nn.Module, arch: Any, geo: dict[str, int], total: 
         warnings.warn(
             f"Layer {idx}: {total.tokens} calibration tokens for {unknowns} unknowns per output: the fit is "
             f"under-determined and only the ridge keeps it unique. Give at least {unknowns} tokens (better "
-            f"{10 * unknowns}): more or longer --calib-windows.",
+            f"{10 * unknowns}): more or longer `calib_windows`.",
             stacklevel=3,
         )
     target = max(total.target, 1e-300)

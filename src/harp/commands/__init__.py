@@ -4,12 +4,13 @@ This package (with `harp.cli`) is the only place that names command-line flags. 
 Python parameters instead, in backticks: `seq_len=1`, `overwrite`, `max_ppl_increase`. `cli_text`
 turns those into this command line's flags (--seq-len 1, --overwrite, --max-ppl-increase), and
 `flag_errors`, which `harp.cli` wraps around every command, applies it to a library error's message
-before the error becomes one `error:` line.
+before the error becomes one `error:` line, and to the warnings the command prints.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,10 +54,20 @@ def cli_text(message: str) -> str:
 
 @contextmanager
 def flag_errors() -> Iterator[None]:
-    """Re-raise a library error (ValueError, OSError, ...) with its message in terms of flags."""
+    """Re-raise a library error (ValueError, OSError, ...) with its message in terms of flags, and print
+    library warnings in the same terms."""
+    show = warnings.showwarning
+
+    def shown(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              file: object = None, line: str | None = None) -> None:
+        show(cli_text(str(message)), category, filename, lineno, file, line)  # type: ignore[arg-type]
+
+    warnings.showwarning = shown
     try:
         yield
     except (ValueError, OSError) as e:
         if len(e.args) == 1 and isinstance(e.args[0], str):
             e.args = (cli_text(e.args[0]),)
         raise
+    finally:
+        warnings.showwarning = show
