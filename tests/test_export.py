@@ -368,7 +368,7 @@ def test_llamacpp_runs_pruned_default_model(llama_cpp_works: None, tmp_path: Pat
     import gguf
 
     from harp.export import llamacpp
-    from harp.models import _default_gguf, load_model
+    from harp.models import default_gguf, load_model
     from harp.text import load_text
 
     plan = json.loads(DEFAULT_RESULT.read_text())
@@ -377,7 +377,7 @@ def test_llamacpp_runs_pruned_default_model(llama_cpp_works: None, tmp_path: Pat
     path = export_gguf(model, tmp_path / "pruned.gguf", dtype="f32", tokenizer=tok)
 
     # tokenizer metadata built from the HF tokenizer = what the original GGUF carries
-    mine, ref = gguf.GGUFReader(path), gguf.GGUFReader(_default_gguf())
+    mine, ref = gguf.GGUFReader(path), gguf.GGUFReader(default_gguf())
     for key in (
         "tokenizer.ggml.model",
         "tokenizer.ggml.pre",

