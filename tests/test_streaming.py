@@ -331,6 +331,7 @@ def test_cli_prune_streamed_errors(tmp_path):
         (["--activations", "disk"], "add --streamed"),
         (["--streamed", "--activations", "ram"], "Unknown activations"),
         (["--device", "tpu"], "Unknown device"),
+        (["--streamed", "--select", "attention-drop"], "needs the whole model resident; drop --streamed"),
     ]
     for extra, words in cases:
         out = tmp_path / "o"

@@ -24,7 +24,7 @@ from .models import DEFAULT_MODEL
 from .perplexity import perplexity
 from .preflight import check_prune
 from .search import SearchResult, parse_grid, search_alphas, top_layers
-from .streaming import ACTIVATIONS, check_resident, load_on_device, resolve_device
+from .streaming import check_resident, load_on_device
 from .text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
@@ -126,14 +126,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     t = time.perf_counter()
     model: nn.Module | None = None
     streamer = None
-    if s.activations not in ACTIVATIONS:
-        raise ValueError(f"Unknown activations place {s.activations!r}: use one of {', '.join(ACTIVATIONS)}.")
-    if s.activations != "device" and not s.streamed:
-        raise ValueError("`activations` applies to the streamed search; add `streamed` (or drop `activations`).")
-    if s.device != "auto":
-        resolve_device(s.device)  # a clear error now, not after the data is prepared
-    if s.streamed and s.method != "cached":
-        raise ValueError("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     if s.streamed and s.alphas is None:
         # the search comes first and never has the whole model resident; the model is loaded afterwards
         # for evaluation, pruning and saving
@@ -154,10 +146,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     if getattr(config, "harp", None):
         raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
     num = config.num_hidden_layers
-    # `select` itself, and with `layers` or `alphas`, was refused by check_prune
-    if s.select != "top" and s.streamed:
-        raise ValueError(f"`select={s.select}` scores every layer and needs the whole model resident; "
-                         "drop `streamed`.")
     if s.layers:
         layers = sorted(layer_indices(s.layers, num), reverse=True)
     else:
@@ -222,7 +210,7 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     fitted: FitResult | None = None  # the refit of the chosen layers, when the selection already made it
     searched: SearchResult | None = None  # HARP's search on the chosen layers, likewise
     if s.select in ("attention-drop", "auto"):
-        assert model is not None  # `streamed` was refused above
+        assert model is not None  # check_prune refuses `select` with `streamed`
         t = time.perf_counter()
         scores = attention_drop_scores(model, calib, s.batch_size)
         any_depth = sorted(pick(scores, k, highest=True), reverse=True)

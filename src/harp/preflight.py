@@ -266,6 +266,18 @@ def check_prune(s: Any) -> ModelInfo | None:
             out.add("`select` chooses the layers; it cannot be combined with `layers`.")
         if s.alphas is not None:
             out.add("`alphas` needs known layers: use it with `layers` or the top K, not `select`.")
+        if s.streamed:
+            out.add(f"`select={s.select}` scores every layer and needs the whole model resident; drop `streamed`.")
+    from .streaming import ACTIVATIONS, resolve_device
+
+    if s.activations not in ACTIVATIONS:
+        out.add(f"Unknown activations place {s.activations!r}: use one of {', '.join(ACTIVATIONS)}.")
+    elif s.activations != "device" and not s.streamed:
+        out.add("`activations` applies to the streamed search; add `streamed` (or drop `activations`).")
+    if s.device != "auto":
+        out.run(resolve_device, s.device)
+    if s.streamed and s.method != "cached":
+        out.add("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
     grid = check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
