@@ -77,13 +77,12 @@ def main() -> None:
     path.write_text(json.dumps(state, indent=1))
 
     o = state["original"]
+    seeds = sorted({r["seed"] for r in state["rows"].values()})
     lines = [f"# Refit perplexity across calibration samples, SmolLM2-135M ({a.calib_windows} x 256 tokens)", "",
              f"WikiText-2 validation windows chosen by seed; perplexity WikiText-2 / Shakespeare (first 8,192 "
              f"tokens each). Original: {o['wikitext2']:.2f} / {o['shakespeare']:.2f}.", "",
-             "| method | k | " + " | ".join(f"seed {s}" for s in sorted({r['seed'] for r in state['rows'].values()}))
-             + " | mean | range |", ""]
-    seeds = sorted({r["seed"] for r in state["rows"].values()})
-    lines[-1] = "|---|---:|" + "---:|" * (len(seeds) + 2)
+             "| method | k | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | range |",
+             "|---|---:|" + "---:|" * (len(seeds) + 2)]
     for method, k in ROWS:
         rs = [state["rows"].get(f"{method} k={k} seed={s}") for s in seeds]
         if not all(rs):
