@@ -128,17 +128,49 @@ except ImportError:  # pragma: no cover - not a transformers 5 release
     _CacheLayerBase = object  # type: ignore[misc, assignment]
 
 
-class _FallbackDummyLayer(_CacheLayerBase):  # type: ignore[misc, valid-type]
+class _RealLayerLengths:
+    """What a pruned layer's cache slot answers when asked for the sequence length or mask sizes: those of
+    the first real full-attention layer of the same cache (any real layer if none is full), so the
+    answer is what the cache holds, not zero, whichever layer index the cache asks.
+
+    transformers reads `layers[0]` for the length in 5.0 and again in 5.25 (`Cache.get_seq_length`),
+    whose DummyLayer has no `get_seq_length` at all: a model with layer 0 pruned would fail at its first
+    cached decode step.
+    """
+
+    _cache: Any = None
+
+    def _bind(self, cache: Any) -> None:
+        self._cache = weakref.ref(cache) if cache is not None else None
+
+    def _real(self) -> Any:
+        cache = self._cache() if self._cache is not None else None
+        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _DummyLayer)]
+        same = [la for la in others if not getattr(la, "is_sliding", False)]
+        return (same or others or [None])[0]
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        real = self._real()
+        return real.get_seq_length() if real is not None else 0
+
+    def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        real = self._real()
+        if real is not None:
+            return real.get_mask_sizes(query, *args, **kwargs)
+        q = query if isinstance(query, int) else int(query.shape[0])  # 5.0 passes cache_position
+        return q, 0
+
+
+class _FallbackDummyLayer(_RealLayerLengths, _CacheLayerBase):  # type: ignore[misc, valid-type]
     """A cache layer that stores nothing, for transformers releases without `cache_utils.DummyLayer`
     (5.0 .. 5.19): every attribute and method a `Cache` asks of its layers, as no-ops.
 
     Those releases' caches do not skip such a layer when asked for the sequence length or mask sizes:
     5.0 reads `layers[0]` whatever it is, 5.19 refuses a non-attention layer at an index other than 0,
     and both pick the first non-sliding layer to size the full-attention mask, pruned or not. So this
-    layer is an ordinary attention cache layer to them, and answers length queries with those of the
-    first real full-attention layer of the same cache: a pruned layer reports what the cache holds, not
-    zero. Like transformers' DummyLayer it is never sliding, so sliding-window masks are sized by a
-    real sliding layer.
+    layer is an ordinary attention cache layer to them, with the lengths of `_RealLayerLengths`. Like
+    transformers' DummyLayer it is never sliding, so sliding-window masks are sized by a real sliding
+    layer.
     """
 
     is_compileable = True
@@ -152,13 +184,7 @@ class _FallbackDummyLayer(_CacheLayerBase):  # type: ignore[misc, valid-type]
         self.is_initialized = True
         self.keys = None
         self.values = None
-        self._cache = weakref.ref(cache) if cache is not None else None
-
-    def _real(self) -> Any:
-        cache = self._cache() if self._cache is not None else None
-        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _FallbackDummyLayer)]
-        same = [la for la in others if not getattr(la, "is_sliding", False)]
-        return (same or others or [None])[0]
+        self._bind(cache)
 
     def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if key_states is None and value_states is None:
@@ -174,17 +200,6 @@ class _FallbackDummyLayer(_CacheLayerBase):  # type: ignore[misc, valid-type]
     def batch_repeat_interleave(self, *args: Any, **kwargs: Any) -> None: ...
     def batch_select_indices(self, *args: Any, **kwargs: Any) -> None: ...
 
-    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
-        real = self._real()
-        return real.get_seq_length() if real is not None else 0
-
-    def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
-        real = self._real()
-        if real is not None:
-            return real.get_mask_sizes(query, *args, **kwargs)
-        q = query if isinstance(query, int) else int(query.shape[0])  # 5.0 passes cache_position
-        return q, 0
-
     def get_max_length(self) -> int:
         return -1
 
@@ -195,8 +210,16 @@ class _FallbackDummyLayer(_CacheLayerBase):  # type: ignore[misc, valid-type]
 try:  # transformers >= 5.2x
     from transformers.cache_utils import DummyLayer as _DummyLayer
 
+    class _PrunedCacheLayer(_RealLayerLengths, _DummyLayer):  # type: ignore[misc, valid-type]
+        """transformers' DummyLayer (skipped as such by the caches that know it), answering length
+        queries too (`_RealLayerLengths`)."""
+
+        def __init__(self, cache: Any = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._bind(cache)
+
     def _dummy(cache: Any) -> Any:
-        return _DummyLayer()
+        return _PrunedCacheLayer(cache)
 except ImportError:  # transformers 5.0 .. 5.19 (tested in CI on the lowest supported release)
     _DummyLayer = _FallbackDummyLayer  # type: ignore[misc, assignment]
 
