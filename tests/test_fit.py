@@ -10,6 +10,8 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
+from harp.accounting import output_cache
+from harp.bench.timing import cache_kwarg
 from harp.core import prune, temporarily_pruned
 from harp.fit import FitStats, check_fit_method, fit_layers, solve_map
 from harp.modeling import attention_geometry, decoder_layers, fold_output
@@ -118,7 +120,7 @@ def test_fitted_checkpoint_reloads_bit_exactly_and_decodes(tmp_path, family):
     with torch.no_grad():
         full = back(ids).logits[0, -1]
         out = back(ids[:, :-1], use_cache=True)
-        step = back(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        step = back(ids[:, -1:], use_cache=True, **{cache_kwarg(back): output_cache(out)}).logits[0, -1]
     assert torch.allclose(full, step, atol=1e-5)
 
 
