@@ -108,8 +108,9 @@ def _release_cache_slot(cache: Any, layer_idx: int) -> None:
 
     Caches built from a config pre-create one layer object per decoder layer; caches built without
     one grow lazily. Either way the slot of a pruned layer becomes a DummyLayer the first time the
-    layer runs, before anything was stored in it, so no bytes are ever allocated for it, and the
-    cache's length/mask queries skip it (they look for the first real attention layer).
+    layer runs, before anything was stored in it, so no bytes are ever allocated for it. Asked for its
+    length or mask sizes (5.0 and 5.25 ask `layers[0]` whatever it is), the slot answers with those of
+    the cache's first real attention layer (`_RealLayerLengths`).
     """
     layers = getattr(cache, "layers", None)
     if layers is None:  # a cache type harp does not know: store nothing, touch nothing
