@@ -1,0 +1,444 @@
+"""HARP runtime: the architecture table, the modules a pruned layer is made of, and the code that
+gives a model the pruned structure.
+
+This file is deliberately self-contained (it imports only the standard library, torch and
+transformers): `harp.save` copies it verbatim next to every checkpoint as `harp_modeling.py`, so that
+`transformers.AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` rebuilds a pruned
+model on a machine where harp is not installed. Keep it that way: no imports from the harp package.
+
+What a pruned layer computes (HARP, Liu & Liu 2025):
+
+    h = x + alpha * o_proj(repeat_kv(v_proj(norm(x))))            (LLaMA, Mistral, Qwen2, Qwen3)
+    h = x + alpha * post_attn_norm(o_proj(repeat_kv(v_proj(norm(x)))))   (Gemma 2 / 3)
+
+q/k projections, rotary embedding, mask and softmax are gone, and so is the layer's KV cache. The
+GQA repeat and alpha are folded into one `hidden x kv_dim` output matrix (for Gemma alpha is folded
+into the output norm, which would cancel any scale of its input). `alpha == 0` removes the whole
+attention sub-layer.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the pieces HARP touches live in a `transformers` model of one family."""
+
+    family: str
+    layers: str = "model.layers"
+    attn: str = "self_attn"
+    attn_norm: str = "input_layernorm"  # normalises the attention input, used by nothing else
+    attn_out_norm: str | None = None  # normalises the attention output before the residual (Gemma)
+    unit_offset_norm: bool = False  # RMSNorm multiplies by (1 + w) instead of w (Gemma)
+    qk_extra: tuple[str, ...] = ()  # modules inside attention that only q/k use (deleted with them)
+    bias: str = "config"  # "config": q/k/v/o biases follow config.attention_bias; "qkv": q/k/v only
+    backbone: str = "model"  # the base model: returns the final-normed hidden states
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    embed: str = "model.embed_tokens"
+
+
+# model_type -> Arch. The one place that says how a supported family is laid out.
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch("LLaMA"),
+    "mistral": Arch("Mistral"),
+    "qwen2": Arch("Qwen2", bias="qkv"),
+    "qwen3": Arch("Qwen3", qk_extra=("q_norm", "k_norm")),
+    "gemma": Arch("Gemma", unit_offset_norm=True),
+    "gemma2": Arch("Gemma2", attn_out_norm="post_attention_layernorm", unit_offset_norm=True),
+    "gemma3_text": Arch(
+        "Gemma3", attn_out_norm="post_attention_layernorm", unit_offset_norm=True, qk_extra=("q_norm", "k_norm")
+    ),
+}
+
+
+def supported_families() -> str:
+    return ", ".join(f"{a.family} ({t})" for t, a in ARCHITECTURES.items())
+
+
+def arch_for(config: Any) -> Arch:
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    hint = ""
+    if model_type == "gemma3":
+        hint = " For Gemma 3, load the text-only model (Gemma3ForCausalLM, model_type 'gemma3_text')."
+    raise ValueError(
+        f"harp does not support model_type {model_type!r}. Supported families: {supported_families()}.{hint}"
+    )
+
+
+def get_module(root: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return get_module(model, arch_for(model.config).layers)
+
+
+def attention_geometry(config: Any) -> dict[str, int]:
+    """hidden size, head counts and head dim, as the attention modules of this config use them."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache: a pruned layer reads no other position, so its cache slot must never hold tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def _release_cache_slot(cache: Any, layer_idx: int) -> None:
+    """Make `cache.layers[layer_idx]` a layer that stores nothing (transformers' DummyLayer).
+
+    Caches built from a config pre-create one layer object per decoder layer; caches built without
+    one grow lazily. Either way the slot of a pruned layer becomes a DummyLayer the first time the
+    layer runs, before anything was stored in it, so no bytes are ever allocated for it. Asked for its
+    length or mask sizes (5.0 and 5.25 ask `layers[0]` whatever it is), the slot answers with those of
+    the cache's first real attention layer (`_RealLayerLengths`).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache type harp does not know: store nothing, touch nothing
+        return
+    if layer_idx < len(layers) and isinstance(layers[layer_idx], _DummyLayer):
+        return
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        layers.append(replicate() if replicate is not None else _dummy(cache))
+    layers[layer_idx] = _dummy(cache)
+
+
+try:
+    from transformers.cache_utils import CacheLayerMixin as _CacheLayerBase
+except ImportError:  # pragma: no cover - not a transformers 5 release
+    _CacheLayerBase = object  # type: ignore[misc, assignment]
+
+
+class _RealLayerLengths:
+    """What a pruned layer's cache slot answers when asked for the sequence length or mask sizes: those of
+    the first real full-attention layer of the same cache (any real layer if none is full), so the
+    answer is what the cache holds, not zero, whichever layer index the cache asks.
+
+    transformers reads `layers[0]` for the length in 5.0 and again in 5.25 (`Cache.get_seq_length`),
+    whose DummyLayer has no `get_seq_length` at all: a model with layer 0 pruned would fail at its first
+    cached decode step.
+    """
+
+    _cache: Any = None
+
+    def _bind(self, cache: Any) -> None:
+        self._cache = weakref.ref(cache) if cache is not None else None
+
+    def _real(self) -> Any:
+        cache = self._cache() if self._cache is not None else None
+        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _DummyLayer)]
+        same = [la for la in others if not getattr(la, "is_sliding", False)]
+        return (same or others or [None])[0]
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        real = self._real()
+        return real.get_seq_length() if real is not None else 0
+
+    def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        real = self._real()
+        if real is not None:
+            return real.get_mask_sizes(query, *args, **kwargs)
+        q = query if isinstance(query, int) else int(query.shape[0])  # 5.0 passes cache_position
+        return q, 0
+
+
+class _FallbackDummyLayer(_RealLayerLengths, _CacheLayerBase):  # type: ignore[misc, valid-type]
+    """A cache layer that stores nothing, for transformers releases without `cache_utils.DummyLayer`
+    (5.0 .. 5.19): every attribute and method a `Cache` asks of its layers, as no-ops.
+
+    Those releases' caches do not skip such a layer when asked for the sequence length or mask sizes:
+    5.0 reads `layers[0]` whatever it is, 5.19 refuses a non-attention layer at an index other than 0,
+    and both pick the first non-sliding layer to size the full-attention mask, pruned or not. So this
+    layer is an ordinary attention cache layer to them, with the lengths of `_RealLayerLengths`. Like
+    transformers' DummyLayer it is never sliding, so sliding-window masks are sized by a real sliding
+    layer.
+    """
+
+    is_compileable = True
+    is_croppable = True
+    supports_early_init = False
+    is_sliding = False
+
+    def __init__(self, cache: Any = None, **kwargs: Any) -> None:
+        if _CacheLayerBase is not object:
+            super().__init__()
+        self.is_initialized = True
+        self.keys = None
+        self.values = None
+        self._bind(cache)
+
+    def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if key_states is None and value_states is None:
+            return None, None
+        raise NotImplementedError("A pruned HARP layer has no KV cache: it cannot be updated.")
+
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None: ...
+    def offload(self) -> None: ...
+    def prefetch(self) -> None: ...
+    def reset(self) -> None: ...
+    def crop(self, *args: Any, **kwargs: Any) -> None: ...
+    def reorder_cache(self, *args: Any, **kwargs: Any) -> None: ...
+    def batch_repeat_interleave(self, *args: Any, **kwargs: Any) -> None: ...
+    def batch_select_indices(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+
+try:  # transformers >= 5.2x
+    from transformers.cache_utils import DummyLayer as _DummyLayer
+
+    class _PrunedCacheLayer(_RealLayerLengths, _DummyLayer):  # type: ignore[misc, valid-type]
+        """transformers' DummyLayer (skipped as such by the caches that know it), answering length
+        queries too (`_RealLayerLengths`)."""
+
+        def __init__(self, cache: Any = None, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._bind(cache)
+
+    def _dummy(cache: Any) -> Any:
+        return _PrunedCacheLayer(cache)
+except ImportError:  # transformers 5.0 .. 5.19 (tested in CI on the lowest supported release)
+    _DummyLayer = _FallbackDummyLayer  # type: ignore[misc, assignment]
+
+    def _dummy(cache: Any) -> Any:
+        return _FallbackDummyLayer(cache)
+
+
+def _cache_from(kwargs: dict[str, Any]) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+class HarpLinearAttention(nn.Module):
+    """Identity attention of a HARP layer: `o_proj(v_proj(x))`, with repeat_kv and alpha folded into
+    `o_proj` (shape hidden x kv_dim). Drop-in for the `self_attn` module of a decoder layer."""
+
+    def __init__(
+        self,
+        hidden: int,
+        kv_dim: int,
+        layer_idx: int,
+        v_bias: bool = False,
+        o_bias: bool = False,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=v_bias, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(kv_dim, hidden, bias=o_bias, device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = _cache_from(kwargs)
+        if cache is not None:
+            _release_cache_slot(cache, self.layer_idx)
+        return self.o_proj(self.v_proj(hidden_states)), None
+
+
+class HarpNoAttention(nn.Module):
+    """A removed attention sub-layer (alpha = 0): contributes nothing to the residual stream."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = _cache_from(kwargs)
+        if cache is not None:
+            _release_cache_slot(cache, self.layer_idx)
+        # A 0-d zero broadcasts against the residual: no n x hidden tensor is materialised.
+        return hidden_states.new_zeros(()), None
+
+
+# --------------------------------------------------------------------------------------------
+# Giving a model the pruned structure
+# --------------------------------------------------------------------------------------------
+
+
+def _remove_attention(layer: nn.Module, arch: Arch, layer_idx: int) -> None:
+    setattr(layer, arch.attn, HarpNoAttention(layer_idx))
+    setattr(layer, arch.attn_norm, nn.Identity())
+    if arch.attn_out_norm is not None:
+        setattr(layer, arch.attn_out_norm, nn.Identity())
+
+
+def _empty_linear_attention(layer: nn.Module, arch: Arch, config: Any, layer_idx: int) -> HarpLinearAttention:
+    old = getattr(layer, arch.attn)
+    g = attention_geometry(config)
+    ref = old.v_proj.weight
+    return HarpLinearAttention(
+        g["hidden"],
+        g["kv_heads"] * g["head_dim"],
+        layer_idx,
+        v_bias=old.v_proj.bias is not None,
+        o_bias=old.o_proj.bias is not None,
+        device=ref.device,
+        dtype=ref.dtype,
+    )
+
+
+def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
+    """Give `model` the module structure of a HARP checkpoint (weights are loaded afterwards).
+
+    Used when rebuilding a saved pruned model: the modules get the right shapes, not values.
+    """
+    version = int(harp.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"This checkpoint uses HARP format version {version}; this code reads up to {FORMAT_VERSION}. "
+            "Upgrade harp-prune."
+        )
+    arch = arch_for(model.config)
+    layers = get_module(model, arch.layers)
+    for idx, alpha in zip(harp["layers"], harp["alphas"], strict=True):
+        layer = layers[idx]
+        if float(alpha) == 0.0:
+            _remove_attention(layer, arch, idx)
+        else:
+            setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
+
+
+@dataclass(frozen=True)
+class LinearMap:
+    """A pruned layer's output map in place of `W_O R`: weight (hidden x kv_dim) and the output bias when
+    o_proj has one, both float64, applied to `v_proj(norm(x))` before alpha."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def fold_output(o_weight: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """`W_O R`: sum the column blocks of W_O (hidden x heads*head_dim) that read the same KV head.
+
+    repeat_kv maps query head h to KV head h // (heads // kv_heads), so the blocks of one group are
+    adjacent. Returned in float64 (the caller scales and casts once).
+    """
+    hidden = o_weight.shape[0]
+    rep = heads // kv_heads
+    w = o_weight.detach().to(torch.float64).reshape(hidden, kv_heads, rep, head_dim)
+    return w.sum(dim=2).reshape(hidden, kv_heads * head_dim)
+
+
+@torch.no_grad()
+def prune_layer(model: nn.Module, layer_idx: int, alpha: float, fitted: LinearMap | None = None) -> None:
+    """Replace the attention of decoder layer `layer_idx` by HARP's rescaled identity attention.
+
+    `fitted` replaces the folded `W_O R` (and the output bias) by another `hidden x kv_dim` map of the
+    same shape — the closed-form refit (`harp.fit`); alpha then scales that map."""
+    arch = arch_for(model.config)
+    layer = get_module(model, arch.layers)[layer_idx]
+    alpha = float(alpha)
+    if alpha == 0.0:
+        _remove_attention(layer, arch, layer_idx)
+        return
+    old = getattr(layer, arch.attn)
+    g = attention_geometry(model.config)
+    new = _empty_linear_attention(layer, arch, model.config, layer_idx)
+    dtype = old.o_proj.weight.dtype
+    if fitted is None:
+        folded = fold_output(old.o_proj.weight, g["heads"], g["kv_heads"], g["head_dim"])
+        o_bias = None if old.o_proj.bias is None else old.o_proj.bias.detach().to(torch.float64)
+    else:
+        folded, o_bias = fitted.weight.to(torch.float64), fitted.bias
+        if tuple(folded.shape) != tuple(new.o_proj.weight.shape):
+            raise ValueError(f"Layer {layer_idx}: a fitted map must be {tuple(new.o_proj.weight.shape)}, "
+                             f"got {tuple(folded.shape)}.")
+        if (o_bias is None) != (new.o_proj.bias is None):
+            raise ValueError(f"Layer {layer_idx}: a fitted map has an output bias exactly when o_proj has one.")
+    if arch.attn_out_norm is None:
+        scale = alpha
+    else:  # an RMS norm cancels any scale of its input: fold alpha into the norm weight instead
+        scale = 1.0
+        norm = getattr(layer, arch.attn_out_norm)
+        w = norm.weight.detach().to(torch.float64)
+        w = alpha * (1.0 + w) - 1.0 if arch.unit_offset_norm else alpha * w
+        norm.weight.copy_(w.to(norm.weight.dtype))
+    new.o_proj.weight.copy_((scale * folded).to(dtype))
+    if o_bias is not None:
+        new.o_proj.bias.copy_((scale * o_bias.to(torch.float64)).to(dtype))
+    # v_proj is kept as it is (its bias, if any, passes through the fold unchanged)
+    new.v_proj = old.v_proj
+    setattr(layer, arch.attn, new)
+
+
+def layer_indices(layers: Any, n: int) -> list[int]:
+    """Distinct integer layer indices in 0..n-1, in the given order. Raises ValueError naming the problem."""
+    out: list[int] = []
+    for i in layers:
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)
+        except TypeError:
+            raise ValueError(f"Layer index {i!r} is not an integer.") from None
+        if not 0 <= i < n:
+            raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
+        out.append(i)
+    dup = sorted({i for i in out if out.count(i) > 1})
+    if dup:
+        raise ValueError(f"Layer indices must be distinct; repeated: {dup}.")
+    return out
+
+
+def validate_plan(config: Any, layers: Any, alphas: Any) -> tuple[list[int], list[float]]:
+    """Check a (layers, alphas) plan against a config; return it normalised. Raises ValueError."""
+    arch_for(config)
+    n = config.num_hidden_layers
+    if layers is None or alphas is None:
+        raise ValueError("prune() needs both layers=[...] and alphas=[...] (one alpha per layer).")
+    layers = list(layers)
+    alphas = list(alphas)
+    if len(layers) != len(alphas):
+        raise ValueError(
+            f"Got {len(layers)} layer indices but {len(alphas)} alphas: pass exactly one alpha per layer."
+        )
+    out_layers = layer_indices(layers, n)
+    out_alphas: list[float] = []
+    for a in alphas:
+        try:
+            a = float(a)
+        except (TypeError, ValueError):
+            raise ValueError(f"Alpha {a!r} is not a number.") from None
+        if not math.isfinite(a):
+            raise ValueError(f"Alpha {a} is not finite: alphas must be finite real numbers (typically 0..1).")
+        out_alphas.append(a)
+    return out_layers, out_alphas
+
+
+def harp_model_class(base_cls: type) -> type:
+    """A subclass of a transformers model class whose `__init__` builds the pruned structure given by
+    `config.harp`, so `from_pretrained` loads a HARP checkpoint with strict key matching."""
+
+    class HarpForCausalLM(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            harp = getattr(config, "harp", None)
+            if harp:
+                apply_structure(self, harp)
+
+    HarpForCausalLM.__qualname__ = HarpForCausalLM.__name__ = f"Harp{base_cls.__name__}"
+    return HarpForCausalLM
