@@ -63,6 +63,7 @@ prune: setup
 
 test: setup-test setup-vllm
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-min: $(VENV_MIN)/.test
@@ -70,6 +71,7 @@ test-min: $(VENV_MIN)/.test
 
 lint: setup-test
 	$(PY) -m ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) $(VENV_VLLM) $(VENV_MIN) runs build *.egg-info src/*.egg-info

@@ -46,7 +46,7 @@ PROMPT = "The history of the printing press begins in"
 def _harp_model(checkpoint: str | None) -> tuple[Any, Any, Any]:
     """(original model, pruned model, tokenizer); the pruned one from `checkpoint` or PLAN."""
     import harp
-    from harp.models import load_model
+    from harp.model.load import load_model
 
     original, tok = load_model(None)
     if checkpoint:
@@ -58,7 +58,7 @@ def _harp_model(checkpoint: str | None) -> tuple[Any, Any, Any]:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from harp.export import export_gguf
+    from harp.export.run import export_gguf
 
     original, pruned, tok = _harp_model(a.checkpoint)
     out = Path(a.out_dir)
@@ -73,7 +73,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def _wikitext_ids(tok: Any, n_tokens: int) -> list[int]:
-    from harp.text import load_text
+    from harp.engine.text import load_text
 
     text = load_text("wikitext2-raw-test").text  # WikiText-2-raw test, bundled with harp
     return tok(text[: n_tokens * 8], add_special_tokens=False)["input_ids"][:n_tokens]
@@ -103,7 +103,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def cmd_check(a: argparse.Namespace) -> None:
-    from harp.export import llamacpp
+    from harp.bench import llamacpp
 
     original, pruned, tok = _harp_model(a.checkpoint)
     prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
@@ -233,8 +233,8 @@ def _summary(n: int, t: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 def cmd_speed(a: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from harp.export import llamacpp
-    from harp.models import default_model_dir
+    from harp.bench import llamacpp
+    from harp.model.load import default_model_dir
 
     contexts = [int(x) for x in a.contexts.split(",")]
     n_ctx = max(contexts) + a.decode + 8

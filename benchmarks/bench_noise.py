@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from harp import bench
-    from harp.models import load_model
-    from harp.text import bos_token
+    from harp.engine.text import bos_token
+    from harp.model.load import load_model
 
     out = Path(a.out)
     paths = {"json": out / "noise.json", "table": out / "noise.md"}

@@ -16,8 +16,9 @@ import time
 import torch
 
 import harp
-from harp.search import ideal_layer_forwards, parse_grid, search_alphas
-from harp.text import calibration_windows, load_text, tokenize
+from harp.engine.text import calibration_windows, load_text, tokenize
+from harp.methods.search import ideal_layer_forwards, parse_grid, search_alphas
+from harp.util.fsio import write_json_atomic
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     print(f"naive / cached: {result['time_ratio_naive_over_cached']:.2f}x wall time, "
           f"{result['layer_forward_ratio']:.2f}x decoder-layer forwards; same alphas: {result['same_alphas']}")
     if args.json:
-        harp.checkpoint.write_json_atomic(args.json, result)
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pruned_checkpoint(out: Path, model: str | None) -> Path:
     """The HARP checkpoint of PLAN applied to `model`, written once under `out`."""
     import harp
-    from harp.checkpoint import is_harp_checkpoint, read_config
-    from harp.models import load_model
+    from harp.model.checkpoint import is_harp_checkpoint, read_config
+    from harp.model.load import load_model
 
     path = out / "pruned-k8"
     if is_harp_checkpoint(path):
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace bench.json/.md/.png from an earlier run")
     a = ap.parse_args(argv)
 
-    from harp.bench import bench_table, output_paths, parse_contexts, run_bench, write_bench
+    from harp.bench.run import output_paths, parse_contexts, run_bench, write_bench
+    from harp.report.bench import bench_table
 
     out = Path(a.out)
     contexts = parse_contexts(a.context)

@@ -60,9 +60,8 @@ def child_search(mode: str, folder: str, windows_file: str, k: int, grid: str, b
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (the model code both modes import)
 
-    from harp.models import load_model
-    from harp.search import search_alphas
-    from harp.streaming import streamed_search
+    from harp.methods.search import search_alphas, streamed_search
+    from harp.model.load import load_model
 
     torch.set_num_threads(threads)
     windows = torch.load(windows_file)
@@ -108,14 +107,14 @@ def _search_pair(folder: Path, windows_file: Path, k: int, grid: str, batch_size
 
 
 def _plan(config: Any, k: int, n: int, s: int, batch_size: int, chunk_tokens: int, streamed: bool) -> int:
-    from harp.plan import search_memory
+    from harp.jobs.plan import search_memory
 
     return search_memory(config, k, n, s, batch_size=batch_size, chunk_tokens=chunk_tokens, streamed=streamed,
                          dtype="float32", device="cpu")["total"]
 
 
 def _parse_calib(s: str) -> tuple[int, int]:
-    from harp.plan import parse_calib
+    from harp.jobs.plan import parse_calib
 
     return parse_calib(s)
 
@@ -213,8 +212,8 @@ def _default_model(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from harp.models import default_model_dir
-    from harp.text import DEFAULT_CALIB, calibration_windows, load_text, tokenize
+    from harp.engine.text import DEFAULT_CALIB, calibration_windows, load_text, tokenize
+    from harp.model.load import default_model_dir
 
     folder = default_model_dir()
     n, s = _parse_calib(a.default_calib)

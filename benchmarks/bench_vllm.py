@@ -110,7 +110,7 @@ def _prepare(workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
     import harp
-    from harp.models import default_model_dir
+    from harp.model.load import default_model_dir
 
     sys.path.insert(0, str(HERE))
     from default_plan import PLAN_ALPHAS, PLAN_LAYERS

@@ -60,7 +60,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    from harp.compare import CompareSettings, run_compare
+    from harp.jobs.compare import CompareSettings, run_compare
 
     s = dict(README, methods=a.methods)
     layers = a.layers

@@ -49,9 +49,9 @@ def main() -> None:
     import torch
 
     import harp
-    from harp.accounting import kv_bytes_after_prefill
-    from harp.methods import Selector, applied
-    from harp.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+    from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+    from harp.methods.selector import Selector, applied
+    from harp.model.accounting import kv_bytes_after_prefill
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)

@@ -39,8 +39,8 @@ def main() -> None:
     import torch
 
     import harp
+    from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
     from harp.methods.scores import attention_drop_scores, pick
-    from harp.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
 
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/fit_seeds_smollm2_c{a.calib_windows}")

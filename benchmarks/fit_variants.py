@@ -45,7 +45,7 @@ def main() -> None:
     import torch
 
     import harp
-    from harp.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+    from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
 
     torch.set_num_threads(a.threads)
     out = Path(a.out or f"benchmarks/results/fit_variants_smollm2_k{a.k}")

@@ -157,9 +157,9 @@ def main() -> None:
     import torch
 
     import harp
-    from harp.accounting import kv_bytes_after_prefill
-    from harp.evaluate import evaluate
-    from harp.methods import ORIGINAL, Plan, Selector, applied
+    from harp.engine.evaluate import evaluate
+    from harp.methods.selector import ORIGINAL, Plan, Selector, applied
+    from harp.model.accounting import kv_bytes_after_prefill
 
     torch.set_num_threads(a.threads)
     t = time.perf_counter()

@@ -11,8 +11,8 @@ from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 import harp
-from harp.analyze import analyze
 from harp.cli import get_app
+from harp.methods.analyze import analyze
 from harp.methods.scores import pairwise_similarity_sums
 from harp.modeling import decoder_layers
 from harp.report.analyze import analyze_figure, plot_analyze
@@ -132,8 +132,8 @@ def test_plot_labels_layers_with_integer_ticks():
 @pytest.mark.slow
 def test_smollm2_high_layers_are_more_over_smoothed():
     """The paper's evidence on the real default model: token states grow more alike with depth."""
-    from harp.models import load_model
-    from harp.text import calibration_windows, load_text, tokenize
+    from harp.engine.text import calibration_windows, load_text, tokenize
+    from harp.model.load import load_model
 
     model, tok = load_model(None, attn_implementation="eager")
     w = calibration_windows(tokenize(tok, load_text(None)), 2, 128, 0)

@@ -11,26 +11,17 @@ import torch.nn.functional as F
 from tiny import tiny_model
 
 import harp
-from harp.core import temporarily_pruned
-from harp.methods import (
-    METHODS,
-    Plan,
-    Selector,
-    applied,
-    attention_drop_scores,
-    auto_k,
-    block_influence,
-    layers_removed,
-    parse_methods,
-    parse_ppl_increase,
-    refine_alphas,
-    remove_layers,
-    sleb,
-)
-from harp.methods.scores import pick
+from harp.engine.perplexity import perplexity
+from harp.methods.autok import auto_k, parse_ppl_increase
+from harp.methods.blocks import layers_removed, remove_layers
+from harp.methods.refine import refine_alphas
+from harp.methods.registry import METHODS, parse_methods
+from harp.methods.scores import attention_drop_scores, block_influence, pick
+from harp.methods.search import search_alphas
+from harp.methods.selector import Plan, Selector, applied
+from harp.methods.sleb import sleb
+from harp.model.prune import temporarily_pruned
 from harp.modeling import arch_for, decoder_layers, get_module
-from harp.perplexity import perplexity
-from harp.search import search_alphas
 
 
 def _windows(n=4, s=24, seed=0, vocab=128):

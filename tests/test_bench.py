@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import harp
 import harp.cli
-from harp import accounting, bench
+from harp import bench
+from harp.model import accounting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -295,7 +296,7 @@ def test_pruned_layers_do_only_what_the_bound_counts(pair):
 def test_real_model_kv_cache_falls_by_exactly_k_over_L():
     """SmolLM2-135M with its top 8 of 30 layers pruned: the cache object holds exactly 22/30 of the
     original's bytes, and the bench reports the config-derived bounds (no timing assertions)."""
-    from harp.models import load_model
+    from harp.model.load import load_model
 
     orig, _ = load_model(None, with_tokenizer=False)
     pruned = copy.deepcopy(orig)

@@ -13,7 +13,7 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.checkpoint import ENTRY_FILE, RECIPE_FILE, RUNTIME_FILE
+from harp.model.checkpoint import ENTRY_FILE, RECIPE_FILE, RUNTIME_FILE
 
 PLANS = {"top": ([5, 4], [0.6, 0.0]), "mixed": ([0, 3, 5], [0.0, 0.8, 0.2])}
 

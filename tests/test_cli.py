@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 import harp
 from harp.cli import get_app
-from harp.perplexity import perplexity
-from harp.text import evaluation_windows, load_text, tokenize
+from harp.engine.perplexity import perplexity
+from harp.engine.text import evaluation_windows, load_text, tokenize
 
 runner = CliRunner()
 
@@ -73,10 +73,10 @@ def test_prune_with_given_alphas_skips_search(folder, tmp_path):
 def test_prune_select_attention_drop_searches_the_scored_layers(folder, tmp_path):
     """--select attention-drop: He et al.'s score picks the K layers (any depth), HARP's search sets
     their alphas; the same as scoring and searching by hand on the same calibration windows."""
-    from harp.methods import attention_drop_scores, pick
-    from harp.models import load_model
-    from harp.search import search_alphas
-    from harp.text import calibration_windows
+    from harp.engine.text import calibration_windows
+    from harp.methods.scores import attention_drop_scores, pick
+    from harp.methods.search import search_alphas
+    from harp.model.load import load_model
 
     out = tmp_path / "anyd"
     r = _run("prune", "--model", str(folder), "--select", "attention-drop", "--fit", "none", "--out", str(out),
@@ -166,7 +166,7 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags():
     """The library names its parameters (`seq_len=1`); commands/ is the one place that turns them into
     flags, for every command (harp.cli wraps each in flag_errors)."""
     from harp.commands import cli_text, flag_errors
-    from harp.evaluate import parse_limit
+    from harp.engine.evaluate import parse_limit
 
     assert cli_text("`seq_len=1`: too short; pass `overwrite=True` or `overwrite`, not `k=99`") == (
         "--seq-len 1: too short; pass --overwrite or --overwrite, not --layers 99")
@@ -237,8 +237,8 @@ def test_k_of_a_model_whose_layer_count_is_unknown():
     """A hub id's layer count is unknown before its config loads: k is checked by core.check_k without an
     upper bound, named as the parameter, shown as --layers on the command line."""
     from harp.commands import flag_errors
-    from harp.pipeline import PruneSettings
-    from harp.preflight import Problems, check_prune
+    from harp.jobs.prune import PruneSettings, check_prune
+    from harp.util.problems import Problems
 
     for k in (0, True, 2.5):
         with pytest.raises(Problems, match=rf"^`k={k!r}`: must be between 1 and the model's number of layers\.$"):
@@ -247,8 +247,7 @@ def test_k_of_a_model_whose_layer_count_is_unknown():
             flag_errors():
         check_prune(PruneSettings(model="org/name", k=0))
     assert check_prune(PruneSettings(model="org/name", k=500)).kind == "hub"  # no upper bound yet
-    from harp.compare import CompareSettings
-    from harp.preflight import check_compare
+    from harp.jobs.compare import CompareSettings, check_compare
 
     with pytest.raises(Problems, match=r"^--layers 0: must be between 1 and the model's number of layers\.$"), \
             flag_errors():

@@ -11,14 +11,15 @@ from test_evaluate import data_dir  # noqa: F401  (fixture)
 from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-import harp.compare as compare_mod
+import harp.jobs.compare as compare_mod
 from harp.cli import get_app
-from harp.compare import CompareSettings, run_compare
-from harp.methods import METHODS, Selector
-from harp.models import load_model
-from harp.perplexity import perplexity
+from harp.engine.perplexity import perplexity
+from harp.engine.text import calibration_windows, evaluation_windows, load_text, tokenize
+from harp.jobs.compare import CompareSettings, run_compare
+from harp.methods.registry import METHODS
+from harp.methods.selector import Selector
+from harp.model.load import load_model
 from harp.report.compare import layers_str
-from harp.text import calibration_windows, evaluation_windows, load_text, tokenize
 
 WORDS = ("the model prunes attention in high layers and rescales what is left so that perplexity stays low "
          "while the cache shrinks ").split()
@@ -73,7 +74,7 @@ def test_compare_all_methods_two_ks(setup, tmp_path, data_dir):  # noqa: F811
     calib = calibration_windows(tokenize(tok, load_text(setup["calib"])), 2, 32, 0)
     plan = Selector(model, calib, grid="0:1:0.5").select("sleb", 3)
     assert plan.layers == k3["sleb"]["layers"]
-    from harp.methods import applied
+    from harp.methods.selector import applied
 
     with applied(model, plan):
         assert perplexity(model, ev).ppl == pytest.approx(k3["sleb"]["scores"]["wikitext"]["value"], rel=1e-5)
@@ -166,7 +167,7 @@ def test_smollm2_searched_alpha_beats_both_fixed_alphas_at_k8(tmp_path):
 def test_auto_k_gives_the_refit_methods_a_k_of_their_own(setup, tmp_path):
     """--auto-k: harp's k comes from the greedy search, harp-ls's from the refit, each the largest k whose
     calibration perplexity is within the budget (checked against auto_k run directly)."""
-    from harp.methods import auto_k
+    from harp.methods.autok import auto_k
 
     rep = run_compare(_settings(setup, tmp_path / "a", ks=[], methods="harp,harp-ls", auto_k=True,
                                 max_ppl_increase=0.5, max_k=4), log=lambda m: None)

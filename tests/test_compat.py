@@ -10,7 +10,7 @@ from tiny import tiny_model
 
 import harp
 from harp import modeling
-from harp.accounting import kv_cache_bytes, output_cache
+from harp.model.accounting import kv_cache_bytes, output_cache
 
 
 def _generate_matches_no_cache(family: str, where: list[int]) -> None:

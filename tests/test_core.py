@@ -9,11 +9,11 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.accounting import output_cache
 from harp.bench.timing import cache_kwarg
-from harp.core import temporarily_pruned
+from harp.engine.replay import capture_inputs
+from harp.model.accounting import output_cache
+from harp.model.prune import temporarily_pruned
 from harp.modeling import HarpLinearAttention, HarpNoAttention, attention_geometry, decoder_layers
-from harp.replay import capture_inputs
 
 ALL = list(FAMILIES)
 

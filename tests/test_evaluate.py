@@ -11,8 +11,8 @@ from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
 from harp.cli import get_app
-from harp.evaluate import LOCAL_TASKS, evaluate, parse_limit, resolve_tasks
-from harp.perplexity import perplexity
+from harp.engine.evaluate import LOCAL_TASKS, evaluate, parse_limit, resolve_tasks
+from harp.engine.perplexity import perplexity
 from harp.tasks import TASKS_DIR, harp_data
 
 # First 32 records of each official file, vendored with licence notes (tests/data/README.md): the suite needs
@@ -206,7 +206,7 @@ def test_hub_task_offline_gives_a_clear_error(tiny, monkeypatch):
 @pytest.mark.slow
 def test_smollm2_lambada_and_piqa_score_above_zero():
     """The shipped YAMLs on the real model and data: a broken prompt/target gives 0 accuracy."""
-    from harp.models import load_model
+    from harp.model.load import load_model
 
     model, tok = load_model(None)
     res = evaluate(model, tok, "lambada,piqa", limit=16, data_dir=REAL_DATA)

@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 import harp
 from harp.cli import get_app
-from harp.export import ExportError, export_deci, export_gguf
+from harp.export.deci import ExportError
+from harp.export.run import export_deci, export_gguf
 
 # --------------------------------------------------------------------------------------------
 # Reference DeciLM forward pass, from the format's definition (block_configs + tensor names).
@@ -302,7 +303,7 @@ def llama_cpp_works(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    from harp.export import llamacpp
+    from harp.bench import llamacpp
 
     llm = llamacpp.open_gguf(path, n_ctx=64, logits_all=True, n_threads=1)
     try:
@@ -367,9 +368,9 @@ def test_llamacpp_runs_pruned_default_model(llama_cpp_works: None, tmp_path: Pat
     greedy continuation matches harp's for 32 tokens and its perplexity is within 1 %."""
     import gguf
 
-    from harp.export import llamacpp
-    from harp.models import default_gguf, load_model
-    from harp.text import load_text
+    from harp.bench import llamacpp
+    from harp.engine.text import load_text
+    from harp.model.load import default_gguf, load_model
 
     plan = json.loads(DEFAULT_RESULT.read_text())
     model, tok = load_model(None)

@@ -10,12 +10,12 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.accounting import output_cache
 from harp.bench.timing import cache_kwarg
-from harp.core import prune, temporarily_pruned
-from harp.fit import FitStats, check_fit_method, fit_layers, solve_map
+from harp.methods.fit import FitStats, check_fit_method, fit_layers, solve_map
+from harp.methods.search import DEFAULT_GRID
+from harp.model.accounting import output_cache
+from harp.model.prune import prune, temporarily_pruned
 from harp.modeling import attention_geometry, decoder_layers, fold_output
-from harp.search import DEFAULT_GRID
 
 WINDOWS = torch.randint(0, 128, (8, 40), generator=torch.Generator().manual_seed(0))
 
@@ -248,7 +248,7 @@ def test_run_prune_streamed_fit_equals_in_memory(folder):
 
 
 def test_run_prune_rejects_bad_fit_settings_before_loading(folder, monkeypatch):
-    import harp.pipeline as pipeline
+    import harp.jobs.prune as pipeline
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
@@ -263,7 +263,8 @@ def test_compare_methods_harp_ls_and_harp_any_ls():
     """harp compare's refit rows: the Selector's plans are the refit of the top / Attention Drop layers,
     fits are shared across k (each layer is fitted on the original model alone), and `applied` prunes
     with the fitted maps."""
-    from harp.methods import Selector, applied, attention_drop_scores, pick
+    from harp.methods.scores import attention_drop_scores, pick
+    from harp.methods.selector import Selector, applied
 
     model = tiny_model("llama")
     sel = Selector(model, WINDOWS)
@@ -284,7 +285,7 @@ def test_compare_methods_harp_ls_and_harp_any_ls():
 def test_heldout_errors_equal_direct_solves():
     """The cross-validation shortcut (one eigendecomposition per fold) gives the same held-out errors as
     solving each ridge / prior candidate directly."""
-    from harp.fit import RIDGE_GRID, heldout_errors
+    from harp.methods.fit import RIDGE_GRID, heldout_errors
 
     g = torch.Generator().manual_seed(1)
     v = torch.randn(300, 12, generator=g, dtype=torch.float64)

@@ -10,18 +10,11 @@ import torch
 from tiny import FAMILIES, tiny_model
 from typer.testing import CliRunner
 
-from harp.accounting import count_parameters, parameter_count, removed_parameters
 from harp.cli import get_app
-from harp.plan import (
-    PRESETS,
-    config_from_dict,
-    layer_parameters,
-    load_config,
-    parse_calib,
-    result_summary,
-    search_memory,
-)
-from harp.streaming import StreamedModel
+from harp.engine.streamed import StreamedModel
+from harp.jobs.plan import layer_parameters, parse_calib, result_summary, search_memory
+from harp.model.accounting import count_parameters, parameter_count, removed_parameters
+from harp.model.configs import PRESETS, config_from_dict, load_config
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"
@@ -169,7 +162,7 @@ def test_docs_show_the_current_plan(name):
 
 def _export(tmp_path: Path, alphas: list[float]) -> Path:
     import harp
-    from harp.export import export_deci
+    from harp.export.run import export_deci
 
     model = harp.prune(tiny_model("llama", intermediate_size=256), layers=[5, 4, 3], alphas=alphas)
     return export_deci(model, tmp_path / "deci")
@@ -183,7 +176,7 @@ def _add_remote_code(folder: Path) -> None:
 
 
 def test_vllm_check_alpha_zero_export(tmp_path):
-    from harp.plan import vllm_check
+    from harp.export.deci import vllm_check
 
     folder = _export(tmp_path, [0.0, 0.0, 0.0])
     r = vllm_check(folder, 2)
@@ -197,7 +190,7 @@ def test_vllm_check_alpha_zero_export(tmp_path):
 
 
 def test_vllm_check_refuses_linear_layers(tmp_path):
-    from harp.plan import vllm_check
+    from harp.export.deci import vllm_check
 
     folder = _export(tmp_path, [0.5, 0.0, 0.2])
     _add_remote_code(folder)

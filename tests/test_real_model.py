@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 import harp
 from harp.cli import get_app
-from harp.models import load_model
-from harp.perplexity import perplexity
-from harp.text import evaluation_windows, load_text, tokenize
+from harp.engine.perplexity import perplexity
+from harp.engine.text import evaluation_windows, load_text, tokenize
+from harp.model.accounting import output_cache
+from harp.model.load import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_default_model_prune_save_reload_generate(smollm2, tmp_path):
         out = pruned(prompt, use_cache=True)
     text = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True)
     assert len(gen[0]) == prompt.shape[1] + 20 and text.strip()
-    layers_with_kv = sum(1 for layer in harp.accounting.output_cache(out).layers if layer.keys is not None)
+    layers_with_kv = sum(1 for layer in output_cache(out).layers if layer.keys is not None)
     assert layers_with_kv == 22
 
     path = harp.save(pruned, tmp_path / "ck", tokenizer=tok)
@@ -104,7 +105,7 @@ def test_harp_prune_cli_small_budget_then_reload_same_perplexity(tmp_path):
 def test_default_model_adds_no_bos_so_its_windows_are_unchanged(smollm2):
     """SmolLM2's tokenizer adds no BOS token: harp's BOS-aware windows are exactly the plain text windows,
     so every number measured on it before BOS-aware windows existed still holds."""
-    from harp.text import bos_token, calibration_windows, evaluation_windows
+    from harp.engine.text import bos_token, calibration_windows, evaluation_windows
 
     _, tok = smollm2
     assert tok.bos_token_id == 1 and bos_token(tok) is None

@@ -28,10 +28,11 @@ from tiny import tiny_folder, tiny_model
 from typer.testing import CliRunner
 
 import harp
-from harp import preflight, sources
-from harp.checkpoint import RECIPE_FILE, output_lock
 from harp.cli import get_app
-from harp.search import MAX_GRID, parse_grid
+from harp.methods.search import MAX_GRID, parse_grid
+from harp.model.checkpoint import RECIPE_FILE, DiskFullError, check_harp_block
+from harp.util.fsio import output_lock
+from harp.util.problems import Problems
 
 runner = CliRunner()
 SMALL = ["--layers", "2", "--calib-windows", "2", "--seq-len", "32", "--eval-tokens", "128", "--eval-seq-len", "64",
@@ -74,7 +75,7 @@ def no_weights(monkeypatch):
         raise WeightsLoaded(f"weights were loaded: {args[:2]}")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
-    monkeypatch.setattr("harp.models._convert_gguf", spy)
+    monkeypatch.setattr("harp.model.load._convert_gguf", spy)
     return calls
 
 
@@ -103,7 +104,7 @@ def test_prune_reports_every_problem_at_once_without_loading(no_weights, folder,
                 "--alphas", "0.5,0.5,0.5", "--grid", "1:0:0.1", "--calib", text, "--eval", text)
     assert r.exit_code != 0 and not no_weights
     msg = str(r.exception)
-    assert isinstance(r.exception, preflight.Problems), msg
+    assert isinstance(r.exception, Problems), msg
     for words in ("--layer-ids 99: out of range, the model has layers 0..5", "--alphas gives 3 values for 2 layers",
                   "stop 0 < start 1", "are the same text", "is inside the input"):
         assert words in msg, (words, msg)
@@ -350,8 +351,8 @@ def test_harp_block_reader_property(version, layers, alphas):
     if version is not None:
         block["format_version"] = version
     try:
-        got_layers, got_alphas = sources.check_harp_block(block, 6, "cfg.json")
-    except sources.Problems as e:
+        got_layers, got_alphas = check_harp_block(block, 6, "cfg.json")
+    except Problems as e:
         assert e.problems and all(p.startswith("cfg.json: ") for p in e.problems)
         return
     # accepted: exactly a well-formed block
@@ -487,7 +488,7 @@ def test_disk_full_during_save_is_one_clear_error_and_leaves_nothing(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", full_disk)
-    with pytest.raises(harp.checkpoint.DiskFullError) as e:
+    with pytest.raises(DiskFullError) as e:
         harp.save(model, tmp_path / "ck")
     msg = str(e.value)
     assert "No space left on the device while saving the checkpoint to" in msg
@@ -550,8 +551,8 @@ def test_kv_saving_is_stated_at_the_same_contexts_everywhere(tmp_path):
     out = tmp_path / "p"
     r = _invoke("prune", "--model", src, "--out", out, *SMALL, "--layers", "1")  # layer 5: full attention
     assert r.exit_code == 0, r.output
-    from harp.accounting import kv_savings, kv_savings_text
-    from harp.plan import config_from_dict
+    from harp.model.accounting import kv_savings, kv_savings_text
+    from harp.model.configs import config_from_dict
 
     cfg = config_from_dict(json.loads((out / "config.json").read_text()))
     rows = kv_savings(cfg, None)
@@ -597,7 +598,7 @@ def test_refused_gguf_export_speaks_of_gguf(tmp_path):
 
 @pytest.mark.slow
 def test_gguf_is_converted_once_and_reused(tmp_path, monkeypatch):
-    from harp import models
+    from harp.model import load as models
 
     monkeypatch.setenv("HARP_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "my-model.gguf"

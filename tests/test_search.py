@@ -15,9 +15,9 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.perplexity import perplexity
-from harp.search import DEFAULT_GRID, ideal_layer_forwards, parse_grid, search_alphas
-from harp.text import calibration_windows, evaluation_windows
+from harp.engine.perplexity import perplexity
+from harp.engine.text import calibration_windows, evaluation_windows
+from harp.methods.search import DEFAULT_GRID, ideal_layer_forwards, parse_grid, search_alphas
 
 
 def _windows(n=6, s=16, seed=1):

@@ -17,16 +17,10 @@ from typer.testing import CliRunner
 
 import harp
 from harp.cli import get_app
-from harp.replay import capture_inputs
-from harp.search import fingerprint, search_alphas
-from harp.streaming import (
-    StreamedModel,
-    activation_store,
-    check_resident,
-    load_on_device,
-    resolve_device,
-    streamed_search,
-)
+from harp.engine.replay import capture_inputs
+from harp.engine.streamed import StreamedModel, activation_store
+from harp.methods.search import fingerprint, search_alphas, streamed_search
+from harp.model.load import check_resident, load_on_device, resolve_device
 
 runner = CliRunner()
 
@@ -346,8 +340,8 @@ def test_default_model_streamed_equals_in_memory():
     the same alphas, with the same calibration perplexity for every candidate, as the in-memory search."""
     from transformers import AutoTokenizer
 
-    from harp.models import default_model_dir, load_model
-    from harp.text import DEFAULT_CALIB, calibration_windows, load_text, tokenize
+    from harp.engine.text import DEFAULT_CALIB, calibration_windows, load_text, tokenize
+    from harp.model.load import default_model_dir, load_model
 
     torch.set_num_threads(2)
     try:

@@ -9,8 +9,8 @@ import torch
 from tiny import tiny_folder, tiny_tokenizer
 
 import harp
-from harp.evaluate import perplexity_windows
-from harp.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+from harp.engine.evaluate import perplexity_windows
+from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -280,7 +280,7 @@ TEXT_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from harp.models import default_model_dir
+    from harp.model.load import default_model_dir
 
     original = default_model_dir()
     plan = json.loads(DEFAULT_RESULT.read_text())

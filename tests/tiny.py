@@ -52,7 +52,7 @@ def tiny_tokenizer(vocab_size: int = 512, bos: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from harp.text import load_text
+    from harp.engine.text import load_text
 
     text = load_text("wikitext2-valid").text[:200_000]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -9,17 +9,17 @@
     model = harp.load("out/")
 """
 
-from ._version import __version__
-from .accounting import count_parameters, kv_cache_bytes, removed_parameters  # noqa: E402
-from .checkpoint import load, save  # noqa: E402
-from .core import prune, pruned_plan, temporarily_pruned  # noqa: E402
-from .fit import FitResult, LayerFit, fit_layers  # noqa: E402
-from .modeling import ARCHITECTURES, LinearMap, supported_families  # noqa: E402
-from .models import load_model  # noqa: E402
-from .perplexity import perplexity  # noqa: E402
-from .pipeline import PruneSettings, run_prune  # noqa: E402
-from .search import SearchResult, search_alphas  # noqa: E402
-from .text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize  # noqa: E402
+from harp._version import __version__
+from harp.engine.perplexity import perplexity
+from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+from harp.jobs.prune import PruneSettings, run_prune
+from harp.methods.fit import FitResult, LayerFit, fit_layers
+from harp.methods.search import SearchResult, search_alphas
+from harp.model.accounting import count_parameters, kv_cache_bytes, removed_parameters
+from harp.model.checkpoint import load, save
+from harp.model.load import load_model
+from harp.model.prune import prune, pruned_plan, temporarily_pruned
+from harp.modeling import ARCHITECTURES, LinearMap, supported_families
 
 __all__ = [
     "ARCHITECTURES",

@@ -46,7 +46,7 @@ def help_text(doc: str | None) -> str:
 
 
 def _register(name: str, fn: Callable[..., None]) -> None:
-    from .commands import flag_errors
+    from harp.commands import flag_errors
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> None:
@@ -59,8 +59,8 @@ def _register(name: str, fn: Callable[..., None]) -> None:
 
 def commands() -> list[tuple[str, Callable[..., None]]]:
     """Every command as (name, function), in the order `harp --help` lists them."""
-    from .commands import analyze, bench, cache, compare, export, info, plan, prune
-    from .commands import eval as eval_
+    from harp.commands import analyze, bench, cache, compare, export, info, plan, prune
+    from harp.commands import eval as eval_
 
     return [
         ("analyze", analyze.analyze_cmd),

@@ -33,11 +33,9 @@ Modules: `timing` (timed forwards, lockstep), `probe` (resident memory, the fres
 the plot are drawn by `harp.report.bench`.
 """
 
-from ..report import check_plot_available
-from ..report.bench import bench_table, plot_bench
-from .probe import peak_rss_bytes, probe_memory, weights_bytes
-from .results import RESULT_VERSION, context_row, median_ci95
-from .run import (
+from harp.bench.probe import peak_rss_bytes, probe_memory, weights_bytes
+from harp.bench.results import RESULT_VERSION, context_row, median_ci95
+from harp.bench.run import (
     JSON_NAME,
     MAX_ROUNDS,
     PLOT_NAME,
@@ -49,7 +47,7 @@ from .run import (
     run_bench,
     write_bench,
 )
-from .timing import (
+from harp.bench.timing import (
     alternating_decode,
     cache_kwarg,
     lockstep_prefill,
@@ -58,6 +56,8 @@ from .timing import (
     prompt_tokens,
     switch_points,
 )
+from harp.report import check_plot_available
+from harp.report.bench import bench_table, plot_bench
 
 __all__ = [
     "JSON_NAME",

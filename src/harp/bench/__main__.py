@@ -2,6 +2,6 @@
 
 import sys
 
-from .probe import main
+from harp.bench.probe import main
 
 main(sys.argv[1:])

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .timing import cache_kwarg, measure, prompt_tokens
+from harp.bench.timing import cache_kwarg, measure, prompt_tokens
+from harp.model.load import load_model
 
 _PROBE_MARK = "HARP_BENCH_PROBE "
 
@@ -103,7 +104,6 @@ def main(argv: Sequence[str]) -> None:
     """The probe's child process: measure one model, print the result as one marked JSON line."""
     import argparse
 
-    from ..models import load_model
 
     ap = argparse.ArgumentParser(prog="python -m harp.bench", description="harp bench memory probe (internal)")
     ap.add_argument("--probe", required=True)

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._version import __version__
-from ..accounting import count_parameters, layer_kinds
-from .probe import weights_bytes
-from .timing import Timings
+from harp._version import __version__
+from harp.bench.probe import weights_bytes
+from harp.bench.timing import Timings
+from harp.model.accounting import count_parameters, layer_kinds
 
 RESULT_VERSION = 1
 

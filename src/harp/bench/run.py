@@ -12,13 +12,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import speedup_bounds
-from ..report import check_plot_available
-from ..report.bench import bench_table, plot_bench
-from ..text import bos_token
-from .probe import peak_rss_bytes, probe_memory
-from .results import context_row, loadavg, result_skeleton
-from .timing import Timings, cache_kwarg, lockstep_round, measure, prompt_tokens
+from harp.bench.probe import peak_rss_bytes, probe_memory
+from harp.bench.results import context_row, loadavg, result_skeleton
+from harp.bench.timing import Timings, cache_kwarg, lockstep_round, measure, prompt_tokens
+from harp.engine.text import bos_token
+from harp.model.accounting import speedup_bounds
+from harp.model.checkpoint import read_config
+from harp.model.load import load_model, saved_tokenizer
+from harp.model.source import DEFAULT_MODEL
+from harp.report import check_plot_available
+from harp.report.bench import bench_table, plot_bench
+from harp.util.fsio import write_json_atomic, write_text_atomic
 
 JSON_NAME = "bench.json"
 PLOT_NAME = "bench.png"
@@ -97,7 +101,6 @@ def _tokenizer_of(source: ModelLike) -> Any:
     """The tokenizer saved with a model source; None for a loaded model or a folder without one."""
     if isinstance(source, nn.Module):
         return None
-    from ..models import saved_tokenizer
 
     return saved_tokenizer(source)
 
@@ -105,7 +108,6 @@ def _tokenizer_of(source: ModelLike) -> Any:
 def _load(source: ModelLike, dtype: Any, attn_implementation: str | None) -> tuple[nn.Module, str | None]:
     if isinstance(source, nn.Module):
         return source, getattr(source, "harp_source", None)
-    from ..models import load_model
 
     model, _ = load_model(source, dtype=dtype, attn_implementation=attn_implementation, with_tokenizer=False)
     return model, str(source)
@@ -159,7 +161,6 @@ def run_bench(
     if isolated_memory and (isinstance(orig, nn.Module) or isinstance(pruned, nn.Module)):
         raise ValueError("isolated_memory needs both models as sources (paths or names), not loaded models.")
     if orig is None:
-        from ..models import DEFAULT_MODEL
 
         orig = DEFAULT_MODEL
     if pruned is None:
@@ -207,7 +208,6 @@ def run_bench(
 
 
 def _check_pruned_source(source: str | os.PathLike) -> None:
-    from ..checkpoint import read_config
 
     p = Path(source).expanduser()
     if not p.is_dir():
@@ -307,7 +307,6 @@ def write_bench(
 ) -> dict[str, Path]:
     """Write bench.json, bench.md (the Markdown table) and bench.png into `out_dir`, each atomically;
     refuse to clobber existing ones unless `overwrite`. Returns the paths written."""
-    from .._io import write_json_atomic, write_text_atomic
 
     paths = output_paths(out_dir, overwrite)
     if plot:

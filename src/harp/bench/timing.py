@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..accounting import kv_cache_bytes
-from ..modeling import arch_for, decoder_layers, get_module
+from harp.model.accounting import kv_cache_bytes
+from harp.modeling import arch_for, decoder_layers, get_module
 
 Timings = dict[str, float | int]  # prefill_s, decode_s, kv_bytes (+ prefill_cpu_s, decode_cpu_s from `measure`)
 

@@ -33,18 +33,18 @@ def analyze_cmd(
     Attention Drop / ShortGPT scores, as a table, a Markdown/JSON file and a PNG plot."""
     import torch
 
-    from harp._io import atomic_dir, write_json_atomic
-    from harp.analyze import analyze
-    from harp.models import load_model
+    from harp.engine.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize
+    from harp.methods.analyze import analyze
+    from harp.model.load import load_model
     from harp.report.analyze import analyze_markdown, plot_analyze
-    from harp.text import DEFAULT_CALIB, bos_token, calibration_windows, load_text, tokenize
+    from harp.util.fsio import atomic_dir, write_json_atomic
 
     console = Console()
     if threads:
         torch.set_num_threads(threads)
     name = _model_name(model)
     out = out or Path("runs") / f"analyze-{name}"
-    from harp.preflight import check_analyze
+    from harp.jobs.analyze import check_analyze
 
     check_analyze(model, text, windows, seq_len, out, overwrite)  # every argument, before the model loads
     m, tok = load_model(model, attn_implementation="eager")

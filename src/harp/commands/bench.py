@@ -88,7 +88,8 @@ def bench_cmd(
     with KV-cache bytes, peak memory and the FLOP-ideal speed-up bound.
 
     The bounds are computed from the model config: docs/method.md, "Speed bounds"."""
-    from harp.bench import check_plot_available, output_paths, parse_contexts, run_bench, write_bench
+    from harp.bench.run import output_paths, parse_contexts, run_bench, write_bench
+    from harp.report import check_plot_available
 
     err = Console(stderr=True)
     contexts = parse_contexts(context)

@@ -19,7 +19,7 @@ def cache_cmd(
 
     The folder is $HARP_CACHE_DIR, else the platform's user cache folder.
     """
-    from harp.models import cache_dir, cache_entries
+    from harp.model.load import cache_dir, cache_entries
 
     console = Console()
     if action not in ("list", "clear"):

@@ -82,8 +82,8 @@ def compare_cmd(
 ) -> None:
     """Compare HARP with its ablations and published baselines at equal KV-cache reduction: perplexity,
     task scores, parameters removed, KV reduction and search time, as Markdown, JSON and a PNG chart."""
-    from harp.compare import CompareSettings, run_compare
-    from harp.methods import parse_ppl_increase
+    from harp.jobs.compare import CompareSettings, run_compare
+    from harp.methods.autok import parse_ppl_increase
 
     console = Console()
     inc = parse_ppl_increase(max_ppl_increase) if max_ppl_increase is not None else None
@@ -98,8 +98,8 @@ def compare_cmd(
         threads=threads, out=str(out), overwrite=overwrite,
         command="harp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None,
     )
-    from harp._io import output_lock
-    from harp.preflight import check_compare
+    from harp.jobs.compare import check_compare
+    from harp.util.fsio import output_lock
 
     check_compare(settings)  # the model's config, k, grid, texts and output, before any weight is read
     with output_lock(out, "harp compare"):

@@ -47,10 +47,10 @@ def eval_cmd(
     """Evaluate one model: WikiText-2 perplexity by default, lm-eval tasks with --tasks."""
     import torch
 
-    from harp._io import write_json_atomic
-    from harp.evaluate import evaluate, parse_limit, resolve_tasks
-    from harp.models import load_model
-    from harp.preflight import check_eval
+    from harp.engine.evaluate import evaluate, parse_limit, resolve_tasks
+    from harp.jobs.eval import check_eval
+    from harp.model.load import load_model
+    from harp.util.fsio import write_json_atomic
 
     console = Console()
     resolve_tasks(tasks)  # bad task names fail before the model loads

@@ -51,13 +51,13 @@ def export_cmd(
 
     The model is validated first: nothing is written if the format cannot hold it.
     """
-    from harp.export import export
+    from harp.export.run import export
 
     console = Console(stderr=True)
     if tokenizer_gguf is not None and fmt != "gguf":
         raise ValueError("--tokenizer-gguf applies to --format gguf only.")
     if fmt in ("deci", "gguf"):
-        from harp.preflight import check_export
+        from harp.export.run import check_export
 
         check_export(source, fmt, out, overwrite)  # the source's files and the output, before loading weights
     path, kinds = export(source, fmt, out, dtype=dtype, tokenizer_gguf=tokenizer_gguf, overwrite=overwrite)

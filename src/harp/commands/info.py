@@ -9,13 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.checkpoint import RECIPE_FILE, read_config
+from harp.model.checkpoint import RECIPE_FILE, read_config
 
 
 def describe(path: str | Path) -> dict:
     """A dict describing a checkpoint folder (no weights are loaded). A damaged folder (truncated weights,
     a malformed harp block, a half-written save) is an error naming the file, not a description."""
-    from harp.sources import check_complete
+    from harp.model.checkpoint import check_complete
 
     path = Path(path)
     cfg = read_config(path)
@@ -31,8 +31,8 @@ def describe(path: str | Path) -> dict:
         "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
     }
     if harp_block:
-        from harp.accounting import kv_savings
-        from harp.plan import config_from_dict
+        from harp.model.accounting import kv_savings
+        from harp.model.configs import config_from_dict
 
         try:
             info["kv_savings"] = kv_savings(config_from_dict(cfg), None)
@@ -47,8 +47,8 @@ def describe(path: str | Path) -> dict:
 
 def kv_text(path: str | Path) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum)."""
-    from harp.accounting import kv_savings, kv_savings_text
-    from harp.plan import config_from_dict
+    from harp.model.accounting import kv_savings, kv_savings_text
+    from harp.model.configs import config_from_dict
 
     try:
         cfg = config_from_dict(read_config(path))

@@ -8,7 +8,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from harp.plan import PRESETS, GiB, human, load_config, parse_calib, plan
+from harp.jobs.plan import GiB, human, parse_calib, plan
+from harp.model.configs import PRESETS, load_config
 
 
 def _params(n: float) -> str:
@@ -65,7 +66,7 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
 def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None, **kw: Any) -> dict[str, Any]:
     """`harp.plan.plan` plus the KV saving at the contexts every command states it at (2,048 tokens and the
     model's maximum; `context` adds one)."""
-    from harp.accounting import kv_contexts, kv_savings
+    from harp.model.accounting import kv_contexts, kv_savings
 
     contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
     p = plan(cfg, k, windows, seq_len, context=context or contexts[-1], **kw)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harp.commands import cli_text
-from harp.pipeline import PruneReport, PruneSettings, run_prune
+from harp.jobs.prune import PruneReport, PruneSettings, run_prune
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -47,7 +47,7 @@ def _ridge(s: str) -> float | str:
 def kv_row(r: PruneReport) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
     from the saved config; a sliding-window model's saving depends on the context."""
-    from harp.accounting import kv_savings_text
+    from harp.model.accounting import kv_savings_text
 
     if r.kv_at_contexts:
         return kv_savings_text(r.kv_at_contexts)
@@ -157,14 +157,14 @@ def prune_cmd(
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
-    from harp._io import output_lock
+    from harp.util.fsio import output_lock
 
     # run_prune checks every argument against the config / GGUF header / files before loading anything
     with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
         report = run_prune(settings, log=lambda m: console.print(cli_text(m), highlight=False))
     console.print(summary_table(report))
     if json_out is not None:
-        from harp._io import write_json_atomic
+        from harp.util.fsio import write_json_atomic
 
         write_json_atomic(json_out, report.to_dict())
 
@@ -180,7 +180,7 @@ def resumable(out: str | os.PathLike[str] | None, err: Any = None) -> Iterator[N
     except KeyboardInterrupt:
         line = "interrupted."
         if out is not None:
-            from harp.pipeline import state_file_for
+            from harp.jobs.prune import state_file_for
 
             state = state_file_for(Path(out).expanduser().resolve())
             if state.is_file():

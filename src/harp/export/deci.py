@@ -15,13 +15,15 @@ multiple of 256). Everything here only reads the model; nothing is written until
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..accounting import ATTENTION, LINEAR, NONE, layer_kinds
+from harp.model.accounting import ATTENTION, LINEAR, NONE, layer_kinds
 
 DECI_ARCHITECTURE = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
@@ -369,3 +371,63 @@ def deci_config(d: DeciModel, dtype: torch.dtype) -> dict[str, Any]:
     if d.harp:
         cfg["harp"] = {"layers": d.harp.get("layers", []), "alphas": d.harp.get("alphas", [])}
     return cfg
+
+
+def _ffn_width(ffn_mult: float, hidden: int) -> int:
+    width = int(2 * ffn_mult * hidden / 3)  # DeciLM's rule (vLLM's _ffn_mult_to_intermediate_size)
+    return width if width % 256 == 0 else width + 256 - width % 256
+
+
+def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """What vLLM's `DeciLMForCausalLM` will make of a deci export folder (`harp.export.export`, `fmt=deci`), from its
+    config.json alone (vLLM itself needs a GPU and is not run here).
+
+    Mirrors the rules of vLLM's nemotron_nas model: attention layers are normal (`n_heads_in_group`) or
+    `no_op`; `replace_with_linear` is not implemented there (HARP layers with alpha != 0). The KV head count
+    is read from the first layer with attention; tensor parallelism splits query heads, KV heads (or
+    replicates them when tp > kv heads), and each FFN. vLLM reads `block_configs` as objects, through the
+    DeciLM config class of NVIDIA's remote code (`--trust-remote-code` and an `auto_map` in config.json).
+
+    Returns {'problems': [...], 'layers', 'kv_layers' (layers vLLM keeps a KV cache for), 'kv_heads'}.
+    """
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: pass the folder of a deci export (`fmt=deci`).")
+    cfg = json.loads(cfg_path.read_text())
+    tp = int(tensor_parallel_size)
+    if tp < 1:
+        raise ValueError(f"tensor parallel size {tensor_parallel_size!r}: must be >= 1.")
+    problems: list[str] = []
+    if cfg.get("model_type") != "nemotron-nas" or "DeciLMForCausalLM" not in (cfg.get("architectures") or []):
+        problems.append("config.json is not a DeciLM / nemotron-nas checkpoint: export it with `fmt=deci`.")
+        return {"problems": problems, "layers": cfg.get("num_hidden_layers"), "kv_layers": None, "kv_heads": None}
+    blocks = cfg.get("block_configs") or []
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    linear = [i for i, b in enumerate(blocks) if b["attention"].get("replace_with_linear")]
+    if linear:
+        problems.append(
+            f"layers {linear} are replace_with_linear (HARP alpha != 0), which vLLM does not implement: "
+            "prune those layers with alpha = 0 (`alphas=0,...`) for this route, or serve the HARP checkpoint "
+            "itself with harp's vLLM plugin (pip install 'harp-prune[vllm]'; vllm serve DIR), or llama.cpp."
+        )
+    attn = [b for b in blocks if not b["attention"].get("no_op") and not b["attention"].get("replace_with_linear")]
+    kv_heads = heads // attn[0]["attention"]["n_heads_in_group"] if attn else None
+    if kv_heads is None:
+        problems.append("no layer keeps attention: vLLM cannot determine the number of KV heads.")
+    if heads % tp:
+        problems.append(f"{heads} attention heads do not split over tensor parallel size {tp}.")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        problems.append(f"{kv_heads} KV heads neither split over nor replicate to tensor parallel size {tp}.")
+    widths = sorted({_ffn_width(b["ffn"]["ffn_mult"], hidden) for b in blocks if not b["ffn"].get("no_op")})
+    bad = [w for w in widths if w % tp]
+    if bad:
+        problems.append(f"FFN widths {bad} do not split over tensor parallel size {tp}.")
+    if "auto_map" not in cfg or not any(folder.glob("configuration_*.py")):
+        problems.append(
+            "vLLM reads block_configs through NVIDIA's DeciLM config class: copy configuration_decilm.py and "
+            "block_config.py from an NVIDIA Nemotron-NAS model repository into the folder, add "
+            '"auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"} to config.json, and pass '
+            "--trust-remote-code."
+        )
+    return {"problems": problems, "layers": len(blocks), "kv_layers": len(attn), "kv_heads": kv_heads}

@@ -22,8 +22,9 @@ import gguf
 import numpy as np
 import torch
 
-from .._io import atomic_file
-from .deci import DeciModel
+from harp.export import vocab
+from harp.export.deci import DeciModel
+from harp.util.fsio import atomic_file
 
 ARCH = "deci"
 DTYPES = {
@@ -104,7 +105,6 @@ def write_gguf(
     overwrite: bool = False,
 ) -> Path:
     """Write `d` as a llama.cpp `deci` GGUF, atomically (temp file + rename)."""
-    from . import vocab
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}.")

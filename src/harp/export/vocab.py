@@ -21,7 +21,7 @@ from typing import Any
 
 import gguf
 
-from .deci import ExportError
+from harp.export.deci import ExportError
 
 # llama.cpp's probe text for identifying BPE pre-tokenizers (llama.cpp, MIT licence, convert_hf_to_gguf
 # `get_vocab_base_pre`): sha256(str(tokenizer.encode(PROBE))) names the pre-tokenizer.

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modeling import arch_for, get_module, layer_indices
+from harp.modeling import arch_for, get_module, layer_indices
 
 
 def _validate(model: nn.Module, layers: Sequence[int]) -> list[int]:

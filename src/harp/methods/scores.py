@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check_k
-from ..modeling import HarpLinearAttention, HarpNoAttention, arch_for, get_module
-from ..perplexity import model_device
-from ..replay import layer_output
+from harp.engine.perplexity import model_device
+from harp.engine.replay import layer_output
+from harp.model.prune import check_k
+from harp.modeling import HarpLinearAttention, HarpNoAttention, arch_for, get_module
 
 STATS = ("attn_cos", "block_cos", "sim", "attn_self", "attn_first")
 

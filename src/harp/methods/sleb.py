@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import check_k
-from ..modeling import arch_for, get_module
-from ..perplexity import perplexity
-from ..progress import Progress
-from ..replay import capture_inputs, run_layers, tail_nll
-from .blocks import layers_removed
+from harp.engine.perplexity import perplexity
+from harp.engine.replay import capture_inputs, run_layers, tail_nll
+from harp.methods.blocks import layers_removed
+from harp.model.prune import check_k
+from harp.modeling import arch_for, get_module
+from harp.util.progress import Progress
 
 
 @dataclass

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_file
+from harp.util.fsio import atomic_file
 
 
 def check_plot_available() -> None:

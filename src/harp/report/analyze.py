@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..analyze import AnalyzeResult
-from . import integer_ticks, pyplot, save_figure
+from harp.methods.analyze import AnalyzeResult
+from harp.report import integer_ticks, pyplot, save_figure
 
 
 def _f(x: float | None, digits: int = 3) -> str:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import pyplot, save_figure
+from harp.report import pyplot, save_figure
 
 
 def _mib(b: float | None) -> str:

@@ -6,16 +6,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..evaluate import PERPLEXITY_TASK
-from ..methods import METHODS
-from . import pyplot, save_figure
-
-if TYPE_CHECKING:
-    from ..compare import CompareReport
-
-
+from harp.engine.evaluate import PERPLEXITY_TASK
+from harp.methods.registry import METHODS
+from harp.report import pyplot, save_figure
 
 
 def layers_str(layers: Sequence[int]) -> str:
@@ -56,7 +51,7 @@ def _what(row: dict[str, Any]) -> str:
     return f"attention {layers_str(row['layers'])}"
 
 
-def compare_markdown(rep: CompareReport) -> str:
+def compare_markdown(rep: Any) -> str:
     """compare.md: per k, one table row per method (scores, parameters removed, KV cache, search time),
     the searched alphas, notes on where `harp` wins or loses, then the setup."""
     tasks = rep.tasks
@@ -105,7 +100,7 @@ def compare_markdown(rep: CompareReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _notes(rep: CompareReport, k: int, rows: list[dict[str, Any]]) -> list[str]:
+def _notes(rep: Any, k: int, rows: list[dict[str, Any]]) -> list[str]:
     by = {r["method"]: r for r in rows}
     notes: list[str] = []
     ppl = lambda r: r["scores"][PERPLEXITY_TASK]["value"]  # noqa: E731
@@ -150,7 +145,7 @@ def _notes(rep: CompareReport, k: int, rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def _footer(rep: CompareReport) -> list[str]:
+def _footer(rep: Any) -> list[str]:
     d = rep.data
     st = rep.settings
     lim = d.get("limit")
@@ -183,7 +178,7 @@ def _footer(rep: CompareReport) -> list[str]:
     return out
 
 
-def plot_compare(rep: CompareReport, path: str | os.PathLike) -> Path:
+def plot_compare(rep: Any, path: str | os.PathLike) -> Path:
     """compare.png: per k, WikiText-2 perplexity (log scale) and task scores, one bar per method."""
     plt = pyplot()
     from matplotlib.ticker import ScalarFormatter

@@ -46,7 +46,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from ..modeling import FORMAT_VERSION
+from harp.modeling import FORMAT_VERSION
 
 # The HARP checkpoint formats this plugin knows how to build. Its own list, not modeling.FORMAT_VERSION: a
 # new checkpoint format must be taught to the plugin before it serves it (the test suite checks they agree).

@@ -37,21 +37,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import arch_for, get_module
-from .models import torch_dtype
-from .progress import Progress
-from .replay import Batch, layer_output, record_layer_calls
-from .search import SearchResult, digest_rows, search_alphas, tensor_digest
+from harp.engine.replay import Batch, layer_output, record_layer_calls
+from harp.model.load import resolve_device, streamable_folder
+from harp.modeling import arch_for, get_module
+from harp.util.digest import digest_rows, tensor_digest
+from harp.util.dtypes import torch_dtype
+from harp.util.progress import Progress
 
 ACTIVATIONS = ("device", "cpu", "disk")
-DEVICES = "cpu, cuda, cuda:N or auto"
 
-_CONVERT_HINT = (
-    "Convert it once to a sharded safetensors folder (this loads the model a single time):\n"
-    "    python -c \"import harp; m, t = harp.load_model('{src}'); "
-    "m.save_pretrained('DIR', max_shard_size='2GB'); t.save_pretrained('DIR')\"\n"
-    "then pass `model=DIR`."
-)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,24 +53,6 @@ _CONVERT_HINT = (
 # ------------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'auto' (the first GPU if torch sees one, else the CPU)."""
-    name = "cpu" if device is None else str(device)
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"Unknown device {name!r}: use {DEVICES}.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"Unsupported device {name!r}: use {DEVICES}.")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"`device={name}`: torch sees no CUDA device here (torch {torch.__version__}). "
-                             "Use `device=cpu`, or `device=auto` to take a GPU when there is one.")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"`device={name}`: only {torch.cuda.device_count()} CUDA device(s) visible.")
-    return dev
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,41 +60,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 # ------------------------------------------------------------------------------------------------
 
 
-def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
-    """The local safetensors folder behind a `model` argument, or a ValueError saying how to make one."""
-    from .checkpoint import is_harp_checkpoint
-    from .models import resolve_model_source
-
-    src = resolve_model_source(source)
-    p = Path(src)
-    if not p.exists():
-        raise ValueError(
-            f"`streamed` reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
-            f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass `model=DIR`."
-        )
-    if p.is_file() and p.suffix == ".gguf":
-        from .models import converted_gguf
-
-        cached = converted_gguf(p)  # every harp command caches a GGUF's conversion: stream from that
-        if cached is None:
-            raise ValueError(
-                f"`streamed` needs a safetensors model folder, not the file {p}. Run any harp command on it once "
-                f"without `streamed` (e.g. `harp eval {p}`): its conversion is cached and `streamed` reads it. Or: "
-                + _CONVERT_HINT.format(src=p)
-            )
-        p = cached
-    elif p.is_file():
-        raise ValueError(
-            f"`streamed` needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
-        )
-    if is_harp_checkpoint(p):
-        raise ValueError(f"{p} is already a HARP-pruned checkpoint; search alphas on the original model.")
-    if not any(p.glob("*.safetensors")):
-        raise ValueError(
-            f"`streamed` needs safetensors weights, and {p} has none (PyTorch .bin files are pickles that "
-            "cannot be read one tensor at a time). " + _CONVERT_HINT.format(src=p)
-        )
-    return p
 
 
 class SafetensorsCheckpoint:
@@ -370,48 +311,8 @@ class StreamedModel:
         return batches, start
 
 
-def load_on_device(
-    source: str | os.PathLike[str] | None,
-    *,
-    dtype: str | torch.dtype | None = "float32",
-    device: str | torch.device | None = "cpu",
-    with_tokenizer: bool = True,
-) -> tuple[nn.Module, Any]:
-    """The whole model, for evaluation, pruning and saving: on one device (`cpu`, `cuda`, `cuda:N`), or,
-    with `auto` on a machine with GPUs, spread by accelerate (`device_map="auto"`: the GPUs first, then
-    CPU RAM, then disk under harp's cache). `auto` without a GPU is the CPU."""
-    from .models import load_model
-
-    if str(device) == "auto" and torch.cuda.is_available():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .checkpoint import is_harp_checkpoint
-        from .models import cache_dir, resolve_model_source
-
-        src = resolve_model_source(source)
-        p = Path(src)
-        if not (p.is_file() or (p.is_dir() and is_harp_checkpoint(p))):  # GGUF / HARP checkpoints: one GPU
-            model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch_dtype(dtype), device_map="auto", offload_folder=str(cache_dir() / "offload")
-            ).eval()
-            model.harp_source = str(source) if source is not None else src
-            return model, (AutoTokenizer.from_pretrained(src) if with_tokenizer else None)
-    dev = resolve_device(device)
-    on = None if dev.type == "cpu" else str(dev)
-    return load_model(source, dtype=dtype, device=on, with_tokenizer=with_tokenizer)
 
 
-def check_resident(model: nn.Module, layers: Iterable[int]) -> None:
-    """HARP folds the weights of the layers it prunes, so they must be resident: raise if accelerate
-    offloaded any of them (their parameters are then on the meta device)."""
-    stack = get_module(model, arch_for(model.config).layers)
-    bad = sorted(i for i in layers if any(p.is_meta for p in stack[i].parameters()))
-    if bad:
-        raise ValueError(
-            f"Layers {bad} were offloaded by device_map='auto' (their weights are not resident), and pruning "
-            "folds their attention weights. Give the GPUs more room (more GPUs, fewer other processes), or "
-            "use `device=cpu` for the evaluation and pruning; the search itself can run with `streamed`."
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,41 +359,3 @@ def activation_store(
 # ------------------------------------------------------------------------------------------------
 
 
-def streamed_search(
-    source: str | os.PathLike[str] | None,
-    windows: torch.Tensor,
-    layers: int | Sequence[int] = 8,
-    *,
-    dtype: str | torch.dtype | None = "float32",
-    device: str | torch.device | None = "cpu",
-    activations: str = "device",
-    spill_dir: str | os.PathLike[str] | None = None,
-    attn_implementation: str | None = None,
-    grid: str | Sequence[float] | None = None,
-    batch_size: int = 4,
-    chunk_tokens: int = 1024,
-    state_path: str | Path | None = None,
-    progress: bool = False,
-    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
-    model: StreamedModel | None = None,
-) -> SearchResult:
-    """HARP's greedy top-down alpha search on a model that stays on disk (a safetensors folder).
-
-    Same arguments and result as `harp.search_alphas` (method "cached"; `result.method` is "streamed"),
-    plus where the model runs (`device`, `dtype`) and where the calibration activations are kept
-    (`activations`: "device", "cpu", or "disk" memory-mapped under `spill_dir`). Peak memory is the
-    searched layers, the final norm and the LM head, plus the activations; not the whole model.
-    A `state_path` written by an in-memory search of the same model resumes here, and vice versa.
-    """
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"Unknown activations place {activations!r}: use one of {', '.join(ACTIVATIONS)}.")
-    sm = model or StreamedModel(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    with activation_store(activations, sm.device, spill_dir) as keep:
-        result = search_alphas(
-            sm.model, windows, layers, grid=grid, method="cached", batch_size=batch_size, chunk_tokens=chunk_tokens,
-            state_path=state_path, progress=progress, callback=callback,
-            prepare=lambda lo, bar: sm.capture(windows, lo, batch_size, bar, keep),
-            keep=keep, digest=sm.digest,
-        )
-    result.method = "streamed"
-    return result

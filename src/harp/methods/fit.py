@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import (
+from harp.engine.replay import Prepare, capture_inputs, run_layers
+from harp.modeling import (
     HarpLinearAttention,
     LinearMap,
     arch_for,
@@ -42,8 +43,7 @@ from .modeling import (
     get_module,
     layer_indices,
 )
-from .progress import Progress
-from .replay import Prepare, capture_inputs, run_layers
+from harp.util.progress import Progress
 
 FIT_METHODS = ("none", "lstsq")
 PRIORS = ("zero", "alpha")

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.scores import layer_stats
-from .modeling import decoder_layers
+from harp.methods.scores import layer_stats
+from harp.modeling import decoder_layers
 
 
 @dataclass

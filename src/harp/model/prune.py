@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import FORMAT_VERSION, LinearMap, arch_for, get_module, prune_layer, validate_plan
+from harp.modeling import FORMAT_VERSION, LinearMap, arch_for, get_module, prune_layer, validate_plan
 
 
 def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k") -> int:
@@ -111,3 +111,7 @@ def temporarily_pruned(
                 del model.config.harp
         else:
             model.config.harp = old_harp
+
+
+
+

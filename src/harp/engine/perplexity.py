@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling import arch_for, get_module
-from .progress import Progress
+from harp.modeling import arch_for, get_module
+from harp.util.progress import Progress
 
 
 @dataclass

@@ -17,10 +17,12 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from harp.util.problems import Collector
 
 
 def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -172,3 +174,48 @@ def read_state(path: str | os.PathLike[str] | None, version: int, fingerprint: s
     if not isinstance(state, dict) or state.get("version") != version or state.get("fingerprint") != fingerprint:
         raise StateMismatch(path, damaged=False)
     return state
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_output(
+    out_path: str | os.PathLike[str] | None, overwrite: bool, inputs: Iterable[Path | None], out: Collector,
+    name: str = "out", is_file: bool = False,
+) -> Path | None:
+    """An output folder (or file) `name` can be written: not an existing non-empty folder without `overwrite`,
+    its nearest existing parent writable, and not the input, inside it, or containing it."""
+    if out_path is None:
+        return None
+    p = Path(out_path).expanduser().resolve()
+    if is_file:
+        if p.is_dir():
+            out.add(f"`{name}={p}` is a folder; give a file path.")
+        elif p.exists() and not overwrite:
+            msg = f"`{name}={p}` exists: choose another path, or pass `overwrite=True` to replace it."
+            out.add(msg, FileExistsError(msg))
+    else:
+        if p.exists() and not p.is_dir():
+            out.add(f"`{name}={p}` exists and is not a folder: choose another `{name}`.")
+        elif p.is_dir() and any(p.iterdir()) and not overwrite:
+            msg = (f"`{name}={p}`: output directory already exists and is not empty: choose another path, or pass "
+                   "`overwrite=True` to replace it.")
+            out.add(msg, FileExistsError(msg))
+    probe = p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        out.add(f"`{name}={p}`: {probe} is a file, so no folder can be made there.")
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        msg = f"`{name}={p}`: Cannot write to {probe} (permissions): choose an output you can write to."
+        out.add(msg, PermissionError(msg))
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).expanduser().resolve()
+        if _inside(p, s) or _inside(s, p):
+            where = "is the input" if p == s else ("is inside the input" if _inside(p, s) else "contains the input")
+            out.add(f"`{name}={p}` {where} {s}: writing it would damage the model being read. Choose an output "
+                    "outside the input.")
+    return p

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
+import math
+import operator
 import os
 import shutil
 from collections.abc import Callable
@@ -14,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import modeling
-from ._io import atomic_dir, check_output_dir, output_lock, write_json_atomic  # noqa: F401  (re-exported)
-from ._version import __version__
-from .core import pruned_plan
+from harp import modeling
+from harp._version import __version__
+from harp.model.files import check_weight_files, read_json_config
+from harp.model.prune import pruned_plan
+from harp.modeling import FORMAT_VERSION
+from harp.util.fsio import atomic_dir, write_json_atomic
+from harp.util.problems import Collector, Problems
 
 RUNTIME_FILE = "harp_modeling.py"  # verbatim copy of harp/modeling.py
 ENTRY_FILE = "modeling_harp.py"  # generated: binds the runtime to the base transformers class
@@ -134,7 +139,6 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    from .sources import read_json_config
 
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
@@ -163,7 +167,6 @@ def load(
     """
     import transformers
 
-    from .sources import check_complete
 
     path = Path(path).expanduser()
     cfg = read_config(path)
@@ -188,3 +191,70 @@ def load(
         raise ValueError(f"Checkpoint {path} does not match its HARP structure: {problems}")
     model.eval()
     return model
+
+
+def check_harp_block(block: Any, num_layers: int | None, where: str = "config.json") -> tuple[list[int], list[float]]:
+    """Validate a `harp` block ({format_version, layers, alphas}); return (layers, alphas). Raises
+    Problems listing everything wrong with it, each naming `where`."""
+
+    out = Collector()
+    fix = "the checkpoint is damaged or was edited by hand: prune the original model again"
+    if not isinstance(block, dict):
+        raise Problems([f"{where}: the 'harp' block is {type(block).__name__}, not an object; {fix}."])
+    version = block.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        out.add(f"{where}: harp format_version {version!r} is not a positive integer; {fix}.")
+    elif version > FORMAT_VERSION:
+        out.add(f"{where}: HARP format version {version} is newer than this harp-prune reads (up to "
+                f"{FORMAT_VERSION}): upgrade harp-prune (pip install -U harp-prune).")
+    layers, alphas = block.get("layers"), block.get("alphas")
+    good_layers: list[int] = []
+    good_alphas: list[float] = []
+    if not isinstance(layers, list):
+        out.add(f"{where}: harp 'layers' is {layers!r}, not a list of layer indices; {fix}.")
+    else:
+        for i in layers:
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                good_layers.append(operator.index(i))
+            except TypeError:
+                out.add(f"{where}: harp layer index {i!r} is not an integer; {fix}.")
+        if num_layers is not None:
+            bad = [i for i in good_layers if not 0 <= i < num_layers]
+            if bad:
+                out.add(f"{where}: harp layers {bad} are out of range: the model has layers 0..{num_layers - 1}; "
+                        f"{fix}.")
+        dup = sorted({i for i in good_layers if good_layers.count(i) > 1})
+        if dup:
+            out.add(f"{where}: harp layers repeat {dup}; {fix}.")
+    if not isinstance(alphas, list):
+        out.add(f"{where}: harp 'alphas' is {alphas!r}, not a list of numbers; {fix}.")
+    else:
+        for a in alphas:
+            if isinstance(a, bool) or not isinstance(a, int | float):
+                out.add(f"{where}: harp alpha {a!r} is not a number; {fix}.")
+            elif not math.isfinite(a):
+                out.add(f"{where}: harp alpha {a} is not finite; {fix}.")
+            else:
+                good_alphas.append(float(a))
+    if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
+        out.add(f"{where}: harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer); {fix}.")
+    out.raise_if_any()
+    return good_layers, good_alphas
+
+
+def check_complete(folder: str | os.PathLike[str], cfg: dict[str, Any]) -> None:
+    """A model folder about to be loaded is whole: its harp block (if any) is valid, its weight files are
+    complete, and a HARP checkpoint has the recipe `harp.save` writes last. Raises Problems."""
+
+    folder = Path(folder)
+    out = Collector()
+    n = cfg.get("num_hidden_layers")
+    if cfg.get("harp"):
+        out.run(check_harp_block, cfg["harp"], n if isinstance(n, int) else None, str(folder / "config.json"))
+        if not (folder / RECIPE_FILE).is_file():
+            out.add(f"{folder} is an incomplete HARP checkpoint: {RECIPE_FILE}, which harp.save writes last, is "
+                    "missing (an interrupted save or copy?). Save or copy it again.")
+    out.run(check_weight_files, folder)
+    out.raise_if_any()

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .perplexity import perplexity
-from .text import DEFAULT_EVAL, bos_token, evaluation_windows, load_text, tokenize
+from harp.engine.perplexity import perplexity
+from harp.engine.text import BUNDLED, DEFAULT_EVAL, bos_token, evaluation_windows, load_text, tokenize
+from harp.tasks import TASKS_DIR, harp_data
 
 PERPLEXITY_TASK = "wikitext"
 
@@ -196,7 +197,6 @@ def perplexity_windows(tokenizer: Any, eval_text: str | None = None, eval_tokens
 def perplexity_label(eval_text: str | None) -> str:
     """What a perplexity row is measured on, short: 'WikiText-2' for the bundled default, else the file,
     folder or dataset name the user gave (a row labelled 'wikitext' for a novel would be wrong)."""
-    from .text import BUNDLED
 
     src = DEFAULT_EVAL if eval_text is None else str(eval_text)
     if src == DEFAULT_EVAL:
@@ -209,7 +209,6 @@ def perplexity_label(eval_text: str | None) -> str:
 def _task_manager(specs: list[TaskSpec], data_dir: str | None) -> Any:
     from lm_eval.tasks import TaskManager
 
-    from .tasks import TASKS_DIR
 
     need_hub = any(s.kind == "hub" for s in specs)
     meta = {"harp_data_dir": data_dir} if data_dir else {}
@@ -252,7 +251,6 @@ def evaluate(
 
     resolved_dir: str | None = None
     if any(s.kind == "local" for s in lm_specs):
-        from .tasks import harp_data
 
         root, how = harp_data.resolve_data_dir(data_dir)
         resolved_dir = str(root)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from harp.util.problems import Collector
 
 BUNDLED = {
     "wikitext2-valid": ("wikitext2_valid.tokens.gz", "WikiText-2 v1 validation (bundled, CC BY-SA 3.0)"),
@@ -203,3 +206,77 @@ def check_disjoint(calib_text: Text, eval_text: Text, calib: torch.Tensor, evalu
             stacklevel=2,
         )
     return frac
+
+
+@dataclass
+class TextCheck:
+    source: str
+    identity: str | None = None  # bundled name, resolved path, or None (hf: / unreadable)
+    nbytes: int | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def check_text(source: str | None, default: str, name: str, windows: int | None, seq_len: int | None,
+               out: Collector, seq_name: str = "seq_len") -> TextCheck:
+    """A text source exists, and has enough bytes for `windows` x `seq_len` tokens (a token covers at least
+    one byte of UTF-8 text, so fewer bytes than tokens is too short for certain). Does not tokenize."""
+
+    src = default if source is None else str(source)
+    if src in BUNDLED or src.startswith("hf:"):
+        return TextCheck(src, src)
+    p = Path(src).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            out.add(f"`{name}={p}`: the folder has no text files ({', '.join(sorted(TEXT_SUFFIXES))}).")
+            return TextCheck(src)
+    else:
+        msg = (f"`{name}={src}`: text source not found: no such file or folder (give a text file, a folder of .txt "
+               f"files, one of the bundled sets {', '.join(BUNDLED)}, or hf:DATASET when online).")
+        out.add(msg, FileNotFoundError(msg))
+        return TextCheck(src)
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        msg = f"`{name}={unreadable[0]}`: not readable (permissions)."
+        out.add(msg, PermissionError(msg))
+        return TextCheck(src)
+    nbytes = sum(f.stat().st_size for f in files)
+    compressed = any(f.suffix == ".gz" for f in files)
+    if nbytes == 0 or (nbytes < 1 << 20 and not compressed and not b"".join(f.read_bytes() for f in files).strip()):
+        out.add(f"`{name}={p}`: the text is empty.")
+    elif seq_len and seq_len > 1 and not compressed:
+        need = (windows or 1) * seq_len
+        if nbytes < seq_len:
+            out.add(f"`{name}={p}`: {nbytes:,} bytes of text, fewer than one window of {seq_len:,} tokens (a token "
+                    f"is at least one byte): give more text or a smaller `{seq_name}`.")
+        elif nbytes < need:
+            out.add(f"`{name}={p}`: {nbytes:,} bytes of text, fewer than the {need:,} tokens {windows} windows of "
+                    f"{seq_len:,} need (a token is at least one byte): give more text, fewer windows or shorter ones.")
+    return TextCheck(src, str(p.resolve()), nbytes, files)
+
+
+def _text_digest(t: TextCheck) -> str | None:
+    import hashlib
+
+    if not t.files:
+        return t.identity
+    h = hashlib.sha256()
+    for f in t.files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_disjoint_sources(calib: TextCheck, ev: TextCheck, out: Collector) -> None:
+    """Calibration and evaluation must not be the same text (same source, or files with the same bytes)."""
+    if calib.identity is None or ev.identity is None:
+        return
+    same = calib.identity == ev.identity
+    if not same and calib.files and ev.files and calib.nbytes == ev.nbytes:
+        same = _text_digest(calib) == _text_digest(ev)
+    if same:
+        out.add(f"`calib={calib.source}` and `eval={ev.source}` are the same text: the perplexity would be "
+                "measured on the text the alphas were fitted to. Pass different `calib` and `eval` sources.")

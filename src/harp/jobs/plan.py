@@ -22,96 +22,24 @@ the benchmark (benchmarks/bench_streamed_memory.py) measures against these figur
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
-from .accounting import (
-    attention_parameters,
-    dtype_bytes,
-    kv_cache_bytes_expected,
-    parameter_count,
-    removed_parameters,
-)
-from .core import check_k
-from .modeling import arch_for, attention_geometry
+from harp.model.accounting import attention_parameters, kv_cache_bytes_expected, parameter_count, removed_parameters
+from harp.model.prune import check_k
+from harp.modeling import arch_for, attention_geometry
+from harp.util.dtypes import dtype_bytes
 
 GiB = 2**30
 MiB = 2**20
 CPU_RUNTIME_BYTES = 400 * MiB  # RSS of `import torch, transformers, harp` + model code, no weights (measured)
 CUDA_RUNTIME_BYTES = 512 * MiB  # typical CUDA context + allocator slack (an estimate; no GPU here)
 
-# Public config values (config.json of each model), so `harp plan` works offline for these names.
-_LLAMA31 = dict(
-    model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=128256,
-    max_position_embeddings=131072, head_dim=128, attention_bias=False, mlp_bias=False,
-    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
-PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(
-        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
-        max_position_embeddings=8192, rms_norm_eps=1e-5, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    ),
-    "llama-3.1-8b": dict(_LLAMA31, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, intermediate_size=14336),
-    "llama-3.1-70b": dict(_LLAMA31, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-                          num_key_value_heads=8, intermediate_size=28672),
-}
-_ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
-            "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
-            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b"}
 
 
-def config_from_dict(d: dict[str, Any]) -> Any:
-    from transformers import CONFIG_MAPPING
-
-    model_type = d.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise ValueError(f"config has model_type {model_type!r}, which transformers does not know.")
-    cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in d.items() if k != "model_type"})
-    arch_for(cfg)  # a clear error for families harp does not support
-    return cfg
 
 
-def load_config(spec: str | Path | None) -> Any:
-    """A config from a preset name (smollm2-135m, llama-3.1-8b, llama-3.1-70b), a config.json file, a
-    model folder, or (online) a hub id. Never reads weights."""
-    name = "smollm2-135m" if spec is None else str(spec)
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key in PRESETS:
-        return config_from_dict(PRESETS[key])
-    p = Path(name).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if p.is_file():
-        if p.suffix == ".gguf":
-            raise ValueError(f"{p} is a GGUF file: pass the config.json of the model (or a preset: "
-                             f"{', '.join(PRESETS)}).")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{p} is not a JSON config file.") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p} is not a JSON config file.")
-        return config_from_dict(d)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(name)
-        except (OSError, ValueError):
-            raise FileNotFoundError(
-                f"Could not get the config of {name!r} (offline?). Pass a config.json path, a model folder, or "
-                f"a preset: {', '.join(PRESETS)}."
-            ) from None
-    raise FileNotFoundError(
-        f"No config at {name!r}: pass a config.json file, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."
-    )
 
 
 def parse_calib(spec: str) -> tuple[int, int]:
@@ -280,61 +208,5 @@ def human(nbytes: float) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _ffn_width(ffn_mult: float, hidden: int) -> int:
-    width = int(2 * ffn_mult * hidden / 3)  # DeciLM's rule (vLLM's _ffn_mult_to_intermediate_size)
-    return width if width % 256 == 0 else width + 256 - width % 256
 
 
-def vllm_check(folder: str | Path, tensor_parallel_size: int = 1) -> dict[str, Any]:
-    """What vLLM's `DeciLMForCausalLM` will make of a deci export folder (`harp.export.export`, `fmt=deci`), from its
-    config.json alone (vLLM itself needs a GPU and is not run here).
-
-    Mirrors the rules of vLLM's nemotron_nas model: attention layers are normal (`n_heads_in_group`) or
-    `no_op`; `replace_with_linear` is not implemented there (HARP layers with alpha != 0). The KV head count
-    is read from the first layer with attention; tensor parallelism splits query heads, KV heads (or
-    replicates them when tp > kv heads), and each FFN. vLLM reads `block_configs` as objects, through the
-    DeciLM config class of NVIDIA's remote code (`--trust-remote-code` and an `auto_map` in config.json).
-
-    Returns {'problems': [...], 'layers', 'kv_layers' (layers vLLM keeps a KV cache for), 'kv_heads'}.
-    """
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json: pass the folder of a deci export (`fmt=deci`).")
-    cfg = json.loads(cfg_path.read_text())
-    tp = int(tensor_parallel_size)
-    if tp < 1:
-        raise ValueError(f"tensor parallel size {tensor_parallel_size!r}: must be >= 1.")
-    problems: list[str] = []
-    if cfg.get("model_type") != "nemotron-nas" or "DeciLMForCausalLM" not in (cfg.get("architectures") or []):
-        problems.append("config.json is not a DeciLM / nemotron-nas checkpoint: export it with `fmt=deci`.")
-        return {"problems": problems, "layers": cfg.get("num_hidden_layers"), "kv_layers": None, "kv_heads": None}
-    blocks = cfg.get("block_configs") or []
-    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    linear = [i for i, b in enumerate(blocks) if b["attention"].get("replace_with_linear")]
-    if linear:
-        problems.append(
-            f"layers {linear} are replace_with_linear (HARP alpha != 0), which vLLM does not implement: "
-            "prune those layers with alpha = 0 (`alphas=0,...`) for this route, or serve the HARP checkpoint "
-            "itself with harp's vLLM plugin (pip install 'harp-prune[vllm]'; vllm serve DIR), or llama.cpp."
-        )
-    attn = [b for b in blocks if not b["attention"].get("no_op") and not b["attention"].get("replace_with_linear")]
-    kv_heads = heads // attn[0]["attention"]["n_heads_in_group"] if attn else None
-    if kv_heads is None:
-        problems.append("no layer keeps attention: vLLM cannot determine the number of KV heads.")
-    if heads % tp:
-        problems.append(f"{heads} attention heads do not split over tensor parallel size {tp}.")
-    if kv_heads and kv_heads % tp and tp % kv_heads:
-        problems.append(f"{kv_heads} KV heads neither split over nor replicate to tensor parallel size {tp}.")
-    widths = sorted({_ffn_width(b["ffn"]["ffn_mult"], hidden) for b in blocks if not b["ffn"].get("no_op")})
-    bad = [w for w in widths if w % tp]
-    if bad:
-        problems.append(f"FFN widths {bad} do not split over tensor parallel size {tp}.")
-    if "auto_map" not in cfg or not any(folder.glob("configuration_*.py")):
-        problems.append(
-            "vLLM reads block_configs through NVIDIA's DeciLM config class: copy configuration_decilm.py and "
-            "block_config.py from an NVIDIA Nemotron-NAS model repository into the folder, add "
-            '"auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"} to config.json, and pass '
-            "--trust-remote-code."
-        )
-    return {"problems": problems, "layers": len(blocks), "kv_layers": len(attn), "kv_heads": kv_heads}

@@ -23,16 +23,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import StateMismatch, atomic_dir, check_output_dir, read_state, write_json_atomic
-from ._version import __version__
-from .accounting import count_parameters, kv_bytes_after_prefill
-from .core import check_k
-from .evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
-from .methods import METHODS, ORIGINAL, Plan, Selector, applied, auto_k, parse_methods
-from .modeling import decoder_layers
-from .models import DEFAULT_MODEL, load_model
-from .report.compare import compare_markdown, plot_compare
-from .text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, calibration_windows, check_disjoint, load_text, tokenize
+from harp._version import __version__
+from harp.engine.evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
+from harp.engine.text import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    bos_token,
+    calibration_windows,
+    check_disjoint,
+    check_disjoint_sources,
+    check_text,
+    load_text,
+    tokenize,
+)
+from harp.methods.autok import auto_k
+from harp.methods.registry import METHODS, parse_methods
+from harp.methods.search import check_grid
+from harp.methods.selector import ORIGINAL, Plan, Selector, applied
+from harp.model.accounting import count_parameters, kv_bytes_after_prefill
+from harp.model.load import load_model
+from harp.model.prune import check_k
+from harp.model.source import DEFAULT_MODEL, ModelInfo, _check_k, model_or_problem
+from harp.modeling import decoder_layers
+from harp.report.compare import compare_markdown, plot_compare
+from harp.util.fsio import StateMismatch, atomic_dir, check_output, check_output_dir, read_state, write_json_atomic
+from harp.util.problems import Collector, check_windows
 
 STATE_VERSION = 1
 
@@ -290,3 +305,22 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
         if state_file is not None and state_file.exists():
             state_file.unlink()
     return report
+
+
+def check_compare(s: Any) -> ModelInfo | None:
+
+    out = Collector()
+    info = model_or_problem(s.model, out, "compare on the original model.")
+    n = info.num_layers if info else None
+    for k in s.ks or []:
+        _check_k(k, n, out, "ks", keep_one=True)  # as run_compare: whole-layer methods are compared
+    check_grid(s.grid, out)
+    check_windows(out, s.calib_windows, s.seq_len)
+    if s.eval_tokens is not None and s.eval_tokens < s.eval_seq_len:
+        out.add(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
+    c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
+    check_disjoint_sources(c, e, out)
+    check_output(s.out, s.overwrite, [info.path if info else None], out)
+    out.raise_if_any()
+    return info

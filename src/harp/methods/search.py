@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,12 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import StateMismatch, read_state, write_json_atomic
-from .core import check_k, temporarily_pruned
-from .modeling import LinearMap, arch_for, get_module
-from .perplexity import perplexity
-from .progress import Progress
-from .replay import Batch, Prepare, capture_inputs, run_layers, tail_nll
+from harp.engine.perplexity import perplexity
+from harp.engine.replay import Batch, Prepare, capture_inputs, run_layers, tail_nll
+from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
+from harp.model.prune import check_k, temporarily_pruned
+from harp.modeling import LinearMap, arch_for, get_module
+from harp.util.digest import tensor_digest
+from harp.util.fsio import StateMismatch, read_state, write_json_atomic
+from harp.util.problems import Collector
+from harp.util.progress import Progress
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 STATE_VERSION = 1
@@ -125,19 +129,10 @@ def top_layers(num_layers: int, k: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------
 
 
-_DIGEST_ELEMENTS = 1 << 22  # float64 sums of at most this many elements at a time: no full float64 copy
 
 
-def digest_rows(rows: int, row_elements: int, read: Callable[[int, int], torch.Tensor]) -> float:
-    """Sum of a tensor in float64, read `read(r0, r1)` a block of rows at a time. The blocks depend only
-    on the shape, so a tensor in memory and the same tensor read from disk by rows give the same sum."""
-    step = max(1, _DIGEST_ELEMENTS // max(1, row_elements))
-    return sum(float(read(r, min(rows, r + step)).double().sum()) for r in range(0, rows, step))
 
 
-def tensor_digest(t: torch.Tensor) -> float:
-    t = t.detach().reshape(1, -1) if t.dim() == 0 else t.detach()
-    return digest_rows(t.shape[0], t[0].numel(), lambda a, b: t[a:b])
 
 
 def fingerprint(
@@ -335,3 +330,72 @@ def ideal_layer_forwards(num_layers: int, k: int, grid_size: int, method: str = 
     if method == "naive":
         return grid_size * k * num_layers
     return grid_size * k * (k + 1) // 2 + (num_layers - 1) + k * (k - 1) // 2
+
+
+def streamed_search(
+    source: str | os.PathLike[str] | None,
+    windows: torch.Tensor,
+    layers: int | Sequence[int] = 8,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device | None = "cpu",
+    activations: str = "device",
+    spill_dir: str | os.PathLike[str] | None = None,
+    attn_implementation: str | None = None,
+    grid: str | Sequence[float] | None = None,
+    batch_size: int = 4,
+    chunk_tokens: int = 1024,
+    state_path: str | Path | None = None,
+    progress: bool = False,
+    callback: Callable[[int, float, list[dict[str, float]]], None] | None = None,
+    model: StreamedModel | None = None,
+) -> SearchResult:
+    """HARP's greedy top-down alpha search on a model that stays on disk (a safetensors folder).
+
+    Same arguments and result as `harp.search_alphas` (method "cached"; `result.method` is "streamed"),
+    plus where the model runs (`device`, `dtype`) and where the calibration activations are kept
+    (`activations`: "device", "cpu", or "disk" memory-mapped under `spill_dir`). Peak memory is the
+    searched layers, the final norm and the LM head, plus the activations; not the whole model.
+    A `state_path` written by an in-memory search of the same model resumes here, and vice versa.
+    """
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"Unknown activations place {activations!r}: use one of {', '.join(ACTIVATIONS)}.")
+    sm = model or StreamedModel(source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    with activation_store(activations, sm.device, spill_dir) as keep:
+        result = search_alphas(
+            sm.model, windows, layers, grid=grid, method="cached", batch_size=batch_size, chunk_tokens=chunk_tokens,
+            state_path=state_path, progress=progress, callback=callback,
+            prepare=lambda lo, bar: sm.capture(windows, lo, batch_size, bar, keep),
+            keep=keep, digest=sm.digest,
+        )
+    result.method = "streamed"
+    return result
+
+
+def check_grid(spec: Any, out: Collector) -> list[float] | None:
+
+    return out.run(parse_grid, spec)
+
+
+def check_search_state(state: Path, order: list[int] | None, grid: list[float] | None, out: Collector) -> None:
+    """A resumable search's state file next to `out`: readable, of this harp, and for these layers/grid."""
+
+    if not state.exists():
+        return
+    way_out = f"delete {state} to start the search over"
+    try:
+        d = json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        out.add(f"{state} (the saved progress of an interrupted search) is damaged: not valid JSON; {way_out}.")
+        return
+    if not isinstance(d, dict) or d.get("version") != STATE_VERSION or not isinstance(d.get("done"), list):
+        version = d.get("version") if isinstance(d, dict) else "?"
+        out.add(f"{state} is not a search state this harp wrote (version {version}, this harp writes "
+                f"{STATE_VERSION}); {way_out}.")
+        return
+    if order is not None and d.get("order") is not None and list(d["order"]) != list(order):
+        out.add(f"{state} holds the progress of a different search (layers {d['order']}, this run searches {order}); "
+                f"{way_out}, or rerun with the original arguments to resume it.")
+    elif grid is not None and d.get("grid") is not None and [float(x) for x in d["grid"]] != list(grid):
+        out.add(f"{state} holds the progress of a search over another grid ({d['grid']}); {way_out}, or rerun with "
+                "the original `grid` to resume it.")

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import arch_for, attention_geometry
+from harp.modeling import arch_for, attention_geometry
+from harp.util.dtypes import dtype_bytes
 
 ATTENTION = "attention"  # an original attention sub-layer
 LINEAR = "linear"  # HARP identity attention, alpha != 0: v_proj + folded o_proj
@@ -247,13 +248,6 @@ def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) 
     }
 
 
-def dtype_bytes(dtype: Any) -> int:
-    """Bytes per element of a torch dtype or a dtype name ('float32', 'bf16', ...)."""
-    from .models import torch_dtype
-
-    if hasattr(dtype, "itemsize"):
-        return int(dtype.itemsize)
-    return torch_dtype(str(dtype).removeprefix("torch.")).itemsize
 
 
 def kv_cache_bytes_expected(

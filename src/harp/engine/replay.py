@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modeling import arch_for, get_module
-from .perplexity import head_nll, model_device
+from harp.engine.perplexity import head_nll, model_device
+from harp.modeling import arch_for, get_module
 
 
 class StopForward(Exception):

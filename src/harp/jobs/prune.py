@@ -13,28 +13,47 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._version import __version__
-from .accounting import count_parameters, kv_bytes_after_prefill, kv_savings, parameter_count, removed_parameters
-from .checkpoint import check_output_dir, save, write_json_atomic
-from .core import prune, temporarily_pruned
-from .fit import FitResult, check_fit_settings, fit_layers
-from .methods.scores import attention_drop_scores, pick
-from .modeling import LinearMap, decoder_layers, layer_indices
-from .models import DEFAULT_MODEL
-from .perplexity import perplexity
-from .preflight import check_prune
-from .search import SearchResult, parse_grid, search_alphas, top_layers
-from .streaming import check_resident, load_on_device
-from .text import (
+from harp._version import __version__
+from harp.engine.perplexity import perplexity
+from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
+from harp.engine.text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
     bos_token,
     calibration_windows,
     check_disjoint,
+    check_disjoint_sources,
+    check_text,
     evaluation_windows,
     load_text,
     tokenize,
 )
+from harp.methods.fit import FitResult, check_fit_settings, fit_layers
+from harp.methods.scores import attention_drop_scores, pick
+from harp.methods.search import (
+    SearchResult,
+    check_grid,
+    check_search_state,
+    parse_grid,
+    search_alphas,
+    streamed_search,
+    top_layers,
+)
+from harp.model.accounting import (
+    count_parameters,
+    kv_bytes_after_prefill,
+    kv_savings,
+    parameter_count,
+    removed_parameters,
+)
+from harp.model.checkpoint import save
+from harp.model.load import check_resident, load_on_device, resolve_device
+from harp.model.prune import prune, temporarily_pruned
+from harp.model.source import DEFAULT_MODEL, ModelInfo, check_layer_choice, model_or_problem
+from harp.modeling import LinearMap, decoder_layers, layer_indices
+from harp.util.dtypes import torch_dtype
+from harp.util.fsio import check_output, check_output_dir, write_json_atomic
+from harp.util.problems import Collector, check_positive, check_windows
 
 SELECTIONS = ("top", "attention-drop", "auto")
 
@@ -131,7 +150,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         # for evaluation, pruning and saving
         from transformers import AutoTokenizer
 
-        from .streaming import StreamedModel
 
         streamer = StreamedModel(s.model, dtype=s.dtype, device=s.device)
         config = streamer.model.config
@@ -176,7 +194,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
     def search_on(target: Any, lays: list[int], state_path: Path | None) -> SearchResult:
         t = time.perf_counter()
         if streamer is not None:
-            from .streaming import streamed_search
 
             res = streamed_search(None, calib, lays, grid=grid, batch_size=s.batch_size, state_path=state_path,
                                   progress=s.progress, activations=s.activations, model=target)
@@ -193,7 +210,6 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
         kw: dict[str, Any] = {"ridge": s.ridge, "prior": s.fit_prior, "batch_size": s.batch_size,
                               "progress": s.progress}
         if streamer is not None:
-            from .streaming import activation_store
 
             sm = streamer
             with activation_store(s.activations, sm.device) as keep:
@@ -364,3 +380,54 @@ def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
             os.remove(state)
     report.seconds["total"] = time.perf_counter() - t_start
     return report
+
+
+def check_prune(s: Any) -> ModelInfo | None:
+    """Everything `harp prune` / `harp.run_prune` can know before loading weights. Raises Problems."""
+
+    out = Collector()
+    info = model_or_problem(s.model, out, "prune the original model.")
+    if s.select not in SELECTIONS:
+        out.add(f"Unknown `select={s.select!r}`: use one of {', '.join(SELECTIONS)}.")
+    elif s.select != "top":
+        if s.layers:
+            out.add("`select` chooses the layers; it cannot be combined with `layers`.")
+        if s.alphas is not None:
+            out.add("`alphas` needs known layers: use it with `layers` or the top K, not `select`.")
+        if s.streamed:
+            out.add(f"`select={s.select}` scores every layer and needs the whole model resident; drop `streamed`.")
+
+    if s.activations not in ACTIVATIONS:
+        out.add(f"Unknown activations place {s.activations!r}: use one of {', '.join(ACTIVATIONS)}.")
+    elif s.activations != "device" and not s.streamed:
+        out.add("`activations` applies to the streamed search; add `streamed` (or drop `activations`).")
+    if s.device != "auto":
+        out.run(resolve_device, s.device)
+    if s.streamed and s.method != "cached":
+        out.add("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
+    count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
+    grid = check_grid(s.grid, out)
+    check_windows(out, s.calib_windows, s.seq_len)
+    if s.eval_seq_len < 2:
+        out.add(f"`eval_seq_len={s.eval_seq_len}`: a window needs at least 2 tokens.")
+    elif s.eval_tokens < s.eval_seq_len:
+        out.add(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
+    check_positive(out, batch_size=s.batch_size)
+    if s.method not in ("cached", "naive"):
+        out.add(f"`method={s.method!r}`: use 'cached' or 'naive'.")
+
+    out.run(check_fit_settings, getattr(s, "fit", "none"), getattr(s, "ridge", "auto"), getattr(s, "fit_prior", "auto"))
+    out.run(torch_dtype, s.dtype)
+    if s.threads is not None and s.threads < 1:
+        out.add(f"`threads={s.threads}`: must be at least 1.")
+
+    c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
+    e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
+    check_disjoint_sources(c, e, out)
+    outp = check_output(s.out, s.overwrite, [info.path if info else None], out)
+    if outp is not None and info is not None and info.num_layers and count and s.select == "top" and s.alphas is None:
+
+        order = sorted(set(s.layers), reverse=True) if s.layers else top_layers(info.num_layers, count)
+        check_search_state(state_file_for(outp), order, grid, out)
+    out.raise_if_any()
+    return info

@@ -1,0 +1,1 @@
+"""One end-to-end job per command (prune, compare, analyze, eval, plan), each with its own checks."""
