@@ -24,10 +24,11 @@ def _generate_matches_no_cache(family: str, where: list[int]) -> None:
 
 
 @pytest.fixture
-def fallback_layer(monkeypatch):
+def fallback_layer():
     """Use harp's own no-storage cache layer even where transformers has DummyLayer."""
-    monkeypatch.setattr(modeling, "_DummyLayer", modeling._FallbackDummyLayer)
-    monkeypatch.setattr(modeling, "_dummy", lambda cache: modeling._FallbackDummyLayer(cache))
+    previous = modeling.use_fallback_cache_layer(True)
+    yield modeling.pruned_cache_layer_class()
+    modeling.use_fallback_cache_layer(previous)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
@@ -42,8 +43,9 @@ def test_fallback_layer_stores_nothing_and_answers_length_queries(fallback_layer
     ids = torch.randint(1, 128, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = output_cache(model(input_ids=ids, use_cache=True))
-    assert isinstance(cache.layers[0], modeling._FallbackDummyLayer)
-    assert isinstance(cache.layers[3], modeling._FallbackDummyLayer)
+    assert modeling.uses_fallback_cache_layer()
+    assert isinstance(cache.layers[0], fallback_layer)
+    assert isinstance(cache.layers[3], fallback_layer)
     # the pruned layer 0 reports what the cache holds (5.0 reads layers[0] for the length), not 0
     assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == 11
     assert cache.get_seq_length() == 11
@@ -58,6 +60,6 @@ def test_generate_on_the_installed_transformers():
     """What the user runs: whichever cache layer this transformers gives (CI: newest and lowest)."""
     _generate_matches_no_cache("llama", [0, 2, 5])
     _generate_matches_no_cache("gemma2", [1, 5])
-    uses_fallback = modeling._DummyLayer is modeling._FallbackDummyLayer
+    uses_fallback = modeling.uses_fallback_cache_layer()
     assert uses_fallback == (not hasattr(__import__("transformers.cache_utils").cache_utils, "DummyLayer")), \
         transformers.__version__

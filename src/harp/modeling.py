@@ -115,7 +115,7 @@ def _release_cache_slot(cache: Any, layer_idx: int) -> None:
     layers = getattr(cache, "layers", None)
     if layers is None:  # a cache type harp does not know: store nothing, touch nothing
         return
-    if layer_idx < len(layers) and isinstance(layers[layer_idx], _DummyLayer):
+    if layer_idx < len(layers) and isinstance(layers[layer_idx], _NO_STORAGE):
         return
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
@@ -146,7 +146,7 @@ class _RealLayerLengths:
 
     def _real(self) -> Any:
         cache = self._cache() if self._cache is not None else None
-        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _DummyLayer)]
+        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _NO_STORAGE)]
         same = [la for la in others if not getattr(la, "is_sliding", False)]
         return (same or others or [None])[0]
 
@@ -219,13 +219,38 @@ try:  # transformers >= 5.2x
             super().__init__(**kwargs)
             self._bind(cache)
 
-    def _dummy(cache: Any) -> Any:
-        return _PrunedCacheLayer(cache)
+    _HAS_DUMMY_LAYER = True
 except ImportError:  # transformers 5.0 .. 5.19 (tested in CI on the lowest supported release)
     _DummyLayer = _FallbackDummyLayer  # type: ignore[misc, assignment]
+    _PrunedCacheLayer = _FallbackDummyLayer  # type: ignore[misc, assignment]
+    _HAS_DUMMY_LAYER = False
 
-    def _dummy(cache: Any) -> Any:
-        return _FallbackDummyLayer(cache)
+_NO_STORAGE = (_DummyLayer, _FallbackDummyLayer)  # cache layers that hold nothing (a pruned slot)
+_use_fallback = not _HAS_DUMMY_LAYER
+
+
+def use_fallback_cache_layer(enabled: bool) -> bool:
+    """Give pruned layers harp's own no-storage cache layer (`enabled`), as on transformers releases without
+    `cache_utils.DummyLayer`, or transformers' DummyLayer where this release has one (the default).
+    Lets tests run the old releases' code path on a new one. Returns the previous setting."""
+    global _use_fallback
+    previous = _use_fallback
+    _use_fallback = bool(enabled) or not _HAS_DUMMY_LAYER
+    return previous
+
+
+def uses_fallback_cache_layer() -> bool:
+    """Whether pruned layers get harp's own no-storage cache layer rather than transformers' DummyLayer."""
+    return _use_fallback
+
+
+def pruned_cache_layer_class() -> type:
+    """The class of the cache layer a pruned layer's slot becomes."""
+    return _FallbackDummyLayer if _use_fallback else _PrunedCacheLayer
+
+
+def _dummy(cache: Any) -> Any:
+    return pruned_cache_layer_class()(cache)
 
 
 def _cache_from(kwargs: dict[str, Any]) -> Any:
@@ -314,7 +339,7 @@ def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
         )
     arch = arch_for(model.config)
     layers = get_module(model, arch.layers)
-    for idx, alpha in zip(harp["layers"], harp["alphas"], strict=True):
+    for idx, alpha in HarpBlock.from_dict(harp, len(layers)).plan.items():
         layer = layers[idx]
         if float(alpha) == 0.0:
             _remove_attention(layer, arch, idx)
@@ -388,13 +413,10 @@ def prune_layer(model: nn.Module, layer_idx: int, alpha: float, fitted: LinearMa
 def layer_indices(layers: Any, n: int) -> list[int]:
     """Distinct integer layer indices in 0..n-1, in the given order. Raises ValueError naming the problem."""
     out: list[int] = []
-    for i in layers:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            i = operator.index(i)
-        except TypeError:
-            raise ValueError(f"Layer index {i!r} is not an integer.") from None
+    for x in layers:
+        i = _as_index(x)
+        if i is None:
+            raise ValueError(f"Layer index {x!r} is not an integer.")
         if not 0 <= i < n:
             raise ValueError(f"Layer index {i} is out of range: this model has layers 0..{n - 1}.")
         out.append(i)
@@ -407,26 +429,170 @@ def layer_indices(layers: Any, n: int) -> list[int]:
 def validate_plan(config: Any, layers: Any, alphas: Any) -> tuple[list[int], list[float]]:
     """Check a (layers, alphas) plan against a config; return it normalised. Raises ValueError."""
     arch_for(config)
-    n = config.num_hidden_layers
-    if layers is None or alphas is None:
-        raise ValueError("prune() needs both layers=[...] and alphas=[...] (one alpha per layer).")
-    layers = list(layers)
-    alphas = list(alphas)
-    if len(layers) != len(alphas):
-        raise ValueError(
-            f"Got {len(layers)} layer indices but {len(alphas)} alphas: pass exactly one alpha per layer."
-        )
-    out_layers = layer_indices(layers, n)
-    out_alphas: list[float] = []
-    for a in alphas:
-        try:
-            a = float(a)
-        except (TypeError, ValueError):
-            raise ValueError(f"Alpha {a!r} is not a number.") from None
-        if not math.isfinite(a):
-            raise ValueError(f"Alpha {a} is not finite: alphas must be finite real numbers (typically 0..1).")
-        out_alphas.append(a)
-    return out_layers, out_alphas
+    block = HarpBlock.from_lists(layers, alphas, config.num_hidden_layers)
+    return list(block.layers), list(block.alphas)
+
+
+# --------------------------------------------------------------------------------------------
+# The harp block: config.harp = {"format_version", "layers", "alphas"}
+# --------------------------------------------------------------------------------------------
+
+
+class HarpBlockError(ValueError):
+    """A stored harp block that cannot be used. `problems` lists everything wrong with it, one clause each
+    (no location, no remedy: the caller adds them), except `newer`: the clause saying the format version
+    is newer than this code reads, if it is one of them, which carries its own remedy."""
+
+    def __init__(self, problems: list[str], newer: str | None = None) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+        self.newer = newer
+
+
+def _as_index(i: Any) -> int | None:
+    """`i` as a layer index, or None if it is not an integer (a bool is not one)."""
+    if isinstance(i, bool):
+        return None
+    try:
+        return operator.index(i)
+    except TypeError:
+        return None
+
+
+@dataclass(frozen=True)
+class HarpBlock:
+    """The pruned layers of a model and their alphas: `config.harp` as stored in config.json,
+    `{"format_version": 1, "layers": [...], "alphas": [...]}`. The one parser and validator of it; an
+    empty block (no layers) is falsy and means an unpruned model."""
+
+    layers: tuple[int, ...] = ()
+    alphas: tuple[float, ...] = ()
+    format_version: int = FORMAT_VERSION
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @classmethod
+    def from_dict(cls, block: Any, num_layers: int | None = None) -> HarpBlock:
+        """A stored block, checked: an object, a positive format version this code reads, integer layer
+        indices in 0..num_layers-1 (when known) without repeats, finite numeric alphas, one per layer.
+        Raises HarpBlockError listing every problem."""
+        if not isinstance(block, dict):
+            raise HarpBlockError([f"the 'harp' block is {type(block).__name__}, not an object"])
+        problems: list[str] = []
+        newer = None
+        version = block.get("format_version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            problems.append(f"harp format_version {version!r} is not a positive integer")
+        elif version > FORMAT_VERSION:
+            newer = (f"HARP format version {version} is newer than this harp-prune reads (up to "
+                     f"{FORMAT_VERSION}): upgrade harp-prune (pip install -U harp-prune)")
+            problems.append(newer)
+        layers, alphas = block.get("layers"), block.get("alphas")
+        good_layers: list[int] = []
+        good_alphas: list[float] = []
+        if not isinstance(layers, list):
+            problems.append(f"harp 'layers' is {layers!r}, not a list of layer indices")
+        else:
+            for i in layers:
+                idx = _as_index(i)
+                if idx is None:
+                    problems.append(f"harp layer index {i!r} is not an integer")
+                else:
+                    good_layers.append(idx)
+            if num_layers is not None:
+                bad = [i for i in good_layers if not 0 <= i < num_layers]
+                if bad:
+                    problems.append(f"harp layers {bad} are out of range: the model has layers 0..{num_layers - 1}")
+            dup = sorted({i for i in good_layers if good_layers.count(i) > 1})
+            if dup:
+                problems.append(f"harp layers repeat {dup}")
+        if not isinstance(alphas, list):
+            problems.append(f"harp 'alphas' is {alphas!r}, not a list of numbers")
+        else:
+            for a in alphas:
+                if isinstance(a, bool) or not isinstance(a, int | float):
+                    problems.append(f"harp alpha {a!r} is not a number")
+                elif not math.isfinite(a):
+                    problems.append(f"harp alpha {a} is not finite")
+                else:
+                    good_alphas.append(float(a))
+        if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
+            problems.append(f"harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer)")
+        if problems:
+            raise HarpBlockError(problems, newer)
+        return cls(tuple(good_layers), tuple(good_alphas), version)
+
+    @classmethod
+    def from_config(cls, config: Any) -> HarpBlock:
+        """The block of a config object, a model (its config) or a config.json dict; empty if it has none.
+        Checked against the config's `num_hidden_layers` (HarpBlockError)."""
+        if isinstance(config, nn.Module):
+            config = config.config
+        if isinstance(config, dict):
+            block, n = config.get("harp"), config.get("num_hidden_layers")
+        else:
+            block, n = getattr(config, "harp", None), getattr(config, "num_hidden_layers", None)
+        if not block:
+            return cls()
+        return cls.from_dict(block, n if _as_index(n) is not None else None)
+
+    @classmethod
+    def from_lists(cls, layers: Any, alphas: Any, num_layers: int) -> HarpBlock:
+        """A block from user arguments (`prune(model, layers, alphas)`): integer indices in
+        0..num_layers-1, distinct, any order; one finite alpha per layer (anything `float` takes).
+        Raises ValueError naming the first problem."""
+        if layers is None or alphas is None:
+            raise ValueError("prune() needs both layers=[...] and alphas=[...] (one alpha per layer).")
+        layers, alphas = list(layers), list(alphas)
+        if len(layers) != len(alphas):
+            raise ValueError(
+                f"Got {len(layers)} layer indices but {len(alphas)} alphas: pass exactly one alpha per layer."
+            )
+        out_layers = layer_indices(layers, num_layers)
+        out_alphas: list[float] = []
+        for a in alphas:
+            try:
+                a = float(a)
+            except (TypeError, ValueError):
+                raise ValueError(f"Alpha {a!r} is not a number.") from None
+            if not math.isfinite(a):
+                raise ValueError(f"Alpha {a} is not finite: alphas must be finite real numbers (typically 0..1).")
+            out_alphas.append(a)
+        return cls(tuple(out_layers), tuple(out_alphas))
+
+    @property
+    def plan(self) -> dict[int, float]:
+        """{layer index: alpha}."""
+        return dict(zip(self.layers, self.alphas, strict=True))
+
+    def merged(self, other: HarpBlock) -> HarpBlock:
+        """This block plus the layers of `other` (none in common), sorted by layer."""
+        again = sorted(set(self.layers) & set(other.layers))
+        if again:
+            raise ValueError(f"Layers {again} are already pruned in this model; prune each layer once.")
+        pairs = sorted(zip(self.layers + other.layers, self.alphas + other.alphas, strict=True))
+        return HarpBlock(tuple(i for i, _ in pairs), tuple(a for _, a in pairs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The block as config.json stores it (the current format version)."""
+        return {"format_version": FORMAT_VERSION, "layers": list(self.layers), "alphas": list(self.alphas)}
+
+    def top_first(self) -> list[tuple[int, float]]:
+        """(layer, alpha) pairs, top layer first: the order harp prints them in."""
+        return sorted(zip(self.layers, self.alphas, strict=True), reverse=True)
+
+    def layers_text(self) -> str:
+        """'29, 28': the pruned layers, top first."""
+        return ", ".join(str(i) for i, _ in self.top_first())
+
+    def alphas_text(self) -> str:
+        """'1, 0.5': their alphas, in the same order."""
+        return ", ".join(f"{a:g}" for _, a in self.top_first())
+
+    def describe(self) -> str:
+        """'layers (top first) 29, 28, alphas 1, 0.5'."""
+        return f"layers (top first) {self.layers_text()}, alphas {self.alphas_text()}"
 
 
 def harp_model_class(base_cls: type) -> type:

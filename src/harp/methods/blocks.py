@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from harp.model.prune import refuse_pruned
 from harp.modeling import arch_for, get_module, layer_indices
 
 
@@ -27,8 +28,7 @@ def _validate(model: nn.Module, layers: Sequence[int]) -> list[int]:
 
 def _remove(model: nn.Module, layers: Sequence[int]) -> Callable[[], None]:
     """Remove decoder layers in place; return a function that undoes it exactly."""
-    if getattr(model.config, "harp", None):
-        raise ValueError("Whole-layer removal on a HARP-pruned model is not supported: use the original model.")
+    refuse_pruned(model, "Whole-layer removal on a HARP-pruned model is not supported: use the original model.")
     drop = set(_validate(model, layers))
     arch = arch_for(model.config)
     parent_path, attr = arch.layers.rsplit(".", 1)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.modeling import arch_for, attention_geometry
+from harp.modeling import HarpBlock, arch_for, attention_geometry
 from harp.util.dtypes import dtype_bytes
 
 ATTENTION = "attention"  # an original attention sub-layer
@@ -116,16 +116,11 @@ def kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
 def _plan(config: Any, harp: Mapping[str, Any] | None) -> dict[int, float]:
     """{layer index: alpha} of the pruned layers; `harp=None` reads `config.harp` (absent: none)."""
     if harp is None:
-        harp = getattr(config, "harp", None) or {}
-    layers = list(harp.get("layers", []))
-    alphas = list(harp.get("alphas", []))
-    if len(layers) != len(alphas):
-        raise ValueError(f"HARP plan has {len(layers)} layers but {len(alphas)} alphas.")
-    n = config.num_hidden_layers
-    for i in layers:
-        if not 0 <= int(i) < n:
-            raise ValueError(f"HARP plan names layer {i}, but the model has layers 0..{n - 1}.")
-    return {int(i): float(a) for i, a in zip(layers, alphas, strict=True)}
+        return HarpBlock.from_config(config).plan
+    if not harp:
+        return {}
+    block = {**harp, "layers": list(harp.get("layers", [])), "alphas": list(harp.get("alphas", []))}
+    return HarpBlock.from_dict(block, config.num_hidden_layers).plan
 
 
 def layer_kinds(config: Any, harp: Mapping[str, Any] | None = None) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
-import operator
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +18,7 @@ from harp import modeling
 from harp._version import __version__
 from harp.model.files import check_weight_files, read_json_config
 from harp.model.prune import pruned_plan
-from harp.modeling import FORMAT_VERSION
+from harp.modeling import HarpBlock, HarpBlockError
 from harp.util.fsio import atomic_dir, write_json_atomic
 from harp.util.problems import Collector, Problems
 
@@ -195,53 +193,15 @@ def load(
 
 def check_harp_block(block: Any, num_layers: int | None, where: str = "config.json") -> tuple[list[int], list[float]]:
     """Validate a `harp` block ({format_version, layers, alphas}); return (layers, alphas). Raises
-    Problems listing everything wrong with it, each naming `where`."""
+    Problems listing everything wrong with it (`HarpBlock.from_dict`), each naming `where`."""
 
-    out = Collector()
     fix = "the checkpoint is damaged or was edited by hand: prune the original model again"
-    if not isinstance(block, dict):
-        raise Problems([f"{where}: the 'harp' block is {type(block).__name__}, not an object; {fix}."])
-    version = block.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        out.add(f"{where}: harp format_version {version!r} is not a positive integer; {fix}.")
-    elif version > FORMAT_VERSION:
-        out.add(f"{where}: HARP format version {version} is newer than this harp-prune reads (up to "
-                f"{FORMAT_VERSION}): upgrade harp-prune (pip install -U harp-prune).")
-    layers, alphas = block.get("layers"), block.get("alphas")
-    good_layers: list[int] = []
-    good_alphas: list[float] = []
-    if not isinstance(layers, list):
-        out.add(f"{where}: harp 'layers' is {layers!r}, not a list of layer indices; {fix}.")
-    else:
-        for i in layers:
-            try:
-                if isinstance(i, bool):
-                    raise TypeError
-                good_layers.append(operator.index(i))
-            except TypeError:
-                out.add(f"{where}: harp layer index {i!r} is not an integer; {fix}.")
-        if num_layers is not None:
-            bad = [i for i in good_layers if not 0 <= i < num_layers]
-            if bad:
-                out.add(f"{where}: harp layers {bad} are out of range: the model has layers 0..{num_layers - 1}; "
-                        f"{fix}.")
-        dup = sorted({i for i in good_layers if good_layers.count(i) > 1})
-        if dup:
-            out.add(f"{where}: harp layers repeat {dup}; {fix}.")
-    if not isinstance(alphas, list):
-        out.add(f"{where}: harp 'alphas' is {alphas!r}, not a list of numbers; {fix}.")
-    else:
-        for a in alphas:
-            if isinstance(a, bool) or not isinstance(a, int | float):
-                out.add(f"{where}: harp alpha {a!r} is not a number; {fix}.")
-            elif not math.isfinite(a):
-                out.add(f"{where}: harp alpha {a} is not finite; {fix}.")
-            else:
-                good_alphas.append(float(a))
-    if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
-        out.add(f"{where}: harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer); {fix}.")
-    out.raise_if_any()
-    return good_layers, good_alphas
+    try:
+        parsed = HarpBlock.from_dict(block, num_layers)
+    except HarpBlockError as e:
+        raise Problems([f"{where}: {p}." if p == e.newer else f"{where}: {p}; {fix}."
+                        for p in e.problems]) from None
+    return list(parsed.layers), list(parsed.alphas)
 
 
 def check_complete(folder: str | os.PathLike[str], cfg: dict[str, Any]) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from harp.modeling import FORMAT_VERSION, LinearMap, arch_for, get_module, prune_layer, validate_plan
+from harp.modeling import HarpBlock, LinearMap, arch_for, get_module, prune_layer, validate_plan
 
 
 def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k") -> int:
@@ -28,12 +28,16 @@ def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k")
 
 def pruned_plan(model: nn.Module) -> dict[str, Any]:
     """The HARP block of a model: {'format_version', 'layers', 'alphas'} (empty lists if unpruned)."""
-    harp = getattr(model.config, "harp", None) or {}
-    return {
-        "format_version": FORMAT_VERSION,
-        "layers": list(harp.get("layers", [])),
-        "alphas": list(harp.get("alphas", [])),
-    }
+    return HarpBlock.from_config(model).to_dict()
+
+
+def refuse_pruned(model_or_config: Any, message: str | Callable[[HarpBlock], str]) -> None:
+    """Raise ValueError(`message`) if `model_or_config` (a model, its config, or a config.json dict) is
+    already HARP-pruned: every method that starts from the original model refuses a pruned one. `message`
+    may be a function of the block (to name its layers)."""
+    block = HarpBlock.from_config(model_or_config)
+    if block:
+        raise ValueError(message(block) if callable(message) else message)
 
 
 def prune(
@@ -56,22 +60,14 @@ def prune(
     """
     arch_for(model.config)  # clear error for unsupported families first
     layers, alphas = validate_plan(model.config, layers, alphas)
-    plan = pruned_plan(model)
-    again = sorted(set(plan["layers"]) & set(layers))
-    if again:
-        raise ValueError(f"Layers {again} are already pruned in this model; prune each layer once.")
+    merged = HarpBlock.from_config(model).merged(HarpBlock(tuple(layers), tuple(alphas)))
     maps = dict(maps or {})
     stray = sorted(set(maps) - set(layers))
     if stray:
         raise ValueError(f"Fitted maps given for layers {stray}, which are not being pruned.")
     for idx, alpha in zip(layers, alphas, strict=True):
         prune_layer(model, idx, alpha, maps.get(idx))
-    merged = sorted(zip(plan["layers"] + layers, plan["alphas"] + alphas, strict=True))
-    model.config.harp = {
-        "format_version": FORMAT_VERSION,
-        "layers": [i for i, _ in merged],
-        "alphas": [a for _, a in merged],
-    }
+    model.config.harp = merged.to_dict()
     return model
 
 
