@@ -103,7 +103,7 @@ def test_resume_after_kill_9(tmp_path):
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from tiny import tiny_model
-        from harp.search import search_alphas
+        from harp.methods.search import search_alphas
         torch.set_num_threads(1)
         w = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
         def die(layer, alpha, log):

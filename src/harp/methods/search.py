@@ -182,6 +182,160 @@ def _read_state(path: Path, fp: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class StreamHooks:
+    """How a cached search gets and keeps its residual stream, and fingerprints its weights. All None: the
+    in-memory search. The streamed search (`harp.streaming`) sets them: `prepare(lo, bar)` supplies the
+    cached batches (and the decoder-layer passes they cost) instead of a forward of the whole model,
+    `keep(t)` stores each cached hidden state (e.g. on the CPU or memory-mapped on disk), `digest(name, t)`
+    fingerprints weights that are not resident."""
+
+    prepare: Prepare | None = None
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None
+    digest: Callable[[str, torch.Tensor], float] | None = None
+
+    def store(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.keep is None else self.keep(t)
+
+
+@dataclass
+class _SearchState:
+    """The resumable part of a search: the alphas fixed so far and the log, saved after every layer."""
+
+    order: list[int]
+    grid: list[float]
+    method: str
+    state_file: Path | None
+    fingerprint: str
+    fixed_layers: list[int]
+    fixed_alphas: list[float]
+    log: list[dict[str, float]]
+    resumed: int
+
+    @classmethod
+    def resume(cls, state_file: Path | None, fp: str, order: list[int], grid: list[float],
+               method: str) -> _SearchState:
+        """The progress saved in `state_file` for this search (fingerprint `fp`), or a fresh start."""
+        state = _read_state(state_file, fp) if state_file else None
+        done: list[tuple[int, float]] = [(d["layer"], d["alpha"]) for d in (state or {}).get("done", [])]
+        log: list[dict[str, float]] = list((state or {}).get("log", []))
+        return cls(order, grid, method, state_file, fp, [layer for layer, _ in done], [alpha for _, alpha in done],
+                   log, resumed=len(done))
+
+    @property
+    def remaining(self) -> list[int]:
+        return self.order[len(self.fixed_layers) :]
+
+    def fix(self, layer: int, alpha: float) -> None:
+        """Fix `layer` at `alpha` and save the progress."""
+        self.fixed_layers.append(layer)
+        self.fixed_alphas.append(alpha)
+        self.save()
+
+    def save(self) -> None:
+        if self.state_file is None:
+            return
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            self.state_file,
+            {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "order": self.order,
+                "grid": self.grid,
+                "method": self.method,
+                "done": [{"layer": a, "alpha": b} for a, b in zip(self.fixed_layers, self.fixed_alphas, strict=True)],
+                "log": self.log,
+            },
+        )
+
+
+@dataclass
+class _Scorer:
+    """Calibration perplexity of one candidate pruning — cached (layers from the candidate's up, on the
+    cached residual stream) or naive (a full forward) — counting decoder-layer passes and head evaluations."""
+
+    model: nn.Module
+    windows: torch.Tensor
+    method: str
+    batch_size: int
+    chunk_tokens: int
+    maps: Mapping[int, LinearMap] | None
+    hooks: StreamHooks
+    num_layers: int
+    n_tokens: int
+    lo: int = 0
+    batches: list[Batch] = field(default_factory=list)
+    layer_forwards: int = 0
+    head_evals: int = 0
+
+    def cache_stream(self, state: _SearchState, bar: Progress) -> None:
+        """Cache the stream entering the lowest searched layer, the layers fixed so far pruned (cached method)."""
+        self.lo = state.order[-1]
+        if self.method != "cached" or not state.remaining:
+            return
+        bar.describe("caching the residual stream")
+        if self.hooks.prepare is None:
+            with temporarily_pruned(self.model, state.fixed_layers, state.fixed_alphas, self.maps):
+                self.batches = capture_inputs(self.model, self.windows, self.lo, self.batch_size)
+            self.layer_forwards += self.num_layers - 1  # one original forward (it stops before the top layer)
+        else:
+            self.batches, passes = self.hooks.prepare(self.lo, bar)
+            self.layer_forwards += passes
+
+    def layer_inputs(self, layer: int) -> list[torch.Tensor]:
+        """The input of `layer` per cached batch: everything below it is still original."""
+        if self.method != "cached":
+            return []
+        lo = self.lo
+        entry = [b.hidden if layer == lo else self.hooks.store(run_layers(self.model, b, b.hidden, lo, layer))
+                 for b in self.batches]
+        self.layer_forwards += layer - lo
+        return entry
+
+    def ppl(self, layer: int, entry: list[torch.Tensor], layers: list[int], alphas: list[float]) -> float:
+        """Calibration perplexity with `layers` pruned at `alphas`; `layer` is the lowest of them."""
+        with temporarily_pruned(self.model, layers, alphas, self.maps):
+            if self.method == "cached":
+                pairs = zip(self.batches, entry, strict=True)
+                nll = sum(tail_nll(self.model, b, h, layer, self.chunk_tokens) for b, h in pairs)
+                self.layer_forwards += self.num_layers - layer
+                self.head_evals += 1
+                return math.exp(nll / self.n_tokens)
+            ppl = perplexity(self.model, self.windows, batch_size=self.batch_size, chunk_tokens=self.chunk_tokens).ppl
+            self.layer_forwards += self.num_layers
+            self.head_evals += 1
+            return ppl
+
+
+def _search_order(model: nn.Module, layers: int | Sequence[int]) -> tuple[int, list[int]]:
+    """The model's layer count and the layers to search, top first; raises for a pruned model or bad layers."""
+    num = len(get_module(model, arch_for(model.config).layers))
+    if getattr(model.config, "harp", None):
+        raise ValueError("This model is already HARP-pruned; search alphas on the original model.")
+    order = top_layers(num, layers) if isinstance(layers, int) else sorted({int(i) for i in layers}, reverse=True)
+    if not isinstance(layers, int):
+        if len(order) != len(list(layers)):
+            raise ValueError("Layer indices to search must be distinct.")
+        if not order or order[0] >= num or order[-1] < 0:
+            raise ValueError(f"Layers {list(layers)} out of range: this model has layers 0..{num - 1}.")
+    return num, order
+
+
+def _search_layer(scorer: _Scorer, state: _SearchState, layer: int, bar: Progress) -> float:
+    """Every grid alpha for `layer` (the layers above it fixed), each logged; the best one (ties: the smaller)."""
+    entry = scorer.layer_inputs(layer)
+    scores: list[tuple[float, float]] = []
+    for alpha in state.grid:
+        bar.describe(f"layer {layer}  alpha {alpha:g}")
+        ppl = scorer.ppl(layer, entry, state.fixed_layers + [layer], state.fixed_alphas + [alpha])
+        scores.append((ppl, alpha))
+        state.log.append({"layer": layer, "alpha": alpha, "ppl": ppl})
+        bar.advance(1)
+    _, best_alpha = min(scores)  # ties -> the smaller alpha
+    return best_alpha
+
+
 def search_alphas(
     model: nn.Module,
     windows: torch.Tensor,
@@ -218,107 +372,40 @@ def search_alphas(
 
     Returns the layers (top first), their alphas, and the log of every (layer, alpha, ppl) tried.
     """
-    arch = arch_for(model.config)
-    num = len(get_module(model, arch.layers))
-    if getattr(model.config, "harp", None):
-        raise ValueError("This model is already HARP-pruned; search alphas on the original model.")
-    order = top_layers(num, layers) if isinstance(layers, int) else sorted({int(i) for i in layers}, reverse=True)
-    if not isinstance(layers, int):
-        if len(order) != len(list(layers)):
-            raise ValueError("Layer indices to search must be distinct.")
-        if not order or order[0] >= num or order[-1] < 0:
-            raise ValueError(f"Layers {list(layers)} out of range: this model has layers 0..{num - 1}.")
+    num, order = _search_order(model, layers)
     if method not in ("cached", "naive"):
         raise ValueError(f"Unknown search method {method!r}: use 'cached' or 'naive'.")
     grid_vals = parse_grid(grid)
     if windows.dim() != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise ValueError("Calibration windows must be a (N, seq_len) tensor with N >= 1 and seq_len >= 2.")
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
+    hooks = StreamHooks(prepare, keep, digest)
 
     state_file = Path(state_path) if state_path is not None else None
     fp = fingerprint(model, windows, order, grid_vals, method, digest, maps) if state_file else ""
-    state = _read_state(state_file, fp) if state_file else None
-    done: list[tuple[int, float]] = [(d["layer"], d["alpha"]) for d in (state or {}).get("done", [])]
-    log: list[dict[str, float]] = list((state or {}).get("log", []))
-    resumed = len(done)
+    state = _SearchState.resume(state_file, fp, order, grid_vals, method)
+    scorer = _Scorer(model, windows, method, batch_size, chunk_tokens, maps, hooks, num, n_tokens)
 
     t0 = time.perf_counter()
-    counts = {"layers": 0, "heads": 0}
-    remaining = order[len(done) :]
-    total_candidates = len(remaining) * len(grid_vals)
-    fixed_layers = [layer for layer, _ in done]
-    fixed_alphas = [alpha for _, alpha in done]
-
-    def save_state() -> None:
-        if state_file is None:
-            return
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            state_file,
-            {
-                "version": STATE_VERSION,
-                "fingerprint": fp,
-                "order": order,
-                "grid": grid_vals,
-                "method": method,
-                "done": [{"layer": a, "alpha": b} for a, b in zip(fixed_layers, fixed_alphas, strict=True)],
-                "log": log,
-            },
-        )
-
-    with Progress(total_candidates, "alpha search", enabled=progress) as bar:
-        batches: list[Batch] = []
-        lo = order[-1]
-        if method == "cached" and remaining:
-            bar.describe("caching the residual stream")
-            if prepare is None:
-                with temporarily_pruned(model, fixed_layers, fixed_alphas, maps):
-                    batches = capture_inputs(model, windows, lo, batch_size)
-                counts["layers"] += num - 1  # one original forward (it stops before the top layer)
-            else:
-                batches, passes = prepare(lo, bar)
-                counts["layers"] += passes
-        store = keep or (lambda t: t)
+    remaining = state.remaining
+    with Progress(len(remaining) * len(grid_vals), "alpha search", enabled=progress) as bar:
+        scorer.cache_stream(state, bar)
         for layer in remaining:
-            if method == "cached":
-                # input of `layer`: everything below it is still original
-                entry = [b.hidden if layer == lo else store(run_layers(model, b, b.hidden, lo, layer)) for b in batches]
-                counts["layers"] += layer - lo
-            scores: list[tuple[float, float]] = []
-            for alpha in grid_vals:
-                bar.describe(f"layer {layer}  alpha {alpha:g}")
-                with temporarily_pruned(model, fixed_layers + [layer], fixed_alphas + [alpha], maps):
-                    if method == "cached":
-                        nll = sum(
-                            tail_nll(model, b, h, layer, chunk_tokens) for b, h in zip(batches, entry, strict=True)
-                        )
-                        counts["layers"] += num - layer
-                        counts["heads"] += 1
-                        ppl = math.exp(nll / n_tokens)
-                    else:
-                        ppl = perplexity(model, windows, batch_size=batch_size, chunk_tokens=chunk_tokens).ppl
-                        counts["layers"] += num
-                        counts["heads"] += 1
-                scores.append((ppl, alpha))
-                log.append({"layer": layer, "alpha": alpha, "ppl": ppl})
-                bar.advance(1)
-            best_ppl, best_alpha = min(scores)  # ties -> the smaller alpha
-            fixed_layers.append(layer)
-            fixed_alphas.append(best_alpha)
-            save_state()
+            best_alpha = _search_layer(scorer, state, layer, bar)
+            state.fix(layer, best_alpha)
             if callback is not None:
-                callback(layer, best_alpha, log)
+                callback(layer, best_alpha, state.log)
 
     return SearchResult(
         layers=list(order),
-        alphas=list(fixed_alphas),
-        log=log,
+        alphas=list(state.fixed_alphas),
+        log=state.log,
         calib_tokens=n_tokens,
         method=method,
         seconds=time.perf_counter() - t0,
-        layer_forwards=counts["layers"],
-        head_evals=counts["heads"],
-        resumed_layers=resumed,
+        layer_forwards=scorer.layer_forwards,
+        head_evals=scorer.head_evals,
+        resumed_layers=state.resumed,
         grid=grid_vals,
     )
 
