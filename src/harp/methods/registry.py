@@ -1,9 +1,56 @@
-"""The methods `harp compare` knows: one `MethodSpec` each."""
+"""What a method is: its `MethodSpec`, the `Selection` its rule returns, and `METHODS`, the one mapping
+that `register` fills. The methods declare themselves in `harp.methods.catalog` (imported by
+`harp.methods`, so importing this module registers every method).
+
+    @register(MethodSpec("my-method", "attention", "what it prunes", "who proposed it"))
+    def _my_method(sel: Selector, k: int) -> Selection:
+        ...  # sel's shared caches: greedy prefixes, fits, scores, the SLEB order
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from harp.modeling import LinearMap
+
+
+@dataclass
+class Selection:
+    """What a method decided: which layers, and (attention methods) which alphas."""
+
+    method: str
+    kind: str  # "attention" | "blocks" | "none"
+    layers: list[int]  # original layer indices, in the order chosen
+    alphas: list[float] | None = None  # attention methods: one per layer
+    search_seconds: float = 0.0
+    calib_ppl: float | None = None  # calibration perplexity of the pruned model, when the method measured it
+    info: dict[str, Any] = field(default_factory=dict)
+    maps: dict[int, LinearMap] | None = None  # refit methods: each layer's fitted map (alpha scales it)
+
+    @property
+    def k(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "kind": self.kind, "layers": self.layers, "alphas": self.alphas,
+                "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info}
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return "-"
+        pairs = sorted(zip(self.layers, self.alphas or [None] * self.k, strict=True), reverse=True)
+        if self.kind == "blocks":
+            return "layers " + ",".join(str(i) for i, _ in pairs) + " removed"
+        return ", ".join(f"{i}:{a:g}" for i, a in pairs)
+
+
+Plan = Selection  # the earlier name ("plan" also names the {layers, alphas} block and the memory planner)
+
+# A method's selection rule: (the `Selector` with its shared caches, k) -> its Selection. The selector is
+# typed Any here because `harp.methods.selector` imports this module.
+SelectFn = Callable[[Any, int], Selection]
 
 
 @dataclass(frozen=True)
@@ -14,34 +61,22 @@ class MethodSpec:
     reference: str
     lists_alphas: bool = False  # the alphas come from a search: `harp compare`'s report lists them
     refit: bool = False  # the pruned layers get the least-squares refit (auto-k gives these a k of their own)
+    select: SelectFn | None = field(default=None, compare=False, repr=False)  # set by `register`
 
 
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in (
-        MethodSpec("harp", "attention", "top k layers, rescaled identity attention, greedy alpha search",
-                   "Liu & Liu 2025 (HARP)", lists_alphas=True),
-        MethodSpec("harp-refine", "attention", "as harp, then coordinate-descent refinement of the alphas",
-                   "ours", lists_alphas=True),
-        MethodSpec("no-rescale", "attention", "top k layers, identity attention, alpha = 1", "HARP ablation"),
-        MethodSpec("attn-drop-top", "attention", "top k layers, attention sub-layer removed (alpha = 0)",
-                   "HARP ablation"),
-        MethodSpec("harp-low", "attention", "bottom k layers, greedy alpha search", "HARP ablation",
-                   lists_alphas=True),
-        MethodSpec("harp-any", "attention", "k layers at any depth picked by Attention Drop's score, "
-                   "greedy alpha search", "ours: HARP rescaling on He et al.'s layers", lists_alphas=True),
-        MethodSpec("harp-ls", "attention", "top k layers, each layer's map refit by closed-form least squares",
-                   "ours (docs/method.md, closed-form refit)", refit=True),
-        MethodSpec("harp-any-ls", "attention", "k layers at any depth picked by Attention Drop's score, maps "
-                   "refit by closed-form least squares", "ours", refit=True),
-        MethodSpec("attention-drop", "attention", "k most redundant attention sub-layers (cosine), removed",
-                   "He et al. 2024"),
-        MethodSpec("shortgpt", "blocks", "k whole layers with the lowest Block Influence, removed",
-                   "Men et al. 2024"),
-        MethodSpec("sleb", "blocks", "k whole layers removed greedily by calibration perplexity",
-                   "Song et al. 2024"),
-    )
-}
+METHODS: dict[str, MethodSpec] = {}  # name -> spec, in registration order (the order of compare's tables)
+
+
+def register(spec: MethodSpec) -> Callable[[SelectFn], SelectFn]:
+    """Decorator: `fn` is `spec.name`'s selection rule; adds the method to `METHODS`."""
+
+    def add(fn: SelectFn) -> SelectFn:
+        if spec.name in METHODS:
+            raise ValueError(f"Method {spec.name!r} is registered twice.")
+        METHODS[spec.name] = replace(spec, select=fn)
+        return fn
+
+    return add
 
 
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:

@@ -144,6 +144,9 @@ def layer_stats(
     return out
 
 
+ATTENTION_DROP_SCORE = "mean cos(X, X + Attn(LN(X)))"  # what `attention_drop_scores` measures: the label results carry
+
+
 def attention_drop_scores(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> list[float]:
     """Attention Drop (He et al. 2024): per layer, mean cos(X, X + Attn(LN(X))) over calibration tokens.
     The k highest-scoring attention sub-layers are the ones to drop."""
