@@ -15,15 +15,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from harp.engine.replay import capture_inputs, run_layers, tail_nll
+from harp.engine.replay import Batch, capture_inputs, run_layers, tail_nll
 from harp.methods.search import parse_grid
-from harp.model.prune import temporarily_pruned
+from harp.model.prune import refuse_pruned, temporarily_pruned
 from harp.modeling import arch_for, get_module
 from harp.util.progress import Progress
 
@@ -56,6 +56,91 @@ def _fine_grid(center: float, step: float, lo: float, hi: float) -> list[float]:
     return sorted(v for v in vals if lo - 1e-9 <= v <= hi + 1e-9 and abs(v - center) > 1e-9)
 
 
+@dataclass
+class _Tail:
+    """The cached replay refinement runs on: the original stream entering the lowest pruned layer, and the
+    model's top from any pruned layer up under a plan; counts the perplexity evaluations."""
+
+    model: nn.Module
+    layers: list[int]
+    batches: list[Batch]
+    chunk_tokens: int
+    n_tokens: int
+    evaluations: int = 0
+
+    @property
+    def lo(self) -> int:
+        return min(self.layers)
+
+    def entry(self, alphas: list[float], layer: int) -> list[torch.Tensor]:
+        """The stream entering `layer` with `layers` pruned at `alphas`."""
+        with temporarily_pruned(self.model, self.layers, alphas):
+            return [run_layers(self.model, b, b.hidden, self.lo, layer) for b in self.batches]
+
+    def ppl(self, alphas: list[float], start: int, entry: list[torch.Tensor]) -> float:
+        """Calibration perplexity with `layers` pruned at `alphas`, replayed from layer `start` on `entry`."""
+        with temporarily_pruned(self.model, self.layers, alphas):
+            nll = sum(tail_nll(self.model, b, h, start, self.chunk_tokens)
+                      for b, h in zip(self.batches, entry, strict=True))
+        self.evaluations += 1
+        return math.exp(nll / self.n_tokens)
+
+
+@dataclass
+class _Grids:
+    """The candidates for one layer's alpha: the coarse grid, or ± 1/4 and ± 1/2 its spacing around the
+    current alpha, within the span of the grid and the starting alphas."""
+
+    coarse: list[float]
+    spacing: float
+    lo: float
+    hi: float
+
+    def candidates(self, phase: str, current: float) -> list[float]:
+        if phase == "coarse":
+            return [a for a in self.coarse if abs(a - current) > 1e-9]
+        return _fine_grid(current, self.spacing / 4, self.lo, self.hi)
+
+
+@dataclass
+class _Descent:
+    """Where coordinate descent stands: the current alphas, their perplexity, every evaluation so far."""
+
+    alphas: list[float]
+    ppl: float
+    log: list[dict[str, float]] = field(default_factory=list)
+
+
+def _check_refine(model: nn.Module, layers: list[int], alphas: list[float], max_passes: int) -> None:
+    if len(layers) != len(alphas) or not layers:
+        raise ValueError("refine_alphas needs one alpha per layer (and at least one layer).")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"Layer indices must be distinct; got {layers}.")
+    refuse_pruned(model, "This model is already HARP-pruned; refine alphas on the original model.")
+    if max_passes < 1:
+        raise ValueError(f"max_passes must be at least 1 (got {max_passes}).")
+
+
+def _refine_pass(tail: _Tail, at: _Descent, grids: _Grids, p: int, phase: str, bar: Progress) -> int:
+    """One pass: each layer, top first, re-searched with the others fixed; returns how many changes it kept."""
+    changed = 0
+    for i in sorted(range(len(tail.layers)), key=lambda i: -tail.layers[i]):  # top first
+        layer = tail.layers[i]
+        cands = grids.candidates(phase, at.alphas[i])
+        bar.describe(f"refine pass {p + 1} ({phase}) layer {layer}")
+        entry = tail.entry(at.alphas, layer)  # stream entering `layer` under the plan
+        for a in cands:
+            trial = list(at.alphas)
+            trial[i] = a
+            q = tail.ppl(trial, layer, entry)
+            at.log.append({"pass": p, "layer": layer, "alpha": a, "ppl": q})
+            if q < at.ppl * (1 - 1e-12):
+                at.ppl, at.alphas = q, trial
+                changed += 1
+        bar.advance(1)
+    return changed
+
+
 @torch.no_grad()
 def refine_alphas(
     model: nn.Module,
@@ -83,68 +168,35 @@ def refine_alphas(
     """
     layers = [int(i) for i in layers]
     cur = [float(a) for a in alphas]
-    if len(layers) != len(cur) or not layers:
-        raise ValueError("refine_alphas needs one alpha per layer (and at least one layer).")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"Layer indices must be distinct; got {layers}.")
-    if getattr(model.config, "harp", None):
-        raise ValueError("This model is already HARP-pruned; refine alphas on the original model.")
-    if max_passes < 1:
-        raise ValueError(f"max_passes must be at least 1 (got {max_passes}).")
+    _check_refine(model, layers, cur, max_passes)
     coarse = parse_grid(grid)
     spacing = min((b - a for a, b in zip(coarse, coarse[1:], strict=False)), default=0.1)
-    g_lo, g_hi = min(coarse + cur), max(coarse + cur)
+    grids = _Grids(coarse, spacing, min(coarse + cur), max(coarse + cur))
     num = len(get_module(model, arch_for(model.config).layers))
     if max(layers) >= num or min(layers) < 0:
         raise ValueError(f"Layers {layers} out of range: this model has layers 0..{num - 1}.")
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    lo = min(layers)
     t0 = time.perf_counter()
-    batches = capture_inputs(model, windows, lo, batch_size)  # original stream entering `lo`
-
-    def ppl_of(alphas_: list[float], start: int, entry: list[torch.Tensor]) -> float:
-        with temporarily_pruned(model, layers, alphas_):
-            nll = sum(tail_nll(model, b, h, start, chunk_tokens) for b, h in zip(batches, entry, strict=True))
-        return math.exp(nll / n_tokens)
-
-    base_entry = [b.hidden for b in batches]
-    best_ppl = ppl_of(cur, lo, base_entry)
-    start_ppl = best_ppl
-    evaluations = 1
-    log: list[dict[str, float]] = []
+    batches = capture_inputs(model, windows, min(layers), batch_size)  # original stream entering the lowest
+    tail = _Tail(model, layers, batches, chunk_tokens, n_tokens)
+    at = _Descent(cur, tail.ppl(cur, tail.lo, [b.hidden for b in batches]))
+    start_ppl = at.ppl
     passes: list[dict[str, Any]] = []
-    order = sorted(range(len(layers)), key=lambda i: -layers[i])  # top first
     phase = "coarse"
     with Progress(max_passes * len(layers), "refine", enabled=progress) as bar:
         for p in range(max_passes):
-            before = best_ppl
-            changed = 0
-            for i in order:
-                layer = layers[i]
-                cands = ([a for a in coarse if abs(a - cur[i]) > 1e-9] if phase == "coarse"
-                         else _fine_grid(cur[i], spacing / 4, g_lo, g_hi))
-                bar.describe(f"refine pass {p + 1} ({phase}) layer {layer}")
-                with temporarily_pruned(model, layers, cur):  # stream entering `layer` under the plan
-                    entry = [run_layers(model, b, h, lo, layer) for b, h in zip(batches, base_entry, strict=True)]
-                for a in cands:
-                    trial = list(cur)
-                    trial[i] = a
-                    q = ppl_of(trial, layer, entry)
-                    evaluations += 1
-                    log.append({"pass": p, "layer": layer, "alpha": a, "ppl": q})
-                    if q < best_ppl * (1 - 1e-12):
-                        best_ppl, cur = q, trial
-                        changed += 1
-                bar.advance(1)
-            passes.append({"pass": p, "grid": phase, "ppl": best_ppl, "changed": changed})
+            before = at.ppl
+            changed = _refine_pass(tail, at, grids, p, phase, bar)
+            passes.append({"pass": p, "grid": phase, "ppl": at.ppl, "changed": changed})
             if callback is not None:
-                callback(p, best_ppl)
-            if (before - best_ppl) / before < tol:
+                callback(p, at.ppl)
+            if (before - at.ppl) / before < tol:
                 if phase == "coarse" and fine:
                     phase = "fine"
                 else:
                     break
-    return RefineResult(layers, cur, start_ppl, best_ppl, passes, log, evaluations, time.perf_counter() - t0)
+    return RefineResult(layers, at.alphas, start_ppl, at.ppl, passes, at.log, tail.evaluations,
+                        time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
