@@ -15,7 +15,7 @@ from harp.engine.perplexity import perplexity
 from harp.methods.autok import auto_k, parse_ppl_increase
 from harp.methods.blocks import layers_removed, remove_layers
 from harp.methods.refine import refine_alphas
-from harp.methods.registry import METHODS, parse_methods
+from harp.methods.registry import METHODS, MethodSpec, Selection, parse_methods, register
 from harp.methods.scores import attention_drop_scores, block_influence, pick
 from harp.methods.search import search_alphas
 from harp.methods.selector import Plan, Selector, applied
@@ -267,11 +267,33 @@ def test_parse_errors_name_the_valid_choices():
 
 
 def test_plan_describe_and_original():
+    assert Plan is Selection  # the earlier name stays importable
     p = Plan("sleb", "blocks", [3, 7])
     assert p.describe() == "layers 7,3 removed"
     q = Plan("harp", "attention", [7, 6], [0.5, 0.0])
     assert q.describe() == "7:0.5, 6:0"
     assert math.isfinite(q.k)
+
+
+def test_a_registered_method_is_selectable_by_name():
+    """Adding a method is one `@register` block: it joins METHODS (after the others), parse_methods and
+    Selector.select, with no other edit; a second registration under the same name is refused."""
+    assert all(spec.select is not None for spec in METHODS.values())
+    before = list(METHODS)
+    try:
+        @register(MethodSpec("bottom-drop", "attention", "bottom k layers, alpha = 0", "test"))
+        def _bottom(sel: Selector, k: int) -> Selection:
+            return Selection("bottom-drop", "attention", list(range(k)), [0.0] * k)
+
+        assert list(METHODS) == [*before, "bottom-drop"]
+        assert parse_methods("bottom_drop, harp") == ["bottom-drop", "harp"]
+        chosen = Selector(tiny_model("llama"), _windows()).select("bottom-drop", 2)
+        assert (chosen.layers, chosen.alphas) == ([0, 1], [0.0, 0.0])
+        with pytest.raises(ValueError, match="registered twice"):
+            register(MethodSpec("harp", "attention", "again", "test"))(_bottom)
+    finally:
+        METHODS.pop("bottom-drop", None)
+    assert list(METHODS) == before
 
 
 def test_methods_refuse_a_pruned_model():
