@@ -523,19 +523,28 @@ class HarpBlock:
             raise HarpBlockError(problems, newer)
         return cls(tuple(good_layers), tuple(good_alphas), version)
 
+    @staticmethod
+    def _stored(config: Any) -> tuple[Any, Any]:
+        """(the harp block, num_hidden_layers) of a config object, a model or a config.json dict, unchecked."""
+        if isinstance(config, nn.Module):
+            config = config.config
+        if isinstance(config, dict):
+            return config.get("harp"), config.get("num_hidden_layers")
+        return getattr(config, "harp", None), getattr(config, "num_hidden_layers", None)
+
     @classmethod
     def from_config(cls, config: Any) -> HarpBlock:
         """The block of a config object, a model (its config) or a config.json dict; empty if it has none.
         Checked against the config's `num_hidden_layers` (HarpBlockError)."""
-        if isinstance(config, nn.Module):
-            config = config.config
-        if isinstance(config, dict):
-            block, n = config.get("harp"), config.get("num_hidden_layers")
-        else:
-            block, n = getattr(config, "harp", None), getattr(config, "num_hidden_layers", None)
+        block, n = cls._stored(config)
         if not block:
             return cls()
         return cls.from_dict(block, n if _as_index(n) is not None else None)
+
+    @classmethod
+    def is_pruned(cls, config: Any) -> bool:
+        """Whether a config object, model or config.json dict carries a harp block (not checked)."""
+        return bool(cls._stored(config)[0])
 
     @classmethod
     def from_lists(cls, layers: Any, alphas: Any, num_layers: int) -> HarpBlock:

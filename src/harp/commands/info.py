@@ -9,53 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.model.checkpoint import RECIPE_FILE, read_config
+from harp.jobs.info import describe, kv_text
+from harp.modeling import HarpBlock
 
-
-def describe(path: str | Path) -> dict:
-    """A dict describing a checkpoint folder (no weights are loaded). A damaged folder (truncated weights,
-    a malformed harp block, a half-written save) is an error naming the file, not a description."""
-    from harp.model.checkpoint import check_complete
-
-    path = Path(path)
-    cfg = read_config(path)
-    check_complete(path, cfg)
-    harp_block = cfg.get("harp") or {}
-    info: dict = {
-        "path": str(path),
-        "architecture": (cfg.get("architectures") or ["?"])[0],
-        "model_type": cfg.get("model_type"),
-        "num_layers": cfg.get("num_hidden_layers"),
-        "hidden_size": cfg.get("hidden_size"),
-        "harp": harp_block,
-        "weights_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
-    }
-    if harp_block:
-        from harp.model.accounting import kv_savings
-        from harp.model.configs import config_from_dict
-
-        try:
-            info["kv_savings"] = kv_savings(config_from_dict(cfg), None)
-        except (TypeError, ValueError, KeyError):
-            pass
-    for name in (RECIPE_FILE, "harp_summary.json"):
-        f = path / name
-        if f.is_file():
-            info[name.removesuffix(".json")] = json.loads(f.read_text())
-    return info
-
-
-def kv_text(path: str | Path) -> str:
-    """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum)."""
-    from harp.model.accounting import kv_savings, kv_savings_text
-    from harp.model.configs import config_from_dict
-
-    try:
-        cfg = config_from_dict(read_config(path))
-        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
-        return kv_savings_text(kv_savings(cfg, None, dtype=str(dtype).removeprefix("torch.")))
-    except (TypeError, ValueError, KeyError):
-        return "KV figures unavailable for this config"
+__all__ = ["describe", "info_cmd", "kv_text"]  # describe and kv_text live in harp.jobs.info
 
 
 def info_cmd(
@@ -76,11 +33,11 @@ def info_cmd(
         t.add_row("HARP", "not pruned (an ordinary transformers folder)")
     else:
         t.add_row("HARP format", str(h.get("format_version")))
-        pairs = sorted(zip(h["layers"], h["alphas"], strict=True), reverse=True)
-        t.add_row("pruned layers (top first)", ", ".join(str(i) for i, _ in pairs))
-        t.add_row("alphas (top first)", ", ".join(f"{a:g}" for _, a in pairs))
+        block = HarpBlock.from_dict(h)
+        t.add_row("pruned layers (top first)", block.layers_text())
+        t.add_row("alphas (top first)", block.alphas_text())
         n = d["num_layers"] or 1
-        t.add_row("KV cache", f"{len(pairs)} of {n} layers keep none; {kv_text(path)}")
+        t.add_row("KV cache", f"{len(block.layers)} of {n} layers keep none; {kv_text(path)}")
     t.add_row("weights on disk", f"{d['weights_bytes'] / 2**20:.1f} MiB")
     rec = d.get("harp_recipe") or {}
     if rec:

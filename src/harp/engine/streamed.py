@@ -39,6 +39,7 @@ from torch import nn
 
 from harp.engine.replay import Batch, layer_output, record_layer_calls
 from harp.model.load import resolve_device, streamable_folder
+from harp.model.prune import refuse_pruned
 from harp.modeling import arch_for, get_module
 from harp.util.digest import digest_rows, tensor_digest
 from harp.util.dtypes import torch_dtype
@@ -166,8 +167,8 @@ class StreamedModel:
         self.dtype = torch_dtype(dtype)
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(str(self.folder))
-        if getattr(config, "harp", None):
-            raise ValueError(f"{self.folder} is already a HARP-pruned checkpoint; search alphas on the original model.")
+        refuse_pruned(config, f"{self.folder} is already a HARP-pruned checkpoint; search alphas on the original "
+                      "model.")
         self.arch = arch_for(config)
         self.checkpoint = SafetensorsCheckpoint(self.folder)
         kw: dict[str, Any] = {"dtype": self.dtype}

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.engine.replay import Prepare, capture_inputs, run_layers
+from harp.engine.replay import Batch, Prepare, capture_inputs, run_layers
+from harp.model.prune import refuse_pruned
 from harp.modeling import (
     HarpLinearAttention,
     LinearMap,
@@ -223,8 +224,7 @@ def fit_layers(
 
     Returns a `FitResult` with one `LayerFit` (map, errors, chosen ridge and prior) per layer.
     """
-    if getattr(model.config, "harp", None):
-        raise ValueError("This model is already HARP-pruned; fit the layers of the original model.")
+    refuse_pruned(model, "This model is already HARP-pruned; fit the layers of the original model.")
     arch = arch_for(model.config)
     stack = get_module(model, arch.layers)
     order = sorted(layer_indices(list(layers), len(stack)), reverse=True)
@@ -240,35 +240,10 @@ def fit_layers(
                          f"(got {windows.shape[0]}); give more windows or a fixed ridge.")
     geo = attention_geometry(model.config)
     t0 = time.perf_counter()
-    lo, hi = order[-1], order[0]
-
-    stats: dict[int, list[FitStats | None]] = {i: [None] * n_folds for i in order}
-    forwards = 0
     with Progress(len(windows), "fitting pruned layers", enabled=progress) as bar:
-        if prepare is None:
-            bar.describe("caching the residual stream")
-            batches = capture_inputs(model, windows, lo, batch_size)
-            forwards += lo
-        else:
-            batches, forwards = prepare(lo, bar)
-        first = 0
-        for b in batches:
-            fold_of = [(first + r) % n_folds for r in range(b.windows.shape[0])]
-            first += b.windows.shape[0]
-            h = b.hidden
-            for j in range(lo, hi + 1):
-                handle = None
-                if j in stats:
-                    attn = getattr(stack[j], arch.attn)
-                    with_bias = attn.o_proj.bias is not None
-                    handle = attn.register_forward_hook(_accumulator(stats[j], fold_of, with_bias), with_kwargs=True)
-                try:
-                    h = run_layers(model, b, h, j, j + 1)
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                forwards += 1
-            bar.advance(b.windows.shape[0])
+        batches, forwards = _stream_entering(model, windows, order[-1], batch_size, prepare, bar)
+        stats = _accumulate_stats(model, batches, order, n_folds, bar)
+    forwards += len(batches) * (order[0] - order[-1] + 1)
 
     fits: dict[int, LayerFit] = {}
     for i in order:
@@ -281,6 +256,43 @@ def fit_layers(
         layers=order, fits=fits, tokens=total.tokens, folds=len(parts),
         seconds=time.perf_counter() - t0, layer_forwards=forwards,
     )
+
+
+def _stream_entering(model: nn.Module, windows: torch.Tensor, lo: int, batch_size: int, prepare: Prepare | None,
+                     bar: Progress) -> tuple[list[Batch], int]:
+    """The replay batches entering layer `lo`, and how many decoder-layer passes producing them took."""
+    if prepare is not None:
+        return prepare(lo, bar)
+    bar.describe("caching the residual stream")
+    return capture_inputs(model, windows, lo, batch_size), lo
+
+
+def _accumulate_stats(model: nn.Module, batches: list[Batch], order: list[int], n_folds: int,
+                      bar: Progress) -> dict[int, list[FitStats | None]]:
+    """Replay layers lowest..highest of `order` on every batch, adding each fitted layer's (V, A) statistics to
+    the fold of each window (windows are dealt to folds round-robin)."""
+    arch = arch_for(model.config)
+    stack = get_module(model, arch.layers)
+    lo, hi = order[-1], order[0]
+    stats: dict[int, list[FitStats | None]] = {i: [None] * n_folds for i in order}
+    first = 0
+    for b in batches:
+        fold_of = [(first + r) % n_folds for r in range(b.windows.shape[0])]
+        first += b.windows.shape[0]
+        h = b.hidden
+        for j in range(lo, hi + 1):
+            handle = None
+            if j in stats:
+                attn = getattr(stack[j], arch.attn)
+                with_bias = attn.o_proj.bias is not None
+                handle = attn.register_forward_hook(_accumulator(stats[j], fold_of, with_bias), with_kwargs=True)
+            try:
+                h = run_layers(model, b, h, j, j + 1)
+            finally:
+                if handle is not None:
+                    handle.remove()
+        bar.advance(b.windows.shape[0])
+    return stats
 
 
 def _accumulator(slots: list[FitStats | None], fold_of: list[int], with_bias: bool) -> Callable:

@@ -35,9 +35,8 @@ def refuse_pruned(model_or_config: Any, message: str | Callable[[HarpBlock], str
     """Raise ValueError(`message`) if `model_or_config` (a model, its config, or a config.json dict) is
     already HARP-pruned: every method that starts from the original model refuses a pruned one. `message`
     may be a function of the block (to name its layers)."""
-    block = HarpBlock.from_config(model_or_config)
-    if block:
-        raise ValueError(message(block) if callable(message) else message)
+    if HarpBlock.is_pruned(model_or_config):
+        raise ValueError(message(HarpBlock.from_config(model_or_config)) if callable(message) else message)
 
 
 def prune(

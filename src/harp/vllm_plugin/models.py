@@ -18,7 +18,6 @@ refit layer is just another folded ``o_proj`` of the same shape.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -46,7 +45,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from harp.modeling import FORMAT_VERSION
+from harp.modeling import FORMAT_VERSION, HarpBlock, HarpBlockError
 
 # The HARP checkpoint formats this plugin knows how to build. Its own list, not modeling.FORMAT_VERSION: a
 # new checkpoint format must be taught to the plugin before it serves it (the test suite checks they agree).
@@ -227,15 +226,11 @@ def harp_plan(config: Any) -> dict[int, float]:
             "or a GGUF export (`harp export`, `fmt=gguf`) for llama.cpp where the family allows it (docs/serving.md)."
         )
     n = int(config.num_hidden_layers)
-    plan: dict[int, float] = {}
-    for i, a in zip(layers, alphas, strict=True):
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n or i in plan:
-            raise ValueError(f"harp vLLM plugin: bad layer index {i!r} in the 'harp' block (model has {n} layers).")
-        a = float(a)
-        if not math.isfinite(a):
-            raise ValueError(f"harp vLLM plugin: alpha {a} of layer {i} is not finite.")
-        plan[i] = a
-    return plan
+    try:  # the format version was checked above, against the versions this plugin serves
+        return HarpBlock.from_dict({"layers": layers, "alphas": alphas}, n).plan
+    except HarpBlockError as e:
+        problems = "; ".join(e.problems)
+        raise ValueError(f"harp vLLM plugin: bad 'harp' block ({problems}; model has {n} layers).") from None
 
 
 def has_pruned_layers(vllm_config: VllmConfig) -> bool:
