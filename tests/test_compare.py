@@ -11,8 +11,8 @@ from test_evaluate import data_dir  # noqa: F401  (fixture)
 from tiny import VOCAB, byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-import harp.jobs.compare as compare_mod
 from harp.cli import get_app
+from harp.engine.evaluate import evaluate
 from harp.engine.perplexity import perplexity
 from harp.engine.text import calibration_windows, evaluation_windows, load_text, tokenize
 from harp.jobs.compare import CompareSettings, run_compare
@@ -110,10 +110,9 @@ def test_compare_resumes_after_an_interruption(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Selector, "select", real_select)
     calls = []
-    real_eval = compare_mod.evaluate
-    monkeypatch.setattr(compare_mod, "evaluate", lambda *a, **k: calls.append(1) or real_eval(*a, **k))
     logs = []
-    rep = run_compare(_settings(setup, out, ks=[2], methods="harp,no-rescale,sleb"), log=logs.append)
+    rep = run_compare(_settings(setup, out, ks=[2], methods="harp,no-rescale,sleb"), log=logs.append,
+                      evaluator=lambda *a, **k: calls.append(1) or evaluate(*a, **k))
     assert len(calls) == 1  # only the sleb row was evaluated again
     assert any("resuming: 3 row(s)" in m for m in logs)
     assert [r["method"] for r in rep.rows] == ["original", "harp", "no-rescale", "sleb"]

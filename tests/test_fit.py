@@ -247,16 +247,13 @@ def test_run_prune_streamed_fit_equals_in_memory(folder):
     assert [f["ridge"] for f in a.fit["per_layer"]] == [f["ridge"] for f in b.fit["per_layer"]]
 
 
-def test_run_prune_rejects_bad_fit_settings_before_loading(folder, monkeypatch):
-    import harp.jobs.prune as pipeline
-
+def test_run_prune_rejects_bad_fit_settings_before_loading(folder):
     def boom(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline, "load_on_device", boom)
     for kw, msg in ((dict(fit="magic"), "Unknown fit"), (dict(ridge=-1.0), "Ridge"), (dict(fit_prior="x"), "prior")):
         with pytest.raises(ValueError, match=msg):
-            harp.run_prune(_settings(folder, **kw), log=lambda *a: None)
+            harp.run_prune(_settings(folder, **kw), log=lambda *a: None, loader=boom)
 
 
 def test_compare_methods_harp_ls_and_harp_any_ls():

@@ -13,40 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harp._version import __version__
-from harp.engine.evaluate import PERPLEXITY_TASK, TaskSpec, evaluate, parse_limit, perplexity_windows, resolve_tasks
-from harp.engine.text import (
-    DEFAULT_CALIB,
-    DEFAULT_EVAL,
-    bos_token,
-    calibration_windows,
-    check_disjoint,
-    check_disjoint_sources,
-    check_text,
-    load_text,
-    tokenize,
-)
+from harp.engine.evaluate import PERPLEXITY_TASK, EvalResult, TaskSpec, evaluate, parse_limit, resolve_tasks
+from harp.engine.text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, check_disjoint_sources, check_text
+from harp.jobs.preamble import Windows, host_info, load_average, load_windows, output_dir, set_threads, state_path
 from harp.methods.autok import auto_k
 from harp.methods.registry import METHODS, parse_methods
 from harp.methods.search import check_grid
 from harp.methods.selector import ORIGINAL, Plan, Selector, applied
 from harp.model.accounting import count_parameters, kv_bytes_after_prefill
 from harp.model.load import load_model
-from harp.model.prune import check_k
+from harp.model.prune import check_k, refuse_pruned
 from harp.model.source import DEFAULT_MODEL, ModelInfo, _check_k, model_or_problem
 from harp.modeling import decoder_layers
 from harp.report.compare import compare_markdown, plot_compare
-from harp.util.fsio import StateMismatch, atomic_dir, check_output, check_output_dir, read_state, write_json_atomic
+from harp.util.fsio import StateMismatch, atomic_dir, check_output, read_state, write_json_atomic
 from harp.util.problems import Collector, check_windows
 
 STATE_VERSION = 1
@@ -134,14 +123,67 @@ def _fingerprint(settings: CompareSettings, model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -> CompareReport:
-    """Select, prune (in memory), evaluate and tabulate every method for every k. Writes `out` if set."""
+def run_compare(settings: CompareSettings, log: Callable[[str], None] = print, *,
+                evaluator: Evaluator = evaluate) -> CompareReport:
+    """Select, prune (in memory), evaluate and tabulate every method for every k. Writes `out` if set.
+
+    `evaluator` measures one row (`harp.engine.evaluate.evaluate` unless a test replaces it)."""
     s = settings
-    t_start = time.perf_counter()
-    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = check_output_dir(s.out, s.overwrite) if s.out else None
+    t_start, load_avg = time.perf_counter(), load_average()
+    check_compare(s)  # the model's config, k, grid, texts and output, before any weight is read
+    set_threads(s.threads)
+    out = output_dir(s.out, s.overwrite)
+    what = _plan(s)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tok = _load(s, what.ks, log)
+    seconds["load"] = time.perf_counter() - t
+    win = load_windows(tok, s.calib, s.eval, calib_windows=s.calib_windows, seq_len=s.seq_len, seed=s.seed,
+                       eval_tokens=s.eval_tokens, eval_seq_len=s.eval_seq_len)
+    seconds["data"] = win.seconds
+    log(f"calibration: {win.calib_text.description}, {win.calib.shape[0]} x {win.calib.shape[1]} tokens "
+        f"(seed {s.seed}); perplexity: {win.eval_text.description}, {win.eval.shape[0]} x {win.eval.shape[1]} tokens")
+
+    table = _Table.resume(state_path(out, "compare-state.json") if out else None, _fingerprint(s, model), log)
+    rower = _RowMeasurer(s, model, tok, what.specs, win.eval, evaluator, log)
+    if "0:original" not in table.rows:
+        table.add("0:original", rower.measure(ORIGINAL, 0, table.extra))
+    search_seconds, auto_info, pairs = 0.0, None, [(k, m) for k in what.ks for m in what.methods]
+    if s.auto_k:
+        auto_info, pairs, search_seconds = _auto_pairs(s, model, win.calib, what.methods, table, log)
+    ks = sorted({k for k, _ in pairs}, reverse=True)
+    selector = Selector(model, win.calib, grid=s.grid, batch_size=s.batch_size, refine_passes=s.refine_passes,
+                        progress=s.progress, log=log)
+    search_seconds += _select_and_measure(selector, pairs, table, rower, log)
+    seconds.update(search=search_seconds, eval=rower.seconds, total=time.perf_counter() - t_start)
+
+    ordered = [table.rows["0:original"]] + [table.rows[f"{k}:{m}"] for k in ks for m in what.methods
+                                            if (k, m) in pairs]
+    report = CompareReport(
+        settings={**s.fingerprint_fields(), "command": s.command, "threads": torch.get_num_threads(),
+                  "calib_overlap": win.overlap, "grid": selector.grid},
+        model=s.model or DEFAULT_MODEL, num_layers=len(decoder_layers(model)), params_before=rower.params_before,
+        kv_bytes_before=rower.kv_before, tasks=[{"name": t.name, "title": t.title, "kind": t.kind} for t in what.specs],
+        rows=ordered, data=_data_info(s, win, table.extra, bos_token(tok)), seconds=seconds, auto_k=auto_info,
+        host=host_info(machine=True, load_average=load_avg),
+    )
+    if out is not None:
+        _write(report, out, s.overwrite, table.state_file)
+    return report
+
+
+Evaluator = Callable[..., EvalResult]  # `harp.engine.evaluate.evaluate`'s signature: the seam tests replace
+
+
+@dataclass
+class _Plan:
+    methods: list[str]
+    specs: list[TaskSpec]
+    ks: list[int]  # largest first; empty with `auto_k`
+
+
+def _plan(s: CompareSettings) -> _Plan:
+    """The methods, tasks and ks, checked."""
     methods = parse_methods(s.methods)
     lm_tasks = resolve_tasks(s.tasks) if s.tasks else []
     specs: list[TaskSpec] = [resolve_tasks(PERPLEXITY_TASK)[0]] + [t for t in lm_tasks if t.kind != "perplexity"]
@@ -154,157 +196,158 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print) -
         raise ValueError("Give `ks` K (or several, e.g. 4,8), or `auto_k` `max_ppl_increase` P.")
     if s.eval_tokens < s.eval_seq_len:
         raise ValueError(f"`eval_tokens={s.eval_tokens}` is less than one window of `eval_seq_len={s.eval_seq_len}`.")
+    return _Plan(methods, specs, ks)
 
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+
+def _load(s: CompareSettings, ks: list[int], log: Callable[[str], None]) -> tuple[nn.Module, Any]:
     model, tok = load_model(s.model, dtype=s.dtype)
-    if getattr(model.config, "harp", None):
-        raise ValueError(f"{s.model} is already HARP-pruned: compare methods on the original model.")
+    refuse_pruned(model, f"{s.model} is already HARP-pruned: compare methods on the original model.")
     num = len(decoder_layers(model))
     for k in ks:
         check_k(k, num, keep_one=True)  # whole-layer methods are among those compared
-    seconds["load"] = time.perf_counter() - t
-    name = s.model or DEFAULT_MODEL
-    log(f"model: {name} ({type(model).__name__}, {num} layers, {count_parameters(model) / 1e6:.1f} M parameters)")
+    log(f"model: {s.model or DEFAULT_MODEL} ({type(model).__name__}, {num} layers, "
+        f"{count_parameters(model) / 1e6:.1f} M parameters)")
+    return model, tok
 
-    t = time.perf_counter()
-    calib_text = load_text(s.calib, DEFAULT_CALIB)
-    eval_text = load_text(s.eval, DEFAULT_EVAL)
-    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed, bos=bos_token(tok))
-    ev, ev_desc = perplexity_windows(tok, s.eval, s.eval_tokens, s.eval_seq_len)
-    overlap = check_disjoint(calib_text, eval_text, calib, ev)
-    seconds["data"] = time.perf_counter() - t
-    log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
-        f"perplexity: {ev_desc}, {ev.shape[0]} x {ev.shape[1]} tokens")
 
-    state_file = out.parent / f".{out.name}.compare-state.json" if out else None
-    fp = _fingerprint(s, model)
-    rows: dict[str, dict[str, Any]] = {}
-    extra: dict[str, Any] = {}
-    try:
-        st = read_state(state_file, STATE_VERSION, fp)
-    except StateMismatch:
-        st = None
-        log(f"ignoring {state_file}: it belongs to a different comparison")
-    if st is not None:
-        rows = st.get("rows", {})
-        extra = st.get("extra", {})
-        log(f"resuming: {len(rows)} row(s) already measured ({state_file})")
+class _Table:
+    """The measured rows and the shared extras (auto-k results, the task data folder), saved to the
+    resume state after every change."""
 
-    def save_state() -> None:
-        if state_file is not None:
-            state_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(state_file, {"version": STATE_VERSION, "fingerprint": fp, "rows": rows, "extra": extra})
+    def __init__(self, state_file: Path | None, fingerprint: str, rows: dict[str, dict[str, Any]],
+                 extra: dict[str, Any]) -> None:
+        self.state_file, self.fingerprint, self.rows, self.extra = state_file, fingerprint, rows, extra
 
-    params_before = count_parameters(model)
-    kv_before = kv_bytes_after_prefill(model)
-    eval_seconds = 0.0
+    @classmethod
+    def resume(cls, state_file: Path | None, fingerprint: str, log: Callable[[str], None]) -> _Table:
+        try:
+            st = read_state(state_file, STATE_VERSION, fingerprint)
+        except StateMismatch:
+            st = None
+            log(f"ignoring {state_file}: it belongs to a different comparison")
+        if st is None:
+            return cls(state_file, fingerprint, {}, {})
+        log(f"resuming: {len(st.get('rows', {}))} row(s) already measured ({state_file})")
+        return cls(state_file, fingerprint, st.get("rows", {}), st.get("extra", {}))
 
-    def measure(key: str, plan: Plan, k: int) -> None:
-        nonlocal eval_seconds
-        t0 = time.perf_counter()
-        log(f"evaluating {plan.method}" + (f" (k = {k}): {plan.describe()}" if k else ""))
+    def add(self, key: str, row: dict[str, Any]) -> None:
+        self.rows[key] = row
+        self.save()
+
+    def save(self) -> None:
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.state_file, {"version": STATE_VERSION, "fingerprint": self.fingerprint,
+                                                "rows": self.rows, "extra": self.extra})
+
+
+class _RowMeasurer:
+    """Measures one row: the plan applied in memory, every task evaluated, the model restored."""
+
+    def __init__(self, s: CompareSettings, model: nn.Module, tok: Any, specs: list[TaskSpec], ev: torch.Tensor,
+                 evaluator: Evaluator, log: Callable[[str], None]) -> None:
+        self.s, self.model, self.tok, self.specs, self.ev, self.evaluator, self.log = \
+            s, model, tok, specs, ev, evaluator, log
+        self.params_before = count_parameters(model)
+        self.kv_before = kv_bytes_after_prefill(model)
+        self.seconds = 0.0  # evaluation time so far
+
+    def measure(self, plan: Plan, k: int, extra: dict[str, Any]) -> dict[str, Any]:
+        s, model, t0 = self.s, self.model, time.perf_counter()
+        self.log(f"evaluating {plan.method}" + (f" (k = {k}): {plan.describe()}" if k else ""))
         with applied(model, plan):
-            res = evaluate(model, tok, [t.name for t in specs], s.limit, data_dir=s.data_dir,
-                           batch_size=s.eval_batch_size, eval_windows=ev, max_gen_toks=s.max_gen_toks,
-                           log=lambda m: log(f"  {m}"))
+            res = self.evaluator(model, self.tok, [t.name for t in self.specs], s.limit, data_dir=s.data_dir,
+                                 batch_size=s.eval_batch_size, eval_windows=self.ev, max_gen_toks=s.max_gen_toks,
+                                 log=lambda m: self.log(f"  {m}"))
             params = count_parameters(model)
             kv = kv_bytes_after_prefill(model)
         dt = time.perf_counter() - t0
-        eval_seconds += dt
+        self.seconds += dt
         if "data_dir" not in extra and res.data_dir:
             extra["data_dir"] = res.data_dir
             extra["data_files"] = res.data_files
-        rows[key] = {
+        before, kv_before = self.params_before, self.kv_before
+        return {
             "k": k, "method": plan.method, "kind": plan.kind, "layers": plan.layers, "alphas": plan.alphas,
             "plan": plan.describe(), "calib_ppl": plan.calib_ppl, "search_seconds": plan.search_seconds,
             "scores": {n: {"title": sc.title, "metric": sc.metric, "value": sc.value, "stderr": sc.stderr,
                            "higher_is_better": sc.higher_is_better, "samples": sc.samples, "total": sc.total,
                            "seconds": sc.seconds}
                        for n, sc in res.scores.items()},
-            "params": params, "params_removed": params_before - params,
-            "params_removed_pct": 100.0 * (params_before - params) / params_before,
+            "params": params, "params_removed": before - params,
+            "params_removed_pct": 100.0 * (before - params) / before,
             "kv_bytes": kv, "kv_reduction": 1.0 - kv / kv_before if kv_before else 0.0,
             "eval_seconds": dt, "info": _compact_info(plan.info),
         }
-        save_state()
 
-    if "0:original" not in rows:
-        measure("0:original", ORIGINAL, 0)
 
-    auto_info: dict[str, Any] | None = None
-    search_seconds_total = 0.0
-    pairs = [(k, m) for k in ks for m in methods]
-    if s.auto_k:
-        # the refit methods prune more layers within the same budget, so they get a k of their own
-        refit = [m for m in methods if METHODS[m].refit]
-        for key, use_fit in (("auto_k", False), ("auto_k_fit", True)):
-            if use_fit and not refit:
-                continue
-            if key not in extra:
-                t = time.perf_counter()
-                log(f"auto-k{' (refit)' if use_fit else ''}: the largest k whose calibration perplexity stays "
-                    f"within +{100 * s.max_ppl_increase:g} %")
-                ar = auto_k(model, calib, s.max_ppl_increase, max_k=s.max_k, grid=s.grid, batch_size=s.batch_size,
-                            progress=s.progress, fit=use_fit)
-                extra[key] = ar.to_dict()
-                save_state()
-                search_seconds_total += time.perf_counter() - t
-            info = extra[key]
-            log(f"auto-k{' (refit)' if use_fit else ''} chose k = {info['k']} (calibration ppl "
-                f"{info['base_ppl']:.3f}, budget {info['budget_ppl']:.3f})")
-        auto_info = extra["auto_k"]
-        if "auto_k_fit" in extra:
-            auto_info = {**auto_info, "refit": extra["auto_k_fit"]}
-        k_of = {m: int(extra["auto_k_fit" if m in refit else "auto_k"]["k"]) for m in methods}
-        if min(k_of.values()) < 1:
-            raise ValueError(
-                f"No k fits the budget for {', '.join(m for m, k in k_of.items() if k < 1)}: pruning even the top "
-                f"layer raises calibration perplexity above {auto_info['budget_ppl']:.3f} "
-                f"(+{100 * s.max_ppl_increase:g} %). Allow a larger `max_ppl_increase`."
-            )
-        ks = sorted(set(k_of.values()), reverse=True)
-        pairs = [(k_of[m], m) for m in methods]
+def _auto_pairs(s: CompareSettings, model: nn.Module, calib: torch.Tensor, methods: list[str], table: _Table,
+                log: Callable[[str], None]) -> tuple[dict[str, Any], list[tuple[int, str]], float]:
+    """`auto_k`: the largest k within the perplexity budget (the refit methods get a k of their own: they
+    prune more layers within the same budget). Returns the auto-k info, the (k, method) pairs, seconds."""
+    assert s.max_ppl_increase is not None  # _plan checked it
+    refit = [m for m in methods if METHODS[m].refit]
+    seconds = 0.0
+    for key, use_fit in (("auto_k", False), ("auto_k_fit", True)):
+        if use_fit and not refit:
+            continue
+        if key not in table.extra:
+            t = time.perf_counter()
+            log(f"auto-k{' (refit)' if use_fit else ''}: the largest k whose calibration perplexity stays "
+                f"within +{100 * s.max_ppl_increase:g} %")
+            ar = auto_k(model, calib, s.max_ppl_increase, max_k=s.max_k, grid=s.grid, batch_size=s.batch_size,
+                        progress=s.progress, fit=use_fit)
+            table.extra[key] = ar.to_dict()
+            table.save()
+            seconds += time.perf_counter() - t
+        info = table.extra[key]
+        log(f"auto-k{' (refit)' if use_fit else ''} chose k = {info['k']} (calibration ppl "
+            f"{info['base_ppl']:.3f}, budget {info['budget_ppl']:.3f})")
+    auto_info = table.extra["auto_k"]
+    if "auto_k_fit" in table.extra:
+        auto_info = {**auto_info, "refit": table.extra["auto_k_fit"]}
+    k_of = {m: int(table.extra["auto_k_fit" if m in refit else "auto_k"]["k"]) for m in methods}
+    if min(k_of.values()) < 1:
+        raise ValueError(
+            f"No k fits the budget for {', '.join(m for m, k in k_of.items() if k < 1)}: pruning even the top "
+            f"layer raises calibration perplexity above {auto_info['budget_ppl']:.3f} "
+            f"(+{100 * s.max_ppl_increase:g} %). Allow a larger `max_ppl_increase`."
+        )
+    return auto_info, [(k_of[m], m) for m in methods], seconds
 
-    selector = Selector(model, calib, grid=s.grid, batch_size=s.batch_size, refine_passes=s.refine_passes,
-                        progress=s.progress, log=log)
-    for k, m in sorted(pairs, key=lambda p: -p[0]):  # largest k first: greedy prefixes are reused
+
+def _select_and_measure(selector: Selector, pairs: list[tuple[int, str]], table: _Table, rower: _RowMeasurer,
+                        log: Callable[[str], None]) -> float:
+    """Every row still missing, largest k first (greedy prefixes are reused). Returns the selection seconds."""
+    seconds = 0.0
+    for k, m in sorted(pairs, key=lambda p: -p[0]):
         key = f"{k}:{m}"
-        if key in rows:
+        if key in table.rows:
             continue
         t = time.perf_counter()
         log(f"selecting {m} (k = {k}) — {METHODS[m].summary}")
         plan = selector.select(m, k)
-        search_seconds_total += time.perf_counter() - t
-        measure(key, plan, k)
-    seconds["search"] = search_seconds_total
-    seconds["eval"] = eval_seconds
-    seconds["total"] = time.perf_counter() - t_start
+        seconds += time.perf_counter() - t
+        table.add(key, rower.measure(plan, k, table.extra))
+    return seconds
 
-    ordered = [rows["0:original"]] + [rows[f"{k}:{m}"] for k in ks for m in methods if (k, m) in pairs]
-    report = CompareReport(
-        settings={**s.fingerprint_fields(), "command": s.command, "threads": torch.get_num_threads(),
-                  "calib_overlap": overlap, "grid": selector.grid},
-        model=name, num_layers=num, params_before=params_before, kv_bytes_before=kv_before,
-        tasks=[{"name": t.name, "title": t.title, "kind": t.kind} for t in specs],
-        rows=ordered,
-        data={"calibration": calib_text.description, "calib_windows": int(calib.shape[0]), "bos_token": bos_token(tok),
-              "calib_seq_len": int(calib.shape[1]), "evaluation": ev_desc, "eval_windows": int(ev.shape[0]),
-              "eval_seq_len": int(ev.shape[1]), "limit": s.limit, "data_dir": extra.get("data_dir"),
-              "data_files": extra.get("data_files", {})},
-        seconds=seconds, auto_k=auto_info,
-        host={"python": platform.python_version(), "torch": torch.__version__, "harp": __version__,
-              "cpus": os.cpu_count(), "load_average_at_start": load_avg},
-    )
-    if out is not None:
-        with atomic_dir(out, s.overwrite) as tmp:
-            write_json_atomic(tmp / "compare.json", report.to_dict())
-            (tmp / "compare.md").write_text(report.to_markdown())
-            plot_compare(report, tmp / "compare.png")
-        report.out = str(out)
-        if state_file is not None and state_file.exists():
-            state_file.unlink()
-    return report
+
+def _data_info(s: CompareSettings, win: Windows, extra: dict[str, Any], bos: int | None) -> dict[str, Any]:
+    return {"calibration": win.calib_text.description, "calib_windows": int(win.calib.shape[0]), "bos_token": bos,
+            "calib_seq_len": int(win.calib.shape[1]), "evaluation": win.eval_text.description,
+            "eval_windows": int(win.eval.shape[0]), "eval_seq_len": int(win.eval.shape[1]), "limit": s.limit,
+            "data_dir": extra.get("data_dir"), "data_files": extra.get("data_files", {})}
+
+
+def _write(report: CompareReport, out: Path, overwrite: bool, state_file: Path | None) -> None:
+    """compare.json / .md / .png, atomically; then the resume state goes."""
+    with atomic_dir(out, overwrite) as tmp:
+        write_json_atomic(tmp / "compare.json", report.to_dict())
+        (tmp / "compare.md").write_text(report.to_markdown())
+        plot_compare(report, tmp / "compare.png")
+    report.out = str(out)
+    if state_file is not None and state_file.exists():
+        state_file.unlink()
 
 
 def check_compare(s: Any) -> ModelInfo | None:

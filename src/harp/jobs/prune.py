@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,23 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp._version import __version__
 from harp.engine.perplexity import perplexity
 from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
 from harp.engine.text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
-    bos_token,
     calibration_windows,
-    check_disjoint,
     check_disjoint_sources,
     check_text,
-    evaluation_windows,
-    load_text,
     tokenize,
 )
+from harp.jobs.preamble import Windows, host_info, load_windows, output_dir, set_threads, state_path
 from harp.methods.fit import FitResult, check_fit_settings, fit_layers
-from harp.methods.scores import attention_drop_scores, pick
+from harp.methods.scores import ATTENTION_DROP_SCORE, attention_drop_scores, pick
 from harp.methods.search import (
     SearchResult,
     check_grid,
@@ -48,11 +44,11 @@ from harp.model.accounting import (
 )
 from harp.model.checkpoint import save
 from harp.model.load import check_resident, load_on_device, resolve_device
-from harp.model.prune import prune, temporarily_pruned
+from harp.model.prune import prune, refuse_pruned, temporarily_pruned
 from harp.model.source import DEFAULT_MODEL, ModelInfo, check_layer_choice, model_or_problem
 from harp.modeling import LinearMap, decoder_layers, layer_indices
 from harp.util.dtypes import torch_dtype
-from harp.util.fsio import check_output, check_output_dir, write_json_atomic
+from harp.util.fsio import check_output, write_json_atomic
 from harp.util.problems import Collector, check_positive, check_windows
 
 SELECTIONS = ("top", "attention-drop", "auto")
@@ -128,258 +124,403 @@ class PruneReport:
 
 
 def state_file_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.harp-search.json"
+    """The search's resume state next to the output folder."""
+    return state_path(out, "harp-search.json")
 
 
-def run_prune(settings: PruneSettings, log: Any = print) -> PruneReport:
-    """Search the alphas (unless given), prune, measure perplexity before/after, save if `out`."""
-    t_start = time.perf_counter()
-    s = settings
-    check_prune(s)  # every argument against the config / GGUF header / files, all problems at once: nothing loaded
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = check_output_dir(s.out, s.overwrite) if s.out else None
-    grid = parse_grid(s.grid)
-    fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
+Loader = Callable[..., tuple[nn.Module, Any]]  # `load_on_device`'s signature: the seam tests replace
 
+
+def run_prune(settings: PruneSettings, log: Any = print, *, loader: Loader = load_on_device) -> PruneReport:
+    """Search the alphas (unless given), prune, measure perplexity before/after, save if `out`.
+
+    `loader` loads the whole model (`harp.model.load.load_on_device` unless a test replaces it)."""
+    run = _prepare(settings, log)
+    backend = _open_model(run, loader)
+    layers = _requested_layers(run, backend)
+    win = _load_data(run, backend)
+    choice = _choose_layers(run, backend, win, layers)
+    # the streamed search runs before the whole model is resident; in memory, the original is measured first
+    made = _produce(run, backend, win, choice) if backend.searches_first else None
+    model = backend.full_model()
+    before = _measure_original(run, model, choice.layers, win)
+    made = made or _produce(run, backend, win, choice)
+    measured = _prune_and_measure(run, model, choice.layers, made, win, before)
+    report = _report(run, model, win, choice, made, measured)
+    if run.out is not None:
+        _save(run, run.out, model, backend.tokenizer, win, report)
+    report.seconds["total"] = time.perf_counter() - run.t_start
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages of run_prune, in order
+# ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[key]`."""
     t = time.perf_counter()
-    model: nn.Module | None = None
-    streamer = None
-    if s.streamed and s.alphas is None:
-        # the search comes first and never has the whole model resident; the model is loaded afterwards
-        # for evaluation, pruning and saving
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+
+
+@dataclass
+class _Run:
+    """The checked settings of one run and what every stage shares."""
+
+    s: PruneSettings
+    log: Callable[[str], None]
+    out: Path | None
+    grid: list[float]
+    fit: str  # "lstsq" | "none"
+    method: str  # what the saved model is: "harp-ls" | "harp"
+    state: Path | None  # the search's resume state next to `out`
+    t_start: float
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _prepare(s: PruneSettings, log: Callable[[str], None]) -> _Run:
+    t_start = time.perf_counter()
+    check_prune(s)  # every argument against the config / GGUF header / files, all problems at once: nothing loaded
+    set_threads(s.threads)
+    out = output_dir(s.out, s.overwrite)
+    fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
+    return _Run(s, log, out, parse_grid(s.grid), fit, "harp-ls" if fit == "lstsq" else "harp",
+                state_file_for(out) if out else None, t_start)
+
+
+class _Backend:
+    """The model the layers are searched and fitted on. Stages call `search`, `fit`, `resident` and
+    `full_model` and never ask which backend they have; only the order differs (`searches_first`)."""
+
+    searches_first = False  # the search / fit must run before `full_model` (the streamed one)
+    config: Any
+    tokenizer: Any
+    description: str
+
+    def __init__(self, run: _Run, loader: Loader) -> None:
+        self.run, self.loader = run, loader
+
+    def search(self, calib: torch.Tensor, layers: list[int], state_path: Path | None) -> SearchResult:
+        with _timed(self.run.seconds, "search"):
+            res = self._search(calib, layers, state_path)
+            if res.resumed_layers:
+                self.run.log(f"resumed a search: {res.resumed_layers} of {len(layers)} layers were already done")
+        return res
+
+    def fit(self, calib: torch.Tensor, layers: list[int]) -> FitResult:
+        s = self.run.s
+        with _timed(self.run.seconds, "fit"):
+            return self._fit(calib, layers, {"ridge": s.ridge, "prior": s.fit_prior, "batch_size": s.batch_size,
+                                             "progress": s.progress})
+
+    def _search(self, calib: torch.Tensor, layers: list[int], state_path: Path | None) -> SearchResult:
+        raise NotImplementedError
+
+    def _fit(self, calib: torch.Tensor, layers: list[int], kw: dict[str, Any]) -> FitResult:
+        raise NotImplementedError
+
+    def resident(self) -> nn.Module:
+        """The whole model, resident now (check_prune allows only this backend where it is needed)."""
+        raise NotImplementedError
+
+    def full_model(self) -> nn.Module:
+        """The whole model for evaluation, pruning and saving."""
+        raise NotImplementedError
+
+
+class _InMemory(_Backend):
+    def __init__(self, run: _Run, loader: Loader) -> None:
+        super().__init__(run, loader)
+        s = run.s
+        self.model, self.tokenizer = loader(s.model, dtype=s.dtype, device=s.device)
+        self.config = self.model.config
+        self.description = f"{type(self.model).__name__}, {len(decoder_layers(self.model))} layers, " \
+            f"{count_parameters(self.model) / 1e6:.1f} M parameters"
+
+    def _search(self, calib: torch.Tensor, layers: list[int], state_path: Path | None) -> SearchResult:
+        s = self.run.s
+        return search_alphas(self.model, calib, layers, grid=self.run.grid, method=s.method,
+                             batch_size=s.batch_size, state_path=state_path, progress=s.progress)
+
+    def _fit(self, calib: torch.Tensor, layers: list[int], kw: dict[str, Any]) -> FitResult:
+        return fit_layers(self.model, calib, layers, **kw)
+
+    def resident(self) -> nn.Module:
+        return self.model
+
+    def full_model(self) -> nn.Module:
+        return self.model
+
+
+class _Streamed(_Backend):
+    """The search and the fit stream the layers (StreamedModel); the whole model is loaded afterwards."""
+
+    searches_first = True
+
+    def __init__(self, run: _Run, loader: Loader) -> None:
         from transformers import AutoTokenizer
 
+        super().__init__(run, loader)
+        s = run.s
+        self.streamer: StreamedModel | None = StreamedModel(s.model, dtype=s.dtype, device=s.device)
+        self.config = self.streamer.model.config
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.streamer.folder))
+        self.description = f"{type(self.streamer.model).__name__}, {self.config.num_hidden_layers} layers, " \
+            f"{parameter_count(self.config) / 1e6:.1f} M parameters, streamed from {self.streamer.folder}"
 
-        streamer = StreamedModel(s.model, dtype=s.dtype, device=s.device)
-        config = streamer.model.config
-        tok = AutoTokenizer.from_pretrained(str(streamer.folder))
-        model_desc = f"{type(streamer.model).__name__}, {config.num_hidden_layers} layers, " \
-            f"{parameter_count(config) / 1e6:.1f} M parameters, streamed from {streamer.folder}"
-    else:
-        model, tok = load_on_device(s.model, dtype=s.dtype, device=s.device)
-        config = model.config
-        model_desc = f"{type(model).__name__}, {len(decoder_layers(model))} layers, " \
-            f"{count_parameters(model) / 1e6:.1f} M parameters"
-    if getattr(config, "harp", None):
-        raise ValueError(f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
-    num = config.num_hidden_layers
+    def _search(self, calib: torch.Tensor, layers: list[int], state_path: Path | None) -> SearchResult:
+        s = self.run.s
+        return streamed_search(None, calib, layers, grid=self.run.grid, batch_size=s.batch_size,
+                               state_path=state_path, progress=s.progress, activations=s.activations,
+                               model=self.streamer)
+
+    def _fit(self, calib: torch.Tensor, layers: list[int], kw: dict[str, Any]) -> FitResult:
+        sm, bs = self.streamer, self.run.s.batch_size
+        assert sm is not None, "the streamed model was already dropped for the whole one"
+        with activation_store(self.run.s.activations, sm.device) as keep:
+            return fit_layers(sm.model, calib, layers,
+                              prepare=lambda lo, bar: sm.capture(calib, lo, bs, bar, keep), **kw)
+
+    def resident(self) -> nn.Module:
+        raise AssertionError("check_prune refuses `select` with `streamed`")
+
+    def full_model(self) -> nn.Module:
+        s = self.run.s
+        self.streamer = None  # drop the partially loaded model before loading the whole one
+        with _timed(self.run.seconds, "load"):
+            model, _ = self.loader(s.model, dtype=s.dtype, device=s.device, with_tokenizer=False)
+        return model
+
+
+def _open_model(run: _Run, loader: Loader) -> _Backend:
+    s = run.s
+    with _timed(run.seconds, "load"):
+        # a given `alphas` has no search to stream: the streamed backend is for searching and fitting
+        backend = (_Streamed if s.streamed and s.alphas is None else _InMemory)(run, loader)
+    refuse_pruned(backend.config, f"{s.model} is already a HARP-pruned checkpoint; prune the original model.")
+    return backend
+
+
+def _requested_layers(run: _Run, backend: _Backend) -> list[int]:
+    """The top k or the given layers, top first (`select` may replace them later)."""
+    s, num = run.s, backend.config.num_hidden_layers
     if s.layers:
         layers = sorted(layer_indices(s.layers, num), reverse=True)
     else:
         layers = top_layers(num, s.k if s.k is not None else 8)
     if s.alphas is not None and len(s.alphas) != len(layers):
         raise ValueError(f"`alphas` gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
-    seconds = {"load": time.perf_counter() - t}
     what = f"pruning layers {sorted(layers)}" if s.select == "top" else \
         f"pruning {len(layers)} layers chosen by `select={s.select}`"
-    log(f"model: {s.model or DEFAULT_MODEL} ({model_desc}), {what}")
+    run.log(f"model: {s.model or DEFAULT_MODEL} ({backend.description}), {what}")
+    return layers
 
-    t = time.perf_counter()
-    calib_text = load_text(s.calib, DEFAULT_CALIB)
-    eval_text = load_text(s.eval, DEFAULT_EVAL)
-    bos = bos_token(tok)
-    calib = calibration_windows(tokenize(tok, calib_text), s.calib_windows, s.seq_len, s.seed, bos=bos)
-    ev = evaluation_windows(tokenize(tok, eval_text), s.eval_seq_len, s.eval_tokens, bos=bos)
-    overlap = check_disjoint(calib_text, eval_text, calib, ev)
-    seconds["data"] = time.perf_counter() - t
-    log(f"calibration: {calib_text.description}, {calib.shape[0]} x {calib.shape[1]} tokens (seed {s.seed}); "
-        f"evaluation: {eval_text.description}, {ev.shape[0]} x {ev.shape[1]} tokens")
 
-    method = "harp-ls" if fit == "lstsq" else "harp"
-    state = state_file_for(out) if out else None
-    seconds["search"] = seconds["fit"] = 0.0
-    k = len(layers)
+def _load_data(run: _Run, backend: _Backend) -> Windows:
+    s = run.s
+    win = load_windows(backend.tokenizer, s.calib, s.eval, calib_windows=s.calib_windows, seq_len=s.seq_len,
+                       seed=s.seed, eval_tokens=s.eval_tokens, eval_seq_len=s.eval_seq_len)
+    run.seconds["data"] = win.seconds
+    run.seconds["search"] = run.seconds["fit"] = 0.0
+    run.log(f"calibration: {win.calib_text.description}, {win.calib.shape[0]} x {win.calib.shape[1]} tokens "
+            f"(seed {s.seed}); evaluation: {win.eval_text.description}, {win.eval.shape[0]} x {win.eval.shape[1]} "
+            "tokens")
+    return win
 
-    def search_on(target: Any, lays: list[int], state_path: Path | None) -> SearchResult:
-        t = time.perf_counter()
-        if streamer is not None:
 
-            res = streamed_search(None, calib, lays, grid=grid, batch_size=s.batch_size, state_path=state_path,
-                                  progress=s.progress, activations=s.activations, model=target)
-        else:
-            res = search_alphas(target, calib, lays, grid=grid, method=s.method, batch_size=s.batch_size,
-                                state_path=state_path, progress=s.progress)
-        if res.resumed_layers:
-            log(f"resumed a search: {res.resumed_layers} of {len(lays)} layers were already done")
-        seconds["search"] += time.perf_counter() - t
-        return res
+@dataclass
+class _Choice:
+    """Which layers are pruned (top first), why, and the refit / search the choice already made."""
 
-    def fit_on(lays: list[int]) -> FitResult:
-        t = time.perf_counter()
-        kw: dict[str, Any] = {"ridge": s.ridge, "prior": s.fit_prior, "batch_size": s.batch_size,
-                              "progress": s.progress}
-        if streamer is not None:
+    layers: list[int]
+    selection: dict[str, Any]
+    fitted: FitResult | None = None
+    searched: SearchResult | None = None
 
-            sm = streamer
-            with activation_store(s.activations, sm.device) as keep:
-                res = fit_layers(sm.model, calib, lays, prepare=lambda lo, bar: sm.capture(calib, lo, s.batch_size,
-                                                                                          bar, keep), **kw)
-        else:
-            assert model is not None
-            res = fit_layers(model, calib, lays, **kw)
-        seconds["fit"] += time.perf_counter() - t
-        return res
 
-    # --- which layers --------------------------------------------------------------------------------
-    selection: dict[str, Any] = {"rule": s.select}
-    fitted: FitResult | None = None  # the refit of the chosen layers, when the selection already made it
-    searched: SearchResult | None = None  # HARP's search on the chosen layers, likewise
-    if s.select in ("attention-drop", "auto"):
-        assert model is not None  # check_prune refuses `select` with `streamed`
-        t = time.perf_counter()
-        scores = attention_drop_scores(model, calib, s.batch_size)
-        any_depth = sorted(pick(scores, k, highest=True), reverse=True)
-        selection.update(score="mean cos(X, X + Attn(LN(X))) per layer (He et al. 2024)", scores=scores)
+_ATTENTION_DROP_SCORE = f"{ATTENTION_DROP_SCORE} per layer (He et al. 2024)"
+
+
+def _choose_layers(run: _Run, backend: _Backend, win: Windows, layers: list[int]) -> _Choice:
+    s = run.s
+    if s.select == "top":
+        return _Choice(layers, {"rule": s.select})
+    with _timed(run.seconds, "select"):
+        model = backend.resident()
+        scores = attention_drop_scores(model, win.calib, s.batch_size)
+        any_depth = sorted(pick(scores, len(layers), highest=True), reverse=True)
+        selection = {"rule": s.select, "score": _ATTENTION_DROP_SCORE, "scores": scores}
         if s.select == "attention-drop":
-            layers = any_depth
-            log(f"selected by the Attention Drop score (any depth): layers {sorted(layers)}")
-        else:  # auto: prune both ways, keep the lower perplexity on held-out calibration windows
-            # windows of the calibration text the fit / search never saw: the fitting windows themselves
-            # favour whichever candidate overfits them most
-            n_held = max(2, s.calib_windows // 2)
-            try:
-                held = calibration_windows(tokenize(tok, calib_text), n_held, s.seq_len, s.seed, bos=bos,
-                                           skip=s.calib_windows)
-                held_desc = f"{n_held} held-out calibration windows"
-            except ValueError:
-                held, held_desc = calib, "the calibration windows (the text is too short for held-out ones)"
-            cands: dict[str, dict[str, Any]] = {}
-            made: dict[str, Any] = {}
-            for rule, lays in (("top", layers), ("attention-drop", any_depth)):
-                if rule == "attention-drop" and lays == layers:
-                    continue
-                if fit == "lstsq":
-                    made[rule] = fit_on(lays)
-                    plan_alphas, plan_maps = [1.0] * k, made[rule].maps
-                else:
-                    made[rule] = search_on(model, lays, None)
-                    plan_alphas, plan_maps = made[rule].alphas, None
-                with temporarily_pruned(model, lays, plan_alphas, plan_maps):
-                    cal = perplexity(model, held, batch_size=s.batch_size).ppl
-                cands[rule] = {"layers": sorted(lays), "calib_ppl": cal}
-            picked = min(cands, key=lambda r: cands[r]["calib_ppl"])
-            layers = sorted(cands[picked]["layers"], reverse=True)
-            fitted, searched = (made[picked], None) if fit == "lstsq" else (None, made[picked])
-            selection.update(candidates=cands, picked=picked, judged_on=held_desc)
-            log(f"`select=auto`, perplexity on {held_desc}: " + ", ".join(
-                f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
-        seconds["select"] = time.perf_counter() - t
+            run.log(f"selected by the Attention Drop score (any depth): layers {sorted(any_depth)}")
+            return _Choice(any_depth, selection)
+        return _auto_choice(run, backend, win, {"top": layers, "attention-drop": any_depth}, selection)
 
-    # --- what the pruned layers get: fitted maps or searched alphas; and the other as a reference ---------
+
+def _held_out(run: _Run, tok: Any, win: Windows) -> tuple[torch.Tensor, str]:
+    """Windows of the calibration text the fit / search never saw: the fitting windows themselves favour
+    whichever candidate overfits them most. The fitting windows when the text is too short."""
+    s = run.s
+    n_held = max(2, s.calib_windows // 2)
+    try:
+        held = calibration_windows(tokenize(tok, win.calib_text), n_held, s.seq_len, s.seed, bos=win.bos,
+                                   skip=s.calib_windows)
+        return held, f"{n_held} held-out calibration windows"
+    except ValueError:
+        return win.calib, "the calibration windows (the text is too short for held-out ones)"
+
+
+def _auto_choice(run: _Run, backend: _Backend, win: Windows, candidates: dict[str, list[int]],
+                 selection: dict[str, Any]) -> _Choice:
+    """`select=auto`: prune both ways, keep the lower perplexity on held-out calibration windows."""
+    held, held_desc = _held_out(run, backend.tokenizer, win)
+    cands: dict[str, dict[str, Any]] = {}
+    made: dict[str, Any] = {}
+    for rule, lays in candidates.items():
+        if rule != "top" and lays == candidates["top"]:
+            continue
+        made[rule], cal = _candidate(run, backend, win, lays, held)
+        cands[rule] = {"layers": sorted(lays), "calib_ppl": cal}
+    picked = min(cands, key=lambda r: cands[r]["calib_ppl"])
+    selection.update(candidates=cands, picked=picked, judged_on=held_desc)
+    run.log(f"`select=auto`, perplexity on {held_desc}: " + ", ".join(
+        f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
+    layers = sorted(cands[picked]["layers"], reverse=True)
+    if run.fit == "lstsq":
+        return _Choice(layers, selection, fitted=made[picked])
+    return _Choice(layers, selection, searched=made[picked])
+
+
+def _candidate(run: _Run, backend: _Backend, win: Windows, layers: list[int],
+               held: torch.Tensor) -> tuple[FitResult | SearchResult, float]:
+    """One `select=auto` candidate: refit (or search) `layers`, and its perplexity on `held`."""
+    res: FitResult | SearchResult
+    if run.fit == "lstsq":
+        res = backend.fit(win.calib, layers)
+        alphas, maps = [1.0] * len(layers), res.maps
+    else:
+        res = backend.search(win.calib, layers, None)
+        alphas, maps = res.alphas, None
+    model = backend.resident()
+    with temporarily_pruned(model, layers, alphas, maps):
+        return res, perplexity(model, held, batch_size=run.s.batch_size).ppl
+
+
+@dataclass
+class _Made:
+    """What the pruned layers get (alphas, and the refit maps with `fit=lstsq`), and the references."""
+
+    alphas: list[float]
+    maps: dict[int, LinearMap] | None
+    search_info: dict[str, Any]
+    fitted: FitResult | None
+    references: dict[str, tuple[list[float], dict[int, LinearMap] | None]]
+
+
+def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Made:
+    """Fitted maps or searched alphas for the chosen layers; and the other as a reference row."""
+    s, k, layers = run.s, len(choice.layers), choice.layers
+    searched, fitted = choice.searched, choice.fitted
     alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
     search_info: dict[str, Any] = {"method": "given", "alphas": alphas} if s.alphas is not None else {}
-    references: dict[str, tuple[list[float], dict[int, LinearMap] | None]] = {}
+    if s.alphas is None and (run.fit == "none" or s.references):
+        searched = searched or backend.search(win.calib, layers, run.state)
+        search_info = searched.to_dict()
+    if run.fit == "lstsq" or s.references:
+        fitted = fitted or backend.fit(win.calib, layers)
+    if run.fit == "lstsq":
+        assert fitted is not None
+        refs = {"harp": (searched.alphas, None)} if searched is not None else {}
+        return _Made(alphas, fitted.maps, search_info, fitted, refs)
+    if s.alphas is None:
+        assert searched is not None
+        alphas = list(searched.alphas)
+    refs = {"harp-ls": ([1.0] * k, fitted.maps)} if fitted is not None else {}
+    return _Made(alphas, None, search_info, fitted, refs)
 
-    def produce(target: Any) -> dict[int, LinearMap] | None:
-        nonlocal alphas, search_info, fitted, searched
-        want_search = s.alphas is None and (fit == "none" or s.references)
-        if want_search:
-            searched = searched or search_on(target, layers, state)
-            search_info = searched.to_dict()
-        if fit == "lstsq" or s.references:
-            fitted = fitted or fit_on(layers)
-        if fit == "lstsq":
-            if searched is not None:
-                references["harp"] = (searched.alphas, None)
-            return fitted.maps  # type: ignore[union-attr]
-        if s.alphas is None:
-            alphas = list(searched.alphas)  # type: ignore[union-attr]
-        if fitted is not None:
-            references["harp-ls"] = ([1.0] * k, fitted.maps)
-        return None
 
-    maps: dict[int, LinearMap] | None = None
-    if streamer is not None:
-        maps = produce(streamer)
-        streamer = None  # drop the partially loaded model before loading the whole one
-        t = time.perf_counter()
-        model, _ = load_on_device(s.model, dtype=s.dtype, device=s.device, with_tokenizer=False)
-        seconds["load"] += time.perf_counter() - t
-    assert model is not None
+@dataclass
+class _Measured:
+    ppl: dict[str, float]
+    params_before: int
+    kv_before: int
+    params_after: int = 0
+    kv_after: int = 0
+
+
+def _measure_original(run: _Run, model: nn.Module, layers: list[int], win: Windows) -> _Measured:
     check_resident(model, layers)
+    with _timed(run.seconds, "eval"):
+        ppl = {"original": perplexity(model, win.eval, batch_size=run.s.batch_size, progress="eval: original").ppl}
+    return _Measured(ppl, count_parameters(model), kv_bytes_after_prefill(model))
 
-    ppl: dict[str, float] = {}
-    t = time.perf_counter()
-    ppl["original"] = perplexity(model, ev, batch_size=s.batch_size, progress="eval: original").ppl
-    seconds["eval"] = time.perf_counter() - t
-    params_before = count_parameters(model)
-    kv_before = kv_bytes_after_prefill(model)
 
-    if not s.streamed:
-        maps = produce(model)
+def _prune_and_measure(run: _Run, model: nn.Module, layers: list[int], made: _Made, win: Windows,
+                       before: _Measured) -> _Measured:
+    """The reference rows (pruned in memory, restored), then the model pruned for good and measured."""
+    s, k, ppl = run.s, len(layers), dict(before.ppl)
+    with _timed(run.seconds, "eval"):
+        if s.references:
+            refs = {**made.references, "alpha=1": ([1.0] * k, None), "alpha=0": ([0.0] * k, None)}
+            for name, (ref_alphas, ref_maps) in refs.items():
+                with temporarily_pruned(model, layers, ref_alphas, ref_maps):
+                    ppl[name] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {name}").ppl
+        prune(model, layers, made.alphas, made.maps)
+        ppl[run.method] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {run.method}").ppl
+    return _Measured(ppl, before.params_before, before.kv_before, count_parameters(model),
+                     kv_bytes_after_prefill(model))
 
-    t = time.perf_counter()
-    if s.references:
-        references["alpha=1"] = ([1.0] * k, None)
-        references["alpha=0"] = ([0.0] * k, None)
-        for name, (ref_alphas, ref_maps) in references.items():
-            with temporarily_pruned(model, layers, ref_alphas, ref_maps):
-                ppl[name] = perplexity(model, ev, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-    prune(model, layers, alphas, maps)
-    ppl[method] = perplexity(model, ev, batch_size=s.batch_size, progress=f"eval: {method}").ppl
-    seconds["eval"] += time.perf_counter() - t
-    params_after = count_parameters(model)
-    kv_after = kv_bytes_after_prefill(model)
-    fit_info: dict[str, Any] = {"method": fit}
-    if fitted is not None:
-        fit_info.update(fitted.to_dict(), method=fit, ridge_setting=s.ridge, prior_setting=s.fit_prior,
-                        used=fit == "lstsq")
 
+def _report(run: _Run, model: nn.Module, win: Windows, choice: _Choice, made: _Made, m: _Measured) -> PruneReport:
+    s = run.s
+    fit_info: dict[str, Any] = {"method": run.fit}
+    if made.fitted is not None:
+        fit_info.update(made.fitted.to_dict(), method=run.fit, ridge_setting=s.ridge, prior_setting=s.fit_prior,
+                        used=run.fit == "lstsq")
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
-        layers=list(layers),
-        alphas=list(alphas),
-        ppl=ppl,
-        eval_tokens=int(ev.shape[0] * (ev.shape[1] - 1)),
-        calib_tokens=int(calib.shape[0] * (calib.shape[1] - 1)),
-        params_before=params_before,
-        params_after=params_after,
-        params_removed_predicted=removed_parameters(model.config, layers, alphas),
-        kv_bytes_before=kv_before,
-        kv_bytes_after=kv_after,
-        seconds=seconds,
-        search=search_info,
-        selection=selection,
-        fit=fit_info,
-        method=method,
+        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl,
+        eval_tokens=int(win.eval.shape[0] * (win.eval.shape[1] - 1)),
+        calib_tokens=int(win.calib.shape[0] * (win.calib.shape[1] - 1)),
+        params_before=m.params_before, params_after=m.params_after,
+        params_removed_predicted=removed_parameters(model.config, choice.layers, made.alphas),
+        kv_bytes_before=m.kv_before, kv_bytes_after=m.kv_after, seconds=run.seconds, search=made.search_info,
+        selection=choice.selection, fit=fit_info, method=run.method,
         kv_at_contexts=kv_savings(model.config, None, dtype=s.dtype),
     )
-    report.settings["grid"] = grid
-    report.settings["calib_overlap"] = overlap
-    if out is not None:
-        t = time.perf_counter()
-        log_entries = search_info.get("log", [])
-        recipe = {
-            "method": method,
-            "fit": fit_info,
-            "source_model": s.model or DEFAULT_MODEL,
-            "selection": selection,
-            "search": {k: v for k, v in search_info.items() if k != "log"},
-            "calibration": {"source": calib_text.name, "description": calib_text.description,
-                            "sha256": calib_text.sha256, "windows": calib.shape[0], "seq_len": calib.shape[1],
-                            "seed": s.seed, "bos_token": bos},
-            "evaluation": {"source": eval_text.name, "sha256": eval_text.sha256, "windows": ev.shape[0],
-                           "seq_len": ev.shape[1], "bos_token": bos},
-            "perplexity": ppl,
-            "host": {"python": platform.python_version(), "torch": torch.__version__, "harp": __version__},
-        }
-        report.seconds["save"] = 0.0
-        report.seconds["total"] = time.perf_counter() - t_start
-        summary = report.to_dict()
-        save(
-            model, out, tokenizer=tok, recipe=recipe, overwrite=s.overwrite,
-            extra_files={
-                "search_log.json": lambda p: write_json_atomic(p, log_entries),
-                "harp_summary.json": lambda p: write_json_atomic(p, summary),
-            },
-        )
-        report.out = str(out)
-        report.seconds["save"] = time.perf_counter() - t
-        if state is not None and state.exists():
-            os.remove(state)
-    report.seconds["total"] = time.perf_counter() - t_start
+    report.settings["grid"] = run.grid
+    report.settings["calib_overlap"] = win.overlap
     return report
+
+
+def _save(run: _Run, out: Path, model: nn.Module, tok: Any, win: Windows, report: PruneReport) -> None:
+    """The checkpoint with its recipe, search log and summary; then the search's resume state goes."""
+    s, t = run.s, time.perf_counter()
+    log_entries = report.search.get("log", [])
+    recipe = {
+        "method": run.method, "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
+        "selection": report.selection, "search": {k: v for k, v in report.search.items() if k != "log"},
+        "calibration": {"source": win.calib_text.name, "description": win.calib_text.description,
+                        "sha256": win.calib_text.sha256, "windows": win.calib.shape[0],
+                        "seq_len": win.calib.shape[1], "seed": s.seed, "bos_token": win.bos},
+        "evaluation": {"source": win.eval_text.name, "sha256": win.eval_text.sha256, "windows": win.eval.shape[0],
+                       "seq_len": win.eval.shape[1], "bos_token": win.bos},
+        "perplexity": report.ppl, "host": host_info(),
+    }
+    report.seconds["save"] = 0.0
+    report.seconds["total"] = time.perf_counter() - run.t_start
+    summary = report.to_dict()
+    save(model, out, tokenizer=tok, recipe=recipe, overwrite=s.overwrite,
+         extra_files={"search_log.json": lambda p: write_json_atomic(p, log_entries),
+                      "harp_summary.json": lambda p: write_json_atomic(p, summary)})
+    report.out = str(out)
+    report.seconds["save"] = time.perf_counter() - t
+    if run.state is not None and run.state.exists():
+        os.remove(run.state)
 
 
 def check_prune(s: Any) -> ModelInfo | None:
