@@ -29,8 +29,8 @@ from torch import nn
 from harp.engine.perplexity import perplexity
 from harp.engine.replay import Batch, Prepare, capture_inputs, run_layers, tail_nll
 from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
-from harp.model.prune import check_k, temporarily_pruned
-from harp.modeling import LinearMap, arch_for, get_module
+from harp.model.prune import check_k, refuse_pruned, temporarily_pruned
+from harp.modeling import LinearMap, arch_for, get_module, layer_indices
 from harp.util.digest import tensor_digest
 from harp.util.fsio import StateMismatch, read_state, write_json_atomic
 from harp.util.problems import Collector
@@ -311,14 +311,12 @@ class _Scorer:
 def _search_order(model: nn.Module, layers: int | Sequence[int]) -> tuple[int, list[int]]:
     """The model's layer count and the layers to search, top first; raises for a pruned model or bad layers."""
     num = len(get_module(model, arch_for(model.config).layers))
-    if getattr(model.config, "harp", None):
-        raise ValueError("This model is already HARP-pruned; search alphas on the original model.")
-    order = top_layers(num, layers) if isinstance(layers, int) else sorted({int(i) for i in layers}, reverse=True)
-    if not isinstance(layers, int):
-        if len(order) != len(list(layers)):
-            raise ValueError("Layer indices to search must be distinct.")
-        if not order or order[0] >= num or order[-1] < 0:
-            raise ValueError(f"Layers {list(layers)} out of range: this model has layers 0..{num - 1}.")
+    refuse_pruned(model, "This model is already HARP-pruned; search alphas on the original model.")
+    if isinstance(layers, int):
+        return num, top_layers(num, layers)
+    order = sorted(layer_indices(list(layers), num), reverse=True)
+    if not order:
+        raise ValueError(f"Layers {list(layers)} out of range: this model has layers 0..{num - 1}.")
     return num, order
 
 

@@ -27,7 +27,7 @@ from harp.methods.registry import Plan as Plan
 from harp.methods.scores import attention_drop_scores, block_influence
 from harp.methods.search import DEFAULT_GRID, parse_grid, search_alphas
 from harp.methods.sleb import SlebResult, sleb
-from harp.model.prune import check_k, temporarily_pruned
+from harp.model.prune import check_k, refuse_pruned, temporarily_pruned
 from harp.modeling import decoder_layers
 
 ORIGINAL = Selection("original", "none", [])
@@ -69,8 +69,7 @@ class Selector:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        if getattr(model.config, "harp", None):
-            raise ValueError("Compare methods on the original model, not on a HARP-pruned checkpoint.")
+        refuse_pruned(model, "Compare methods on the original model, not on a HARP-pruned checkpoint.")
         self.model = model
         self.windows = windows
         self.grid = parse_grid(grid) if grid is not None else list(DEFAULT_GRID)
