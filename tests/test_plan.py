@@ -147,7 +147,8 @@ def test_cli_plan_errors():
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-70b"])
 def test_docs_show_the_current_plan(name):
     """docs/scaling.md quotes `harp plan` for Llama-3.1-8B and -70B; fail when the numbers drift."""
-    from harp.commands.plan import full_plan, render
+    from harp.commands.plan import render
+    from harp.jobs.plan import full_plan
 
     text = DOCS.read_text()
     p = full_plan(load_config(name), 8, 16, 512, dtype="bfloat16", device="cuda")

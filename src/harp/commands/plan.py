@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from harp.jobs.plan import GiB, human, parse_calib, plan
+from harp.jobs.plan import GiB, full_plan, human, parse_calib
 from harp.model.configs import PRESETS, load_config
 
 
@@ -61,18 +61,6 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
         lines.append(f"  {'KV cache' if i == 0 else '':<12} {human(kv['before'])} -> {human(kv['after'])} per "
                      f"{kv['context']}-token sequence{top} (-{100 * kv['saving']:.1f} %, any alphas)")
     return lines
-
-
-def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None, **kw: Any) -> dict[str, Any]:
-    """`harp.plan.plan` plus the KV saving at the contexts every command states it at (2,048 tokens and the
-    model's maximum; `context` adds one)."""
-    from harp.model.accounting import kv_contexts, kv_savings
-
-    contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
-    p = plan(cfg, k, windows, seq_len, context=context or contexts[-1], **kw)
-    top = p["result"]["layers"]
-    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, kw.get("dtype", "float32"), contexts)
-    return p
 
 
 def plan_cmd(

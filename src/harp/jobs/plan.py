@@ -26,7 +26,14 @@ import math
 import re
 from typing import Any
 
-from harp.model.accounting import attention_parameters, kv_cache_bytes_expected, parameter_count, removed_parameters
+from harp.model.accounting import (
+    attention_parameters,
+    kv_cache_bytes_expected,
+    kv_contexts,
+    kv_savings,
+    parameter_count,
+    removed_parameters,
+)
 from harp.model.prune import check_k
 from harp.modeling import arch_for, attention_geometry
 from harp.util.dtypes import dtype_bytes
@@ -195,6 +202,16 @@ def plan(
         "in_memory": search_memory(config, k, windows, seq_len, streamed=False, **kw),
         "result": result_summary(config, k, dtype=dtype, context=context),
     }
+
+
+def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None, **kw: Any) -> dict[str, Any]:
+    """`plan` plus the KV saving at the contexts every command states it at (2,048 tokens and the
+    model's maximum; `context` adds one)."""
+    contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
+    p = plan(cfg, k, windows, seq_len, context=context or contexts[-1], **kw)
+    top = p["result"]["layers"]
+    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, kw.get("dtype", "float32"), contexts)
+    return p
 
 
 def human(nbytes: float) -> str:
