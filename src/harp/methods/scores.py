@@ -23,7 +23,7 @@ from torch import nn
 from harp.engine.perplexity import model_device
 from harp.engine.replay import layer_output
 from harp.model.prune import check_k
-from harp.modeling import HarpLinearAttention, HarpNoAttention, arch_for, get_module
+from harp.modeling import Arch, HarpLinearAttention, HarpNoAttention, arch_for, get_module
 
 STATS = ("attn_cos", "block_cos", "sim", "attn_self", "attn_first")
 
@@ -36,6 +36,95 @@ def pairwise_similarity_sums(h: torch.Tensor) -> torch.Tensor:
     diag = (hn * hn).sum(dim=(1, 2))
     n = h.shape[1]
     return (total - diag) / (n * (n - 1))
+
+
+class _StatHooks:
+    """The hooks `layer_stats` attaches to every decoder layer, and the running sums they add to."""
+
+    def __init__(self, want: set[str], num_layers: int) -> None:
+        self.want = want
+        self.sums: dict[str, list[float]] = {k: [0.0] * num_layers for k in want}
+        self.counts: dict[str, list[int]] = {k: [0] * num_layers for k in want}
+        self.emb_sum = 0.0
+        self.inputs: dict[int, torch.Tensor] = {}  # each layer's input in the current forward
+
+    def attach(self, stack: nn.Module, arch: Arch, handles: list) -> None:
+        """Register the hooks the wanted statistics need on every layer of `stack`, into `handles`."""
+        want = self.want
+        for j, layer in enumerate(stack):
+            handles.append(layer.register_forward_pre_hook(self.pre(j), with_kwargs=True))
+            if want & {"block_cos", "sim"}:
+                handles.append(layer.register_forward_hook(self.post_layer(j), with_kwargs=True))
+            attn = getattr(layer, arch.attn)
+            if "attn_cos" in want:
+                # the term added to the residual: the attention output, normed first in Gemma 2/3
+                src = getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else attn
+                if isinstance(attn, HarpNoAttention):
+                    src = attn  # removed sub-layer: adds 0, cosine 1
+                handles.append(src.register_forward_hook(self.post_attn_residual(j)))
+            if want & {"attn_self", "attn_first"}:
+                handles.append(attn.register_forward_hook(self.post_attn_weights(j)))
+
+    def means(self, n_windows: int) -> dict[str, list[float]]:
+        """Every statistic's mean per layer (NaN where nothing was measured), and 'embedding_sim' with 'sim'."""
+        out = {k: [s / c if c else float("nan") for s, c in zip(self.sums[k], self.counts[k], strict=True)]
+               for k in self.want}
+        if "sim" in self.want:
+            out["embedding_sim"] = [self.emb_sum / n_windows]
+        return out
+
+    def add(self, key: str, j: int, value: torch.Tensor, count: int) -> None:
+        self.sums[key][j] += float(value.double().sum())
+        self.counts[key][j] += count
+
+    def pre(self, j: int) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.inputs[j] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def post_layer(self, j: int) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            y = layer_output(out)
+            x = self.inputs[j]
+            if "block_cos" in self.want:
+                self.add("block_cos", j, F.cosine_similarity(x.float(), y.float(), dim=-1), x.shape[0] * x.shape[1])
+            if "sim" in self.want:
+                self.add("sim", j, pairwise_similarity_sums(y), y.shape[0])
+                if j == 0:
+                    self.emb_sum += float(pairwise_similarity_sums(x).sum())
+
+        return hook
+
+    def post_attn_residual(self, j: int) -> Callable:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            a = layer_output(out)
+            x = self.inputs[j]
+            self.add("attn_cos", j, F.cosine_similarity(x.float(), (x + a).float(), dim=-1), x.shape[0] * x.shape[1])
+
+        return hook
+
+    def post_attn_weights(self, j: int) -> Callable:
+        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            x = self.inputs[j]
+            rows = x.shape[0] * (x.shape[1] - 1)
+            if isinstance(mod, HarpLinearAttention):  # identity attention: all weight on itself
+                if "attn_self" in self.want:
+                    self.add("attn_self", j, torch.tensor(float(rows)), rows)
+                if "attn_first" in self.want:
+                    self.add("attn_first", j, torch.zeros(()), rows)
+                return
+            if w is None:
+                return  # no weights (sdpa / flash, or the sub-layer is removed): stays NaN
+            w = w.float()  # (B, H, S, S)
+            if "attn_self" in self.want:
+                d = torch.diagonal(w, dim1=-2, dim2=-1)[..., 1:]  # (B, H, S-1)
+                self.add("attn_self", j, d.mean(dim=1), rows)
+            if "attn_first" in self.want:
+                self.add("attn_first", j, w[..., 1:, 0].mean(dim=1), rows)
+
+        return hook
 
 
 @torch.no_grad()
@@ -56,92 +145,18 @@ def layer_stats(
     arch = arch_for(model.config)
     stack = get_module(model, arch.layers)
     backbone = get_module(model, arch.backbone)
-    n = len(stack)
     dev = model_device(model)
-    sums: dict[str, list[float]] = {k: [0.0] * n for k in want}
-    counts: dict[str, list[int]] = {k: [0] * n for k in want}
-    emb_sum = 0.0
-    inputs: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def add(key: str, j: int, value: torch.Tensor, count: int) -> None:
-        sums[key][j] += float(value.double().sum())
-        counts[key][j] += count
-
-    def pre(j: int) -> Callable:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[j] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def post_layer(j: int) -> Callable:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            nonlocal emb_sum
-            y = layer_output(out)
-            x = inputs[j]
-            if "block_cos" in want:
-                add("block_cos", j, F.cosine_similarity(x.float(), y.float(), dim=-1), x.shape[0] * x.shape[1])
-            if "sim" in want:
-                add("sim", j, pairwise_similarity_sums(y), y.shape[0])
-                if j == 0:
-                    emb_sum += float(pairwise_similarity_sums(x).sum())
-
-        return hook
-
-    def post_attn_residual(j: int) -> Callable:
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            a = layer_output(out)
-            x = inputs[j]
-            add("attn_cos", j, F.cosine_similarity(x.float(), (x + a).float(), dim=-1), x.shape[0] * x.shape[1])
-
-        return hook
-
-    def post_attn_weights(j: int) -> Callable:
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            x = inputs[j]
-            rows = x.shape[0] * (x.shape[1] - 1)
-            if isinstance(mod, HarpLinearAttention):  # identity attention: all weight on itself
-                if "attn_self" in want:
-                    add("attn_self", j, torch.tensor(float(rows)), rows)
-                if "attn_first" in want:
-                    add("attn_first", j, torch.zeros(()), rows)
-                return
-            if w is None:
-                return  # no weights (sdpa / flash, or the sub-layer is removed): stays NaN
-            w = w.float()  # (B, H, S, S)
-            if "attn_self" in want:
-                d = torch.diagonal(w, dim1=-2, dim2=-1)[..., 1:]  # (B, H, S-1)
-                add("attn_self", j, d.mean(dim=1), rows)
-            if "attn_first" in want:
-                add("attn_first", j, w[..., 1:, 0].mean(dim=1), rows)
-
-        return hook
-
+    acc = _StatHooks(want, len(stack))
+    handles: list = []
     try:
-        for j, layer in enumerate(stack):
-            handles.append(layer.register_forward_pre_hook(pre(j), with_kwargs=True))
-            if want & {"block_cos", "sim"}:
-                handles.append(layer.register_forward_hook(post_layer(j), with_kwargs=True))
-            attn = getattr(layer, arch.attn)
-            if "attn_cos" in want:
-                # the term added to the residual: the attention output, normed first in Gemma 2/3
-                src = getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else attn
-                if isinstance(attn, HarpNoAttention):
-                    src = attn  # removed sub-layer: adds 0, cosine 1
-                handles.append(src.register_forward_hook(post_attn_residual(j)))
-            if want & {"attn_self", "attn_first"}:
-                handles.append(attn.register_forward_hook(post_attn_weights(j)))
+        acc.attach(stack, arch, handles)
         for i in range(0, len(windows), batch_size):
             backbone(input_ids=windows[i : i + batch_size].to(dev), use_cache=False)
-            inputs.clear()
+            acc.inputs.clear()
     finally:
         for h in handles:
             h.remove()
-    out = {k: [s / c if c else float("nan") for s, c in zip(sums[k], counts[k], strict=True)] for k in want}
-    if "sim" in want:
-        out["embedding_sim"] = [emb_sum / len(windows)]
-    return out
+    return acc.means(len(windows))
 
 
 ATTENTION_DROP_SCORE = "mean cos(X, X + Attn(LN(X)))"  # what `attention_drop_scores` measures: the label results carry
