@@ -4,6 +4,7 @@ a PNG of time and speed-up against context length with the FLOP / bytes bounds."
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,77 +78,32 @@ def _speedup_bar(part: dict[str, Any], ratio_key: str) -> tuple[float, float, fl
     return 1 / q["median"], 1 / q["max"], 1 / q["min"]
 
 
-def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a PNG like the paper's runtime figure: prefill time vs context for both models with
-    min-max bars, measured speed-up on a second axis and the FLOP-ideal bound as a dashed line;
-    a second panel does the same for decode time per token against the bytes bound."""
-    plt = pyplot()
-    rows = result["contexts"]
-    ctx = [r["context"] for r in rows]
-    has_decode = all("decode" in r for r in rows)
-    ci = all("speedup_ci95" in r["prefill"] for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_decode else 1, figsize=(12 if has_decode else 6.5, 4.6), squeeze=False)
-    src = result["models"]["original"].get("source") or result["models"]["original"]["class"]
-    k = len(result["models"]["pruned"]["harp_layers"])
-    L = result["models"]["pruned"]["num_layers"]
+_Bar = tuple[float, float, float]  # (median, low, high)
 
-    def panel(
-        ax: Any,
-        title: str,
-        ylabel: str,
-        orig: list[tuple[float, float, float]],
-        pruned: list[tuple[float, float, float]],
-        speed: list[tuple[float, float, float]],
-        bound: list[float],
-        bound_label: str,
-    ) -> None:
-        for series, label, color, marker in (
-            (orig, "original", "tab:blue", "o"),
-            (pruned, f"HARP ({k}/{L} layers)", "tab:orange", "s"),
-        ):
-            med = [m for m, _, _ in series]
-            err = [[m - lo for m, lo, _ in series], [hi - m for m, _, hi in series]]
-            ax.errorbar(ctx, med, yerr=err, label=label, color=color, marker=marker, capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ctx)
-        ax.set_xticklabels([str(c) for c in ctx])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax2 = ax.twinx()
-        med = [m for m, _, _ in speed]
-        err = [[m - lo for m, lo, _ in speed], [hi - m for m, _, hi in speed]]
-        ax2.errorbar(
-            ctx,
-            med,
-            yerr=err,
-            color="tab:green",
-            marker="^",
-            linestyle=":",
-            capsize=3,
-            label="measured speed-up (95 % CI)" if ci else "measured speed-up (min–max)",
-        )
-        ax2.plot(ctx, bound, color="tab:red", linestyle="--", label=bound_label)
-        ax2.axhline(1.0, color="grey", linewidth=0.8)
-        ax2.set_ylabel("speed-up (original / pruned)")
-        lo = min([1.0] + [s[1] for s in speed] + bound)
-        hi = max([s[2] for s in speed] + bound)
-        pad = 0.05 * (hi - lo or 1.0)
-        ax2.set_ylim(lo - pad, hi + pad)
-        h1, l1 = ax.get_legend_handles_labels()
-        h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
 
+@dataclass
+class _Panel:
+    """One panel of the speed figure: both models' times with bars, the speed-up and its bound."""
+
+    title: str
+    ylabel: str
+    orig: list[_Bar]
+    pruned: list[_Bar]
+    speed: list[_Bar]
+    bound: list[float]
+    bound_label: str
+
+
+def _prefill_panel(rows: list[dict[str, Any]]) -> _Panel:
+    """Prefill time per context (in s once any time reaches a second) against the FLOP bound."""
     seconds = max(r["prefill"][who]["max_ms"] for r in rows for who in ("original", "pruned")) >= 1000
     scale, unit = (1000.0, "s") if seconds else (1.0, "ms")
 
-    def pre(r: dict[str, Any], who: str) -> tuple[float, float, float]:
+    def pre(r: dict[str, Any], who: str) -> _Bar:
         t = r["prefill"][who]
         return t["median_ms"] / scale, t["min_ms"] / scale, t["max_ms"] / scale
 
-    panel(
-        axes[0][0],
+    return _Panel(
         "Prefill",
         f"prefill time ({unit})",
         [pre(r, "original") for r in rows],
@@ -156,28 +112,93 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
         [r["prefill"]["bound"] for r in rows],
         "FLOP-ideal bound",
     )
-    if has_decode:
 
-        def dec(r: dict[str, Any], who: str) -> tuple[float, float, float]:
-            d = r["decode"][who]
-            return 1000 / d["median_tokens_per_s"], 1000 / d["max_tokens_per_s"], 1000 / d["min_tokens_per_s"]
 
-        panel(
-            axes[0][1],
-            f"Decode ({rows[0]['decode']['new_tokens']} new tokens)",
-            "time per new token (ms)",
-            [dec(r, "original") for r in rows],
-            [dec(r, "pruned") for r in rows],
-            [_speedup_bar(r["decode"], "time_ratio") for r in rows],
-            [r["decode"]["bytes_bound"] for r in rows],
-            "bytes-read bound",
-        )
-    env = result["environment"]
-    fig.suptitle(
-        f"HARP speed: {src}, torch threads {env['torch_threads']}, "
-        f"{result['models']['original']['dtype']}, {result['settings'].get('timing', 'forward')} timing; "
-        f"times: medians with min–max" + ("; speed-ups: medians with 95 % CI" if ci else ""),
-        fontsize=10,
+def _decode_panel(rows: list[dict[str, Any]]) -> _Panel:
+    """Decode time per new token (ms) per context against the bytes-read bound."""
+
+    def dec(r: dict[str, Any], who: str) -> _Bar:
+        d = r["decode"][who]
+        return 1000 / d["median_tokens_per_s"], 1000 / d["max_tokens_per_s"], 1000 / d["min_tokens_per_s"]
+
+    return _Panel(
+        f"Decode ({rows[0]['decode']['new_tokens']} new tokens)",
+        "time per new token (ms)",
+        [dec(r, "original") for r in rows],
+        [dec(r, "pruned") for r in rows],
+        [_speedup_bar(r["decode"], "time_ratio") for r in rows],
+        [r["decode"]["bytes_bound"] for r in rows],
+        "bytes-read bound",
     )
+
+
+def _draw_panel(ax: Any, ctx: list[int], p: _Panel, pruned_label: str, ci: bool) -> None:
+    """Times of both models on `ax` (log-2 context axis), the speed-up and its bound on a twin axis."""
+    for series, label, color, marker in (
+        (p.orig, "original", "tab:blue", "o"),
+        (p.pruned, pruned_label, "tab:orange", "s"),
+    ):
+        med = [m for m, _, _ in series]
+        err = [[m - lo for m, lo, _ in series], [hi - m for m, _, hi in series]]
+        ax.errorbar(ctx, med, yerr=err, label=label, color=color, marker=marker, capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ctx)
+    ax.set_xticklabels([str(c) for c in ctx])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(p.ylabel)
+    ax.set_title(p.title)
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    med = [m for m, _, _ in p.speed]
+    err = [[m - lo for m, lo, _ in p.speed], [hi - m for m, _, hi in p.speed]]
+    ax2.errorbar(
+        ctx,
+        med,
+        yerr=err,
+        color="tab:green",
+        marker="^",
+        linestyle=":",
+        capsize=3,
+        label="measured speed-up (95 % CI)" if ci else "measured speed-up (min–max)",
+    )
+    ax2.plot(ctx, p.bound, color="tab:red", linestyle="--", label=p.bound_label)
+    ax2.axhline(1.0, color="grey", linewidth=0.8)
+    ax2.set_ylabel("speed-up (original / pruned)")
+    lo = min([1.0] + [s[1] for s in p.speed] + p.bound)
+    hi = max([s[2] for s in p.speed] + p.bound)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax2.set_ylim(lo - pad, hi + pad)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+
+
+def _bench_title(result: dict[str, Any], ci: bool) -> str:
+    original = result["models"]["original"]
+    src = original.get("source") or original["class"]
+    env = result["environment"]
+    return (
+        f"HARP speed: {src}, torch threads {env['torch_threads']}, "
+        f"{original['dtype']}, {result['settings'].get('timing', 'forward')} timing; "
+        f"times: medians with min–max" + ("; speed-ups: medians with 95 % CI" if ci else "")
+    )
+
+
+def plot_bench(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a PNG like the paper's runtime figure: prefill time vs context for both models with
+    min-max bars, measured speed-up on a second axis and the FLOP-ideal bound as a dashed line;
+    a second panel does the same for decode time per token against the bytes bound."""
+    plt = pyplot()
+    rows = result["contexts"]
+    has_decode = all("decode" in r for r in rows)
+    ci = all("speedup_ci95" in r["prefill"] for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_decode else 1, figsize=(12 if has_decode else 6.5, 4.6), squeeze=False)
+    pruned = result["models"]["pruned"]
+    pruned_label = f"HARP ({len(pruned['harp_layers'])}/{pruned['num_layers']} layers)"
+    ctx = [r["context"] for r in rows]
+    _draw_panel(axes[0][0], ctx, _prefill_panel(rows), pruned_label, ci)
+    if has_decode:
+        _draw_panel(axes[0][1], ctx, _decode_panel(rows), pruned_label, ci)
+    fig.suptitle(_bench_title(result, ci), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
