@@ -50,6 +50,7 @@ def eval_cmd(
     from harp.engine.evaluate import evaluate, parse_limit, resolve_tasks
     from harp.jobs.eval import check_eval
     from harp.model.load import load_model
+    from harp.modeling import HarpBlock
     from harp.util.fsio import write_json_atomic
 
     console = Console()
@@ -63,9 +64,7 @@ def eval_cmd(
     m, tok = load_model(model, dtype=dtype)
     plan = getattr(m.config, "harp", None)
     if plan:  # top layer first, as harp prune and harp info list them
-        pairs = sorted(zip(plan["layers"], plan["alphas"], strict=True), reverse=True)
-        desc = (f"HARP layers (top first) {', '.join(str(i) for i, _ in pairs)}, alphas "
-                f"{', '.join(f'{a:g}' for _, a in pairs)}")
+        desc = f"HARP {HarpBlock.from_config(m).describe()}"
     else:
         desc = "unpruned"
     console.print(f"model: {model} ({type(m).__name__}, {m.config.num_hidden_layers} layers, {desc})", highlight=False)

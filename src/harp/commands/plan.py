@@ -10,6 +10,7 @@ from rich.console import Console
 
 from harp.jobs.plan import GiB, full_plan, human, parse_calib
 from harp.model.configs import PRESETS, load_config
+from harp.model.prune import refuse_pruned
 
 
 def _params(n: float) -> str:
@@ -85,10 +86,9 @@ def plan_cmd(
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device {device!r}: use cpu or cuda.")
     cfg = load_config(model)
-    pruned = getattr(cfg, "harp", None)
-    if pruned:  # as harp prune refuses it: planning to prune a pruned model again plans nothing real
-        raise ValueError(f"{model} is already a HARP-pruned checkpoint (layers {sorted(pruned.get('layers', []))}): "
-                         "plan on the original model (its config.json, folder or preset).")
+    # as harp prune refuses it: planning to prune a pruned model again plans nothing real
+    refuse_pruned(cfg, lambda block: f"{model} is already a HARP-pruned checkpoint (layers {sorted(block.layers)}): "
+                  "plan on the original model (its config.json, folder or preset).")
     n, s = parse_calib(calib)
     p = full_plan(cfg, layers, n, s, dtype=dtype, device=device, batch_size=batch_size, chunk_tokens=chunk_tokens,
                   activations=activations, context=context)
