@@ -98,11 +98,9 @@ def compare_cmd(
         threads=threads, out=str(out), overwrite=overwrite,
         command="harp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None,
     )
-    from harp.util.fsio import output_lock
-
-    # run_compare checks the model's config, k, grid, texts and output before any weight is read
-    with output_lock(out, "harp compare"):
-        rep = run_compare(settings, log=lambda m: console.print(m, highlight=False))
+    # run_compare checks the model's config, k, grid, texts and output before any weight is read, and holds
+    # the output's lock while it runs
+    rep = run_compare(settings, log=lambda m: console.print(m, highlight=False))
     for t in _console_table(rep):
         console.print(t)
     console.print(f"wrote {rep.out}/compare.md, compare.json, compare.png "

@@ -157,10 +157,9 @@ def prune_cmd(
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,
     )
-    from harp.util.fsio import output_lock
-
-    # run_prune checks every argument against the config / GGUF header / files before loading anything
-    with output_lock(out), resumable(out):  # a second run on this --out refuses; Ctrl-C says how to resume
+    # run_prune checks every argument against the config / GGUF header / files before loading anything, and
+    # holds the output's lock (a second run on this --out refuses); Ctrl-C says how to resume
+    with resumable(out):
         report = run_prune(settings, log=lambda m: console.print(cli_text(m), highlight=False))
     console.print(summary_table(report))
     if json_out is not None:

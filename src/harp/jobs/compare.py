@@ -24,7 +24,16 @@ from torch import nn
 
 from harp.engine.evaluate import PERPLEXITY_TASK, EvalResult, TaskSpec, evaluate, parse_limit, resolve_tasks
 from harp.engine.text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, check_disjoint_sources, check_text
-from harp.jobs.preamble import Windows, host_info, load_average, load_windows, output_dir, set_threads, state_path
+from harp.jobs.preamble import (
+    Windows,
+    claimed,
+    host_info,
+    load_average,
+    load_windows,
+    output_dir,
+    set_threads,
+    state_path,
+)
 from harp.methods.autok import auto_k
 from harp.methods.registry import METHODS, parse_methods
 from harp.methods.search import check_grid
@@ -133,6 +142,13 @@ def run_compare(settings: CompareSettings, log: Callable[[str], None] = print, *
     check_compare(s)  # the model's config, k, grid, texts and output, before any weight is read
     set_threads(s.threads)
     out = output_dir(s.out, s.overwrite)
+    with claimed(out, "harp compare"):  # a second run on this `out` refuses while this one runs
+        return _compare(s, out, t_start, load_avg, log, evaluator)
+
+
+def _compare(s: CompareSettings, out: Path | None, t_start: float, load_avg: float | None,
+             log: Callable[[str], None], evaluator: Evaluator) -> CompareReport:
+    """The stages, in order, once the settings are checked and the output is held."""
     what = _plan(s)
     seconds: dict[str, float] = {}
     t = time.perf_counter()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from harp.engine.text import (
     load_text,
     tokenize,
 )
-from harp.util.fsio import check_output_dir
+from harp.util.fsio import check_output_dir, output_lock
 
 
 def set_threads(threads: int | None) -> None:
@@ -36,6 +38,17 @@ def set_threads(threads: int | None) -> None:
 def output_dir(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
     """The resolved output folder, refused early if it exists (without `overwrite`); None without one."""
     return check_output_dir(out, overwrite) if out else None
+
+
+@contextmanager
+def claimed(out: Path | None, what: str) -> Iterator[None]:
+    """Hold the output's lock for the whole run: a second run on the same output refuses at once instead
+    of interleaving its resume state and results with this one's. Nothing to hold without an output."""
+    if out is None:
+        yield
+        return
+    with output_lock(out, what):
+        yield
 
 
 def state_path(out: Path, suffix: str) -> Path:

@@ -23,7 +23,7 @@ from harp.engine.text import (
     check_text,
     tokenize,
 )
-from harp.jobs.preamble import Windows, host_info, load_windows, output_dir, set_threads, state_path
+from harp.jobs.preamble import Windows, claimed, host_info, load_windows, output_dir, set_threads, state_path
 from harp.methods.fit import FitResult, check_fit_settings, fit_layers
 from harp.methods.scores import ATTENTION_DROP_SCORE, attention_drop_scores, pick
 from harp.methods.search import (
@@ -136,6 +136,12 @@ def run_prune(settings: PruneSettings, log: Any = print, *, loader: Loader = loa
 
     `loader` loads the whole model (`harp.model.load.load_on_device` unless a test replaces it)."""
     run = _prepare(settings, log)
+    with claimed(run.out, "harp prune"):  # a second run on this `out` refuses while this one runs
+        return _prune(run, loader)
+
+
+def _prune(run: _Run, loader: Loader) -> PruneReport:
+    """The stages, in order, once the settings are checked and the output is held."""
     backend = _open_model(run, loader)
     layers = _requested_layers(run, backend)
     win = _load_data(run, backend)
