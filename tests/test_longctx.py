@@ -303,3 +303,68 @@ def test_loss_plot_and_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = retrieval_markdown({"original": {"passkey@1024": {"acc": 0.9, "stderr": 0.04, "n": 50}}, "harp": {}})
     assert "| original | 0.90 ±0.04 (50) |" in md and "| harp | – |" in md
+
+
+# ------------------------------------------------------------------------------------------------------
+# harp eval
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, toks):
+    path = tmp_path_factory.mktemp("lc") / "tiny"
+    tiny_model("llama", vocab_size=len(toks["bpe"]), max_position_embeddings=2048).save_pretrained(path)
+    toks["bpe"].save_pretrained(path)
+    return path
+
+
+def test_eval_command_long_context_tasks_and_loss_by_position(model_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from harp.cli import get_app
+
+    out, png = tmp_path / "scores.json", tmp_path / "loss.png"
+    args = ["eval", str(model_dir), "--tasks", "wikitext,passkey,niah", "--context", "400,600", "--limit", "2",
+            "--eval", "tinyshakespeare", "--eval-tokens", "2400", "--eval-seq-len", "1200", "--json", str(out),
+            "--plot", str(png)]
+    r = CliRunner().invoke(get_app(), args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert list(d["tasks"]) == ["passkey@400", "passkey@600", "niah@400", "niah@600"]
+    for v in d["tasks"].values():
+        assert v["n"] == 2 and 0.0 <= v["acc"] <= 1.0
+        assert v["stderr"] == pytest.approx(math.sqrt(v["acc"] * (1 - v["acc"]) / 2))
+    assert list(d["scores"]) == ["wikitext", "passkey@400", "passkey@600", "niah@400", "niah@600"]
+    lbp = d["loss_by_position"]
+    assert [b["bucket"] for b in lbp["buckets"]] == ["0-512", "512-1k", "1k-2k"] and lbp["seq_len"] == 1200
+    assert lbp["ppl"] == pytest.approx(d["scores"]["wikitext"]["value"])
+    assert png.read_bytes()[:4] == b"\x89PNG" and "passkey@600" in r.output and "512-1k" in r.output
+
+
+def test_eval_command_checks_contexts_and_filler_before_loading(model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import harp.model.load
+    from harp.cli import get_app
+
+    def no_load(*a, **k):
+        raise AssertionError("weights loaded before the arguments were checked")
+
+    monkeypatch.setattr(harp.model.load, "load_model", no_load)
+    r = CliRunner().invoke(get_app(), ["eval", str(model_dir), "--tasks", "passkey", "--context", "1024,4096"])
+    assert r.exit_code != 0
+    assert "--context 4096 is longer than the model's maximum 2048 tokens" in str(r.exception)
+    r = CliRunner().invoke(get_app(), ["eval", str(model_dir), "--tasks", "niah", "--filler", str(tmp_path / "no.txt")])
+    assert r.exit_code != 0 and "--filler" in str(r.exception) and "no such file" in str(r.exception)
+    r = CliRunner().invoke(get_app(), ["eval", str(model_dir), "--tasks", "passkey", "--context", "lots"])
+    assert r.exit_code != 0 and "Bad --context" in str(r.exception)
+
+
+def test_long_context_task_names_resolve():
+    from harp.engine.evaluate import resolve_tasks, valid_task_help
+
+    assert [(s.name, s.kind) for s in resolve_tasks("passkey,NIAH,wikitext")] == [
+        ("passkey", "longctx"), ("niah", "longctx"), ("wikitext", "perplexity")]
+    assert "passkey, niah" in valid_task_help()

@@ -10,6 +10,18 @@
 """
 
 from harp._version import __version__
+from harp.engine.longctx import (
+    PositionLosses,
+    RetrievalItem,
+    RetrievalScore,
+    check_context,
+    niah_items,
+    parse_contexts,
+    passkey_items,
+    position_losses,
+    retrieval_items,
+    retrieval_score,
+)
 from harp.engine.perplexity import perplexity
 from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
 from harp.jobs.prune import PruneSettings, run_prune
@@ -20,17 +32,22 @@ from harp.model.checkpoint import load, save
 from harp.model.load import load_model
 from harp.model.prune import prune, pruned_plan, temporarily_pruned
 from harp.modeling import ARCHITECTURES, LinearMap, supported_families
+from harp.report.longctx import plot_position_losses, retrieval_markdown
 
 __all__ = [
     "ARCHITECTURES",
     "FitResult",
     "LayerFit",
     "LinearMap",
+    "PositionLosses",
     "PruneSettings",
+    "RetrievalItem",
+    "RetrievalScore",
     "SearchResult",
     "__version__",
     "bos_token",
     "calibration_windows",
+    "check_context",
     "count_parameters",
     "evaluation_windows",
     "fit_layers",
@@ -38,10 +55,18 @@ __all__ = [
     "load",
     "load_model",
     "load_text",
+    "niah_items",
+    "parse_contexts",
+    "passkey_items",
     "perplexity",
+    "plot_position_losses",
+    "position_losses",
     "prune",
     "pruned_plan",
     "removed_parameters",
+    "retrieval_items",
+    "retrieval_markdown",
+    "retrieval_score",
     "run_prune",
     "save",
     "search_alphas",

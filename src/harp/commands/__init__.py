@@ -17,13 +17,14 @@ from contextlib import contextmanager
 # Library parameter -> flag, where the flag is not the parameter with dashes ("seq_len" -> "--seq-len").
 FLAGS = {
     "k": "--layers", "ks": "--layers", "layers": "--layer-ids", "fmt": "--format", "json_out": "--json",
-    "contexts": "--context",
+    "contexts": "--context", "plot_out": "--plot",
 }
 # The parameters whose flag is the rule's. A backticked name in neither table is left as it is.
 PARAMS = {
-    "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "data_dir", "device", "eval",
-    "eval_seq_len", "eval_tokens", "grid", "limit", "max_k", "max_ppl_increase", "method", "model", "out",
-    "overwrite", "plot", "select", "seq_len", "streamed", "tasks", "text", "threads", "tokenizer_gguf", "windows",
+    "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "context", "data_dir", "device",
+    "eval", "eval_seq_len", "eval_tokens", "filler", "grid", "limit", "max_k", "max_ppl_increase", "method",
+    "model", "out", "overwrite", "plot", "select", "seq_len", "streamed", "tasks", "text", "threads",
+    "tokenizer_gguf", "windows",
 }
 
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")

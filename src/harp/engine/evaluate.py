@@ -8,6 +8,8 @@ Task names (`tasks`, comma-separated):
 - `lambada`, `piqa`, `gsm8k`, `nq_open`: harp's shipped lm-eval task YAMLs (`harp/tasks/`), reading
   local files from the data folder (`data_dir`, `$HARP_DATA_DIR` or `./data`).
   Each is the same prompt/metric as an lm-eval hub task (LOCAL_TASKS[...].hub).
+- `passkey`, `niah`: long-context retrieval generated locally at each of `contexts` (`harp.engine.longctx`;
+  docs/long-context.md), scored by exact match of greedy output; reported as `passkey@4096`, ...
 - `hub:NAME`, or any other lm-eval task name (`lambada_openai`, `hellaswag`, `arc_easy`, ...): the
   standard lm-eval task, which downloads its data from the Hugging Face hub (online users).
 """
@@ -26,11 +28,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from harp.engine.longctx import (
+    LONGCTX_TASKS,
+    PositionLosses,
+    RetrievalScore,
+    max_positions,
+    parse_contexts,
+    position_losses,
+    retrieval_items,
+    retrieval_score,
+)
 from harp.engine.perplexity import perplexity
 from harp.engine.text import BUNDLED, DEFAULT_EVAL, bos_token, evaluation_windows, load_text, tokenize
 from harp.tasks import TASKS_DIR, harp_data
 
 PERPLEXITY_TASK = "wikitext"
+LONGCTX_CONTEXT = 4096  # `contexts` when not given (the model's maximum if that is smaller)
+LONGCTX_ITEMS = 50  # items per long-context task and context when no `limit` is given
 
 
 @dataclass(frozen=True)
@@ -63,13 +77,15 @@ ALIASES.update({t.lm_eval_name: t.name for t in LOCAL_TASKS.values()})
 @dataclass(frozen=True)
 class TaskSpec:
     name: str  # as shown in tables: wikitext, lambada, ..., or the hub task name
-    kind: str  # "perplexity" | "local" | "hub"
+    kind: str  # "perplexity" | "local" | "longctx" | "hub"
     lm_eval_name: str | None = None
 
     @property
     def title(self) -> str:
         if self.kind == "perplexity":
             return "WikiText-2 ppl"
+        if self.kind == "longctx":
+            return f"{self.name} acc"
         if self.kind == "local":
             return LOCAL_TASKS[self.name].title
         return self.name
@@ -77,6 +93,7 @@ class TaskSpec:
 
 def valid_task_help() -> str:
     return (f"{PERPLEXITY_TASK} (perplexity), {', '.join(LOCAL_TASKS)} (local data), "
+            f"{', '.join(LONGCTX_TASKS)} (long-context retrieval, generated), "
             "or hub:NAME / any lm-eval task name (downloads from the hub)")
 
 
@@ -103,6 +120,8 @@ def resolve_tasks(spec: str | Sequence[str] | None) -> list[TaskSpec]:
                 ts = TaskSpec(PERPLEXITY_TASK, "perplexity")
             elif name in LOCAL_TASKS:
                 ts = TaskSpec(name, "local", LOCAL_TASKS[name].lm_eval_name)
+            elif name in LONGCTX_TASKS:
+                ts = TaskSpec(name, "longctx")
             else:
                 if not all(c.isalnum() or c in "_-." for c in raw):
                     raise ValueError(f"Bad task name {raw!r}. Valid tasks: {valid_task_help()}.")
@@ -116,7 +135,8 @@ def parse_limit(spec: str | int | dict[str, int] | None) -> dict[str, int | None
     """'100' (every task), 'gsm8k=20,nq_open=50' or '100,gsm8k=20' (a default plus per-task limits).
 
     Returns {'*': default, task: limit, ...}; None means no limit. Limits cap lm-eval tasks' items
-    (the first N of the set, as `lm_eval --limit N`); they do not apply to `wikitext`."""
+    (the first N of the set, as `lm_eval --limit N`) and set how many items the long-context tasks
+    generate per context (50 without one); they do not apply to `wikitext`."""
     if spec is None:
         return {"*": None}
     if isinstance(spec, dict):
@@ -171,14 +191,22 @@ class EvalResult:
     data_dir: str | None = None
     data_files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
+    retrieval: dict[str, RetrievalScore] = field(default_factory=dict)  # 'passkey@4096' -> score
+    loss_by_position: PositionLosses | None = None  # of the perplexity windows, when measured
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "scores": {k: v.to_dict() for k, v in self.scores.items()},
             "data_dir": self.data_dir,
             "data_files": self.data_files,
             "seconds": self.seconds,
         }
+        if self.retrieval:
+            d["tasks"] = {k: {"acc": r.acc, "n": r.n, "stderr": r.stderr, "correct": r.correct, "task": r.task,
+                              "context": r.context, "by_depth": r.by_depth} for k, r in self.retrieval.items()}
+        if self.loss_by_position is not None:
+            d["loss_by_position"] = self.loss_by_position.to_dict()
+        return d
 
 
 def _quiet_lm_eval(level: int = logging.ERROR) -> None:
@@ -230,13 +258,23 @@ def evaluate(
     max_gen_toks: int | None = None,
     num_fewshot: int | None = None,
     bootstrap_iters: int = 1000,
+    contexts: str | int | Sequence[int] | None = None,
+    filler: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    loss_by_position: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Evaluate `model` on `tasks` (default: WikiText-2 perplexity only). See the module docstring
     for task names. `limit` caps the items of lm-eval tasks (see `parse_limit`).
 
     `eval_windows` (N, S) replaces `eval_text`/`eval_tokens` for the perplexity task (so a caller
-    evaluating many models tokenises the text once). Returns an EvalResult; scores keyed by task name.
+    evaluating many models tokenises the text once). Returns an EvalResult; scores keyed by task name,
+    long-context ones by task and context ('passkey@4096').
+
+    Long context (`harp.engine.longctx`): `passkey` and `niah` are generated at each of `contexts`
+    (default 4096 tokens, or the model's maximum if smaller) with `limit` items (default 50), `seed`,
+    and `filler` as the haystack. `loss_by_position` adds the perplexity windows' mean loss per position
+    bucket (default: when the windows are longer than 1024 tokens).
     """
     specs = resolve_tasks(tasks)
     limits = parse_limit(limit)
@@ -247,7 +285,13 @@ def evaluate(
     say = log or (lambda m: None)
     t_all = time.perf_counter()
     result = EvalResult(scores={})
-    lm_specs = [s for s in specs if s.kind != "perplexity"]
+    lm_specs = [s for s in specs if s.kind not in ("perplexity", "longctx")]
+    long_specs = [s for s in specs if s.kind == "longctx"]
+    limit_ctx = max_positions(model.config)
+    ctxs: list[int] = []
+    if long_specs:
+        default = min(LONGCTX_CONTEXT, limit_ctx or LONGCTX_CONTEXT)
+        ctxs = parse_contexts(contexts) if contexts is not None else [default]
 
     resolved_dir: str | None = None
     if any(s.kind == "local" for s in lm_specs):
@@ -272,7 +316,11 @@ def evaluate(
             windows, desc = perplexity_windows(tokenizer, eval_text, eval_tokens, eval_seq_len)
         else:
             windows, desc = eval_windows, "given windows"
-        r = perplexity(model, windows, batch_size=max(1, min(batch_size, 4)))
+        if loss_by_position or (loss_by_position is None and windows.shape[1] > 1024):
+            r = result.loss_by_position = position_losses(model, windows)
+            say("loss by position (nats): " + ", ".join(f"{b['bucket']} {b['nll']:.3f}" for b in r.buckets))
+        else:
+            r = perplexity(model, windows, batch_size=max(1, min(batch_size, 4)))
         label = perplexity_label(eval_text) if eval_windows is None else "given windows"
         result.scores[s.name] = TaskScore(
             task=s.name, title=f"{label} ppl", metric="ppl", value=r.ppl, higher_is_better=False, samples=r.tokens,
@@ -281,11 +329,27 @@ def evaluate(
         )
         say(f"perplexity on {desc}: {r.ppl:.3f} ({r.tokens:,} tokens, {time.perf_counter() - t:.0f} s)")
 
+    for s in long_specs:
+        n = limits.get(s.name, limits["*"]) or LONGCTX_ITEMS
+        for c in ctxs:
+            items = retrieval_items(s.name, tokenizer, c, n, seed, filler=filler, max_context=limit_ctx)
+            r2 = retrieval_score(model, tokenizer, items)
+            result.retrieval[r2.name] = r2
+            result.scores[r2.name] = TaskScore(
+                task=r2.name, title=f"{s.name} acc @ {c} tokens", metric="acc", value=r2.acc, higher_is_better=True,
+                stderr=r2.stderr, samples=r2.n, total=r2.n, metrics={"acc": r2.acc}, seconds=r2.seconds,
+                source=f"generated ({s.name}, {c} tokens, seed {seed})",
+            )
+            say(f"{r2.name}: acc {r2.acc:.3f} ± {r2.stderr:.3f} ({r2.correct} of {r2.n}, {r2.seconds:.0f} s)")
+
     if lm_specs:
         result.scores.update(_run_lm_eval(model, tokenizer, lm_specs, limits, resolved_dir, batch_size,
                                           max_gen_toks, num_fewshot, bootstrap_iters, say))
     # keep the order the tasks were asked for
-    result.scores = {s.name: result.scores[s.name] for s in specs}
+    order: list[str] = []
+    for s in specs:
+        order += [f"{s.name}@{c}" for c in ctxs] if s.kind == "longctx" else [s.name]
+    result.scores = {k: result.scores[k] for k in order}
     result.seconds = time.perf_counter() - t_all
     return result
 

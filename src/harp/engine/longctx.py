@@ -22,7 +22,6 @@ evenly over [0, 1] across the items. Scoring is greedy decoding of a few tokens 
 from __future__ import annotations
 
 import bisect
-import gzip
 import math
 import random
 import re
@@ -31,7 +30,6 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from harp.engine.perplexity import model_device
-from harp.engine.text import TEXT_SUFFIXES, Text, bos_token, load_text
+from harp.engine.text import BUNDLED, TEXT_SUFFIXES, Text, bos_token, load_text
 from harp.modeling import arch_for, get_module
 from harp.util.progress import Progress
 
@@ -70,8 +68,7 @@ NIAH_KEYS = (
     "ribbon", "saffron", "salmon", "sparrow", "spruce", "thistle", "thunder", "tulip", "velvet", "walnut",
     "willow", "zephyr",
 )  # fmt: skip
-DEFAULT_HAYSTACK = "tinyshakespeare"  # harp/data/tinyshakespeare.txt.gz (public domain)
-HAYSTACK_FILE = "tinyshakespeare.txt.gz"
+DEFAULT_HAYSTACK = "tinyshakespeare"  # harp/data/tinyshakespeare.txt.gz (public domain), a bundled text
 
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = ((0, 512), (512, 1024), (1024, 2048), (2048, 4096), (4096, 8192))
 
@@ -213,14 +210,15 @@ _CACHE: weakref.WeakKeyDictionary[Any, dict[str, _Haystack]] = weakref.WeakKeyDi
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
-def load_filler(filler: str | Path | Text | None, default: str = DEFAULT_HAYSTACK) -> Text:
-    """The haystack text: None (the bundled default), a `Text`, a file or folder path, a bundled text
-    name, or the text itself (a string that is not an existing path and does not look like one)."""
+def load_filler(filler: str | Path | Text | None) -> Text:
+    """The haystack text: None (the bundled Tiny Shakespeare), a `Text`, a file or folder path, a bundled
+    text name (`harp.engine.text.BUNDLED`), or the text itself (a string that is neither an existing path
+    nor looks like one)."""
     if isinstance(filler, Text):
         return filler
-    if filler is None or str(filler) == DEFAULT_HAYSTACK:
-        return _bundled_haystack()
-    s = str(filler)
+    s = DEFAULT_HAYSTACK if filler is None else str(filler)
+    if s in BUNDLED:
+        return load_text(s)
     if isinstance(filler, Path) or _looks_like_path(s):
         try:
             return load_text(s)
@@ -241,11 +239,6 @@ def _looks_like_path(s: str) -> bool:
     if " " in s.strip():
         return False
     return "/" in s or p.suffix.lower() in TEXT_SUFFIXES | {".gz"}
-
-
-def _bundled_haystack() -> Text:
-    data = resources.files("harp").joinpath("data", HAYSTACK_FILE).read_bytes()
-    return Text(DEFAULT_HAYSTACK, "Tiny Shakespeare (bundled, public domain)", gzip.decompress(data).decode("utf-8"))
 
 
 def _haystack(tokenizer: Any, text: Text) -> _Haystack:
@@ -338,7 +331,7 @@ def _items(task: str, tokenizer: Any, context: int, n: int, seed: int, filler: A
     bos = bos_token(tokenizer)
     hay = None if filler is None else _haystack(tokenizer, load_filler(filler))
     if hay is None:  # the classic passkey filler: sentences cycled and cut by tokens
-        sent_ids = [_encode(tokenizer, s + " ") for s in PASSKEY_FILLER]
+        sent_ids = [_encode(tokenizer, " " + s) for s in PASSKEY_FILLER]  # the space goes with the next word
     rng = random.Random(f"harp-longctx:{task}:{seed}")
     out: list[RetrievalItem] = []
     for depth in _depths(n):

@@ -23,6 +23,7 @@ from harp.util.problems import Collector
 BUNDLED = {
     "wikitext2-valid": ("wikitext2_valid.tokens.gz", "WikiText-2 v1 validation (bundled, CC BY-SA 3.0)"),
     "wikitext2-raw-test": ("wikitext2_raw_test.raw.gz", "WikiText-2-raw v1 test (bundled, CC BY-SA 3.0)"),
+    "tinyshakespeare": ("tinyshakespeare.txt.gz", "Tiny Shakespeare (bundled, public domain)"),
 }
 DEFAULT_CALIB = "wikitext2-valid"
 DEFAULT_EVAL = "wikitext2-raw-test"

@@ -1,0 +1,208 @@
+"""Issue 22: does a pruned model still find what is far back in a long prompt? Passkey and needle-in-a-
+haystack retrieval at several contexts, and the loss by position of long windows, for the methods
+`harp compare` defines, at one k (equal KV-cache saving).
+
+    python benchmarks/long_context.py                                    # SmolLM2-135M, k = 8, 1k/4k/8k, n = 50
+    python benchmarks/long_context.py --n 2 --contexts 1024              # smoke run (minutes)
+    # Qwen2.5-Coder-1.5B, after benchmarks/qwen_coder.py has cached its GGUF:
+    python benchmarks/long_context.py --k 4 --n 30 --out benchmarks/results/long_context_qwen_k4 \\
+        --model ~/.cache/harp/qwen2.5-coder-1.5b/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+
+Methods (harp.methods.selector.Selector, as `harp compare`): original, harp (top k, greedy alpha
+search), harp-ls (top k, closed-form refit), attention-drop (He et al.), harp-any-ls (Attention Drop's
+layers, refit); all on the same calibration windows (--calib-windows x --seq-len tokens of WikiText-2
+validation, seed 0). Retrieval: `harp.passkey_items` / `harp.niah_items` (the same prompts for every
+method, seed --seed), greedy decoding, exact match (`harp.retrieval_score`). Loss by position:
+`harp.position_losses` on --ppl-windows windows of the largest context from each of --ppl-texts.
+
+Resumable: every cell (method x task x context, or method x text) is one JSON file under --out, written
+atomically as soon as it is measured; a rerun skips the cells that are there with the same settings
+(model, k, n, seed, calibration, windows) and measures the others again. The searched plans are
+kept in OUT/plans.json (refit maps are recomputed: seconds). OUT/summary.md and one PNG per text
+summarise whatever cells exist. Cells run smallest context first, so a run cut short still compares every
+method at the contexts it reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = "original,harp,harp-ls,attention-drop,harp-any-ls"
+TEXT_NAMES = {"wikitext2-raw-test": "WikiText-2 test", "tinyshakespeare": "Tiny Shakespeare"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model source (default: the bundled SmolLM2-135M-Instruct)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    ap.add_argument("--k", type=int, default=8, help="attention sub-layers pruned (equal KV saving), default 8")
+    ap.add_argument("--contexts", default="1024,4096,8192", help="prompt lengths in tokens, e.g. 1024,4096,8192")
+    ap.add_argument("--tasks", default="passkey,niah")
+    ap.add_argument("--n", type=int, default=50, help="items per task and context (depths spread evenly)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ppl-texts", default="wikitext2-raw-test,tinyshakespeare",
+                    help="texts for the loss by position ('' for none)")
+    ap.add_argument("--ppl-windows", type=int, default=2, help="windows of the largest context per text")
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256, help="calibration window length")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/long_context_<model>_k<k>)")
+    a = ap.parse_args()
+
+    import torch
+
+    import harp
+    from harp.methods.selector import ORIGINAL, Plan, Selector, applied
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tag = "smollm2" if a.model is None else Path(str(a.model)).stem.split("-instruct")[0].lower()
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"long_context_{tag}_k{a.k}"
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    contexts = harp.parse_contexts(a.contexts)
+    texts = [t.strip() for t in a.ppl_texts.split(",") if t.strip()]
+    command = "python benchmarks/long_context.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+
+    # a cell or plan measured with other settings is measured again, not reused
+    settings = {"model": a.model, "k": a.k, "n": a.n, "seed": a.seed, "calib_windows": a.calib_windows,
+                "seq_len": a.seq_len, "ppl_windows": a.ppl_windows}
+
+    def cell_path(method: str, name: str) -> Path:
+        return out / method / f"{name}.json"
+
+    def done(path: Path) -> bool:
+        return path.exists() and json.loads(path.read_text()).get("settings") == settings
+
+    todo = [(c, t, m) for c in contexts for t in tasks for m in methods if not done(cell_path(m, f"{t}@{c}"))]
+    top = max(contexts)
+    todo_ppl = [(x, m) for x in texts for m in methods if not done(cell_path(m, f"loss_{x}@{top}"))]
+    log(f"{out}: {len(todo)} retrieval cell(s) and {len(todo_ppl)} loss-by-position cell(s) to measure")
+    if todo or todo_ppl:
+        t0 = time.perf_counter()
+        model, tok = harp.load_model(a.model)
+        log(f"model loaded in {time.perf_counter() - t0:.0f} s: {type(model).__name__}, "
+            f"{model.config.num_hidden_layers} layers, max {model.config.max_position_embeddings} positions")
+        limit = model.config.max_position_embeddings
+        for c in contexts:
+            harp.check_context(c, limit)  # before any search
+        bos = harp.bos_token(tok)
+        calib = harp.calibration_windows(harp.tokenize(tok, harp.load_text("wikitext2-valid")), a.calib_windows,
+                                         a.seq_len, 0, bos=bos)
+        selector = Selector(model, calib, log=lambda m: log("  " + m))
+        plans_file = out / "plans.json"
+        saved = json.loads(plans_file.read_text()) if plans_file.exists() else {}
+        if saved.pop("settings", None) != settings:
+            saved = {}
+        plans: dict[str, Plan] = {}
+
+        def plan_for(method: str) -> Plan:
+            if method in plans:
+                return plans[method]
+            if method == "original":
+                plan = ORIGINAL
+            elif method in saved and not method.endswith("-ls"):
+                d = saved[method]
+                plan = Plan(method, d["kind"], d["layers"], d["alphas"], d["search_seconds"], d["calib_ppl"])
+            else:
+                t = time.perf_counter()
+                log(f"selecting {method} (k = {a.k})")
+                plan = selector.select(method, a.k)
+                log(f"  {method}: {plan.describe()} ({time.perf_counter() - t:.0f} s)")
+                saved[method] = plan.to_dict()
+                write_json(plans_file, {**saved, "settings": settings})
+            plans[method] = plan
+            return plan
+
+        items: dict[tuple[str, int], list] = {}
+        for c, t, m in todo:
+            if (t, c) not in items:
+                items[(t, c)] = harp.retrieval_items(t, tok, c, a.n, a.seed, max_context=limit)
+            plan = plan_for(m)
+            with applied(model, plan):
+                r = harp.retrieval_score(model, tok, items[(t, c)])
+            log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
+            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": plan.describe(),
+                                                  "settings": settings, "command": command})
+        windows: dict[str, torch.Tensor] = {}
+        for x, m in todo_ppl:
+            if x not in windows:
+                ids = harp.tokenize(tok, harp.load_text(x))
+                windows[x] = harp.evaluation_windows(ids, top, a.ppl_windows * top, bos=bos)
+            plan = plan_for(m)
+            with applied(model, plan):
+                r = harp.position_losses(model, windows[x])
+            log(f"{m} loss by position on {x}, {r.windows} x {r.seq_len}: ppl {r.ppl:.2f}; "
+                + ", ".join(f"{b['bucket']} {b['nll']:.3f}" for b in r.buckets))
+            write_json(cell_path(m, f"loss_{x}@{top}"), {**r.to_dict(curve=True), "method": m, "text": x,
+                                                        "plan": plan.describe(), "settings": settings,
+                                                        "command": command})
+    summarise(out, methods, tasks, contexts, texts, top, command, a)
+
+
+def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[int], texts: list[str], top: int,
+              command: str, a: argparse.Namespace) -> None:
+    import harp
+
+    def load(method: str, name: str) -> dict[str, Any] | None:
+        p = out / method / f"{name}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    table = {m: {f"{t}@{c}": d for t in tasks for c in contexts if (d := load(m, f"{t}@{c}")) is not None}
+             for m in methods}
+    lines = [f"# Long-context retrieval and loss by position, k = {a.k}", "",
+             f"Command: `{command}`  ", f"Host: Python {platform.python_version()}, {os.cpu_count()} CPUs.", "",
+             "Exact-match accuracy ± binomial stderr (n items, depths spread evenly over the context):", "",
+             harp.retrieval_markdown(table)]
+    plans = json.loads((out / "plans.json").read_text()) if (out / "plans.json").exists() else {}
+    plans.pop("settings", None)
+    if plans:
+        lines += ["Plans (layers, top first: alpha; refit maps for the -ls methods):", ""]
+        lines += [f"- {m}: " + ", ".join(f"{i}:{al:g}" if al is not None else str(i) for i, al in
+                                        sorted(zip(p["layers"], p["alphas"] or [None] * len(p["layers"]),
+                                                   strict=True), reverse=True)) for m, p in plans.items()]
+        lines.append("")
+    for x in texts:
+        res = {m: d for m in methods if (d := load(m, f"loss_{x}@{top}")) is not None}
+        if not res:
+            continue
+        buckets = [b["bucket"] for b in next(iter(res.values()))["buckets"]]
+        lines += [f"## Loss by position, {TEXT_NAMES.get(x, x)}, {top}-token windows (mean NLL, nats)", "",
+                  "| method | ppl | " + " | ".join(buckets) + " |", "|---|---|" + "---|" * len(buckets)]
+        for m, d in res.items():
+            lines.append(f"| {m} | {d['ppl']:.2f} | " + " | ".join(f"{b['nll']:.3f}" for b in d["buckets"]) + " |")
+        lines.append("")
+        png = harp.plot_position_losses(res, out / f"loss_{x}@{top}.png",
+                                        title=f"{TEXT_NAMES.get(x, x)}: loss by position, k = {a.k}")
+        lines += [f"![loss by position]({png.name})", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    log(f"wrote {out / 'summary.md'}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
