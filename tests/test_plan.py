@@ -14,7 +14,8 @@ from harp.cli import get_app
 from harp.engine.streamed import StreamedModel
 from harp.jobs.plan import layer_parameters, parse_calib, result_summary, search_memory
 from harp.model.accounting import count_parameters, parameter_count, removed_parameters
-from harp.model.configs import PRESETS, config_from_dict, load_config
+from harp.model.configs import PRESETS, config_from_dict
+from harp.model.source import load_config
 
 runner = CliRunner()
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "scaling.md"

@@ -75,7 +75,7 @@ def no_weights(monkeypatch):
         raise WeightsLoaded(f"weights were loaded: {args[:2]}")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
-    monkeypatch.setattr("harp.model.load._convert_gguf", spy)
+    monkeypatch.setattr("harp.model.load.convert_gguf", spy)  # the one GGUF conversion
     return calls
 
 
@@ -608,8 +608,8 @@ def test_gguf_is_converted_once_and_reused(tmp_path, monkeypatch):
     folder = models.converted_gguf(gguf)
     assert folder is not None and folder.parent == tmp_path / "cache" / "gguf"
     calls = []
-    real = models._convert_gguf
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = models.convert_gguf
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
     m2, tok2 = harp.load_model(gguf)  # from the cache: no dequantisation
     assert not calls
     with torch.no_grad():

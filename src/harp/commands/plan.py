@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 
 from harp.jobs.plan import GiB, full_plan, human, parse_calib
-from harp.model.configs import PRESETS, load_config
+from harp.model.configs import PRESETS
 from harp.model.prune import refuse_pruned
+from harp.model.source import load_config
 
 
 def _params(n: float) -> str:

@@ -1,9 +1,8 @@
-"""Model configs without weights: public presets (offline) and config files."""
+"""Model configs without weights: public presets (offline), their names, and config dicts as transformers
+configs. `harp.model.source.load_config` reads a `model` argument's config."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from harp.modeling import arch_for
@@ -31,9 +30,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-_ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
-            "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
-            "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b"}
+# The one alias table of `model` arguments: other names of the presets. The names that lead to
+# "smollm2-135m" (with it) name the bundled default model (`harp.model.source.DEFAULT_MODEL`).
+ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+           "meta-llama/llama-3.1-8b": "llama-3.1-8b", "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+           "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b"}
+
+
+def preset_key(name: str) -> str | None:
+    """The preset (a key of PRESETS) that `name` or one of its aliases names, case-insensitively; else None."""
+    key = ALIASES.get(name.lower(), name.lower())
+    return key if key in PRESETS else None
 
 
 def config_from_dict(d: dict[str, Any]) -> Any:
@@ -45,39 +52,3 @@ def config_from_dict(d: dict[str, Any]) -> Any:
     cfg = CONFIG_MAPPING[model_type].from_dict({k: v for k, v in d.items() if k != "model_type"})
     arch_for(cfg)  # a clear error for families harp does not support
     return cfg
-
-
-def load_config(spec: str | Path | None) -> Any:
-    """A config from a preset name (smollm2-135m, llama-3.1-8b, llama-3.1-70b), a config.json file, a
-    model folder, or (online) a hub id. Never reads weights."""
-    name = "smollm2-135m" if spec is None else str(spec)
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key in PRESETS:
-        return config_from_dict(PRESETS[key])
-    p = Path(name).expanduser()
-    if p.is_dir():
-        p = p / "config.json"
-    if p.is_file():
-        if p.suffix == ".gguf":
-            raise ValueError(f"{p} is a GGUF file: pass the config.json of the model (or a preset: "
-                             f"{', '.join(PRESETS)}).")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{p} is not a JSON config file.") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p} is not a JSON config file.")
-        return config_from_dict(d)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        from transformers import AutoConfig
-
-        try:
-            return AutoConfig.from_pretrained(name)
-        except (OSError, ValueError):
-            raise FileNotFoundError(
-                f"Could not get the config of {name!r} (offline?). Pass a config.json path, a model folder, or "
-                f"a preset: {', '.join(PRESETS)}."
-            ) from None
-    raise FileNotFoundError(
-        f"No config at {name!r}: pass a config.json file, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."
-    )

