@@ -12,8 +12,15 @@ import harp
 from harp.bench.timing import cache_kwarg
 from harp.engine.replay import capture_inputs
 from harp.model.accounting import output_cache
-from harp.model.prune import temporarily_pruned
-from harp.modeling import HarpLinearAttention, HarpNoAttention, attention_geometry, decoder_layers
+from harp.model.prune import refuse_pruned, temporarily_pruned
+from harp.modeling import (
+    HarpBlock,
+    HarpBlockError,
+    HarpLinearAttention,
+    HarpNoAttention,
+    attention_geometry,
+    decoder_layers,
+)
 
 ALL = list(FAMILIES)
 
@@ -221,6 +228,26 @@ def test_bad_plans_are_clear_errors_and_change_nothing(layers, alphas, match):
         harp.prune(model, layers=layers, alphas=alphas)
     assert set(model.state_dict()) == set(state)
     assert not getattr(model.config, "harp", None)
+
+
+def test_harp_block_is_read_checked_and_printed_in_one_place():
+    model = tiny_model("llama")
+    assert not HarpBlock.from_config(model) and harp.pruned_plan(model) == {"format_version": 1, "layers": [],
+                                                                            "alphas": []}
+    refuse_pruned(model, "never raised: the model is not pruned")
+    harp.prune(model, layers=[2, 5], alphas=[0.5, 1.0])
+    block = HarpBlock.from_config(model)
+    assert block == HarpBlock.from_config(model.config) == HarpBlock.from_config(model.config.to_dict())
+    assert block.plan == {2: 0.5, 5: 1.0} and block.to_dict() == harp.pruned_plan(model) == model.config.harp
+    assert block.describe() == "layers (top first) 5, 2, alphas 1, 0.5"
+    with pytest.raises(ValueError, match=r"^m is pruned \(layers \[2, 5\]\)$"):
+        refuse_pruned(model, lambda b: f"m is pruned (layers {list(b.layers)})")
+    with pytest.raises(HarpBlockError) as e:
+        HarpBlock.from_dict({"format_version": 9, "layers": [7, 1, 1], "alphas": [float("nan"), True]}, 6)
+    assert e.value.newer is not None and e.value.newer in e.value.problems
+    assert [p.split(" ")[:3] for p in e.value.problems] == [["HARP", "format", "version"], ["harp", "layers", "[7]"],
+                                                            ["harp", "layers", "repeat"], ["harp", "alpha", "nan"],
+                                                            ["harp", "alpha", "True"], ["harp", "block", "has"]]
 
 
 def test_unsupported_architecture_names_supported_families():

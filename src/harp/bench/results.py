@@ -22,6 +22,7 @@ from harp._version import __version__
 from harp.bench.probe import weights_bytes
 from harp.bench.timing import Timings
 from harp.model.accounting import count_parameters, layer_kinds
+from harp.modeling import HarpBlock
 
 RESULT_VERSION = 1
 
@@ -62,14 +63,14 @@ def loadavg() -> list[float] | None:
 def model_info(model: nn.Module) -> dict[str, Any]:
     """The structure of one benchmarked model: HARP layers and alphas, parameters, weight bytes."""
     cfg = model.config
-    harp = getattr(cfg, "harp", None) or {}
+    block = HarpBlock.from_config(cfg)
     kinds = layer_kinds(cfg)
     return {
         "model_type": cfg.model_type,
         "class": type(model).__name__,
         "num_layers": cfg.num_hidden_layers,
-        "harp_layers": list(harp.get("layers", [])),
-        "harp_alphas": list(harp.get("alphas", [])),
+        "harp_layers": list(block.layers),
+        "harp_alphas": list(block.alphas),
         "layers_with_attention": kinds.count("attention"),
         "parameters": count_parameters(model),
         "weights_bytes": weights_bytes(model),

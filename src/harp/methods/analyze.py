@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from harp.methods.scores import layer_stats
-from harp.modeling import decoder_layers
+from harp.modeling import HarpBlock, decoder_layers
 
 
 @dataclass
@@ -57,8 +57,7 @@ def analyze(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 2, nam
     finally:
         if switched:
             model.set_attn_implementation(impl)
-    plan = getattr(model.config, "harp", None) or {}
-    alpha_of = dict(zip(plan.get("layers", []), plan.get("alphas", []), strict=True))
+    alpha_of = HarpBlock.from_config(model).plan
     layers = []
     for j in range(len(decoder_layers(model))):
         layers.append({
