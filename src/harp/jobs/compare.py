@@ -380,6 +380,10 @@ def check_compare(s: Any) -> ModelInfo | None:
     c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
     e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
+    long_tasks = [t.name for t in out.run(resolve_tasks, s.tasks) or [] if t.kind == "longctx"] if s.tasks else []
+    if long_tasks:
+        out.add(f"`tasks` {', '.join(long_tasks)}: long-context tasks are not compare columns yet; run "
+                "`harp eval` on each saved model, or benchmarks/long_context.py for every method at one k.")
     check_output(s.out, s.overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info
