@@ -286,7 +286,7 @@ def llama_cpp_works(tmp_path_factory: pytest.TempPathFactory) -> None:
     missing or was built for instructions this CPU lacks (e.g. AVX-512 on an AVX2-only machine)."""
     path = export_gguf(pruned("llama", [5], [0.5]), tmp_path_factory.mktemp("canary") / "c.gguf", dtype="f32")
     code = (
-        "from harp.export import llamacpp\n"
+        "from harp.bench import llamacpp\n"
         f"llm = llamacpp.open_gguf({str(path)!r}, n_ctx=32, logits_all=True, n_threads=1)\n"
         "llamacpp.logits(llm, [1, 2, 3, 4, 5, 6, 7, 8])\n"
     )
