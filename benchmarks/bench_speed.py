@@ -16,7 +16,7 @@ What it does:
    interleaved - by default in lockstep: the two prefills take turns at every attention and MLP
    sub-layer, decode alternates step by step; prefill of n tokens into an empty cache (last-token
    logits), then --new-tokens greedy decode steps; pair-by-pair ratios with a bootstrap 95 %
-   interval; FLOP and bytes bounds from harp.accounting; KV-cache bytes from the cache object.
+   interval; FLOP and bytes bounds from harp.model.accounting; KV-cache bytes from the cache object.
 4. Writes bench.json, bench.md (the table) and bench.png (runtime vs context, speed-up and bound)
    to --out and prints the table and the acceptance checks of the README.
 

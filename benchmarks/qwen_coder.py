@@ -14,7 +14,7 @@ Methods (harp.methods.Selector): original, harp (top k, greedy alpha search), ha
 closed-form refit), attention-drop (He et al.), harp-any-ls (Attention Drop's layers, refit).
 Calibration: 8 x 256 tokens of WikiText-2 validation. Perplexity on the first --eval-tokens tokens of
 WikiText-2-raw test and of Tiny Shakespeare, 1024-token windows; then --limit items of LAMBADA and PIQA
-(harp.evaluate, local data in --data-dir). Perplexity rows for every method come first, then the
+(harp.engine.evaluate, local data in --data-dir). Perplexity rows for every method come first, then the
 calibration perplexity of the rows whose method does not measure it, then perplexity on --holdout-windows
 other WikiText-2 validation windows (a refit's calibration perplexity is in-sample: is it what
 --select auto should compare?), the (slower) task accuracies last, so a run cut short still answers the

@@ -1,4 +1,4 @@
-"""The counts of harp.accounting (parameters, KV bytes, FLOPs, bytes read) against hand counts and real models."""
+"""The counts of harp.model.accounting (parameters, KV bytes, FLOPs, bytes read) against hand counts and real models."""
 
 from __future__ import annotations
 

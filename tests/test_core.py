@@ -77,7 +77,7 @@ def test_generate_with_cache_equals_without(family, where, attn):
 
 
 def _expected_removed(config, alphas, qkv_bias, o_bias, qk_norm, out_norm):
-    """Hand count from docs/method.md ("The fold"): written out here independently of harp.accounting."""
+    """Hand count from docs/method.md ("The fold"): written out here independently of harp.model.accounting."""
     g = attention_geometry(config)
     h, nh, kv, d = g["hidden"], g["heads"], g["kv_heads"], g["head_dim"]
     total = 0

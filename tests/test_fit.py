@@ -1,4 +1,4 @@
-"""The closed-form refit (harp.fit): recovery, optimality, accumulation, every family, save/reload, decode."""
+"""The closed-form refit (harp.methods.fit): recovery, optimality, accumulation, every family, save/reload, decode."""
 
 from __future__ import annotations
 
