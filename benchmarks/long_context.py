@@ -19,8 +19,10 @@ Resumable: every cell (method x task x context, or method x text) is one JSON fi
 atomically as soon as it is measured; a rerun skips the cells that are there with the same settings
 (model, k, n, seed, calibration, windows) and measures the others again. The searched plans are
 kept in OUT/plans.json (refit maps are recomputed: seconds). OUT/summary.md and one PNG per text
-summarise whatever cells exist. Cells run smallest context first, so a run cut short still compares every
-method at the contexts it reached.
+summarise whatever cells exist (every context found on disk). The loss-by-position cells run first, then
+retrieval smallest context first, so a run cut short still compares every method at the contexts it reached.
+The plans do not depend on --n, so a later run at another context and n (e.g. `--contexts 8192 --n 20`)
+reuses them and adds its cells to the same summary.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ppl-texts", default="wikitext2-raw-test,tinyshakespeare",
                     help="texts for the loss by position ('' for none)")
+    ap.add_argument("--ppl-context", type=int, default=None,
+                    help="window length of the loss by position (default: the largest of --contexts)")
     ap.add_argument("--ppl-windows", type=int, default=2, help="windows of the largest context per text")
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256, help="calibration window length")
@@ -89,8 +93,9 @@ def main() -> None:
     command = "python benchmarks/long_context.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
     # a cell or plan measured with other settings is measured again, not reused
-    settings = {"model": a.model, "k": a.k, "n": a.n, "seed": a.seed, "calib_windows": a.calib_windows,
-                "seq_len": a.seq_len, "ppl_windows": a.ppl_windows}
+    plan_settings = {"model": a.model, "k": a.k, "seed": a.seed, "calib_windows": a.calib_windows,
+                     "seq_len": a.seq_len}
+    settings = {**plan_settings, "n": a.n, "ppl_windows": a.ppl_windows}
 
     def cell_path(method: str, name: str) -> Path:
         return out / method / f"{name}.json"
@@ -99,7 +104,7 @@ def main() -> None:
         return path.exists() and json.loads(path.read_text()).get("settings") == settings
 
     todo = [(c, t, m) for c in contexts for t in tasks for m in methods if not done(cell_path(m, f"{t}@{c}"))]
-    top = max(contexts)
+    top = a.ppl_context or max(contexts)
     todo_ppl = [(x, m) for x in texts for m in methods if not done(cell_path(m, f"loss_{x}@{top}"))]
     log(f"{out}: {len(todo)} retrieval cell(s) and {len(todo_ppl)} loss-by-position cell(s) to measure")
     if todo or todo_ppl:
@@ -108,7 +113,7 @@ def main() -> None:
         log(f"model loaded in {time.perf_counter() - t0:.0f} s: {type(model).__name__}, "
             f"{model.config.num_hidden_layers} layers, max {model.config.max_position_embeddings} positions")
         limit = model.config.max_position_embeddings
-        for c in contexts:
+        for c in [*contexts, top]:
             harp.check_context(c, limit)  # before any search
         bos = harp.bos_token(tok)
         calib = harp.calibration_windows(harp.tokenize(tok, harp.load_text("wikitext2-valid")), a.calib_windows,
@@ -116,7 +121,7 @@ def main() -> None:
         selector = Selector(model, calib, log=lambda m: log("  " + m))
         plans_file = out / "plans.json"
         saved = json.loads(plans_file.read_text()) if plans_file.exists() else {}
-        if saved.pop("settings", None) != settings:
+        if saved.pop("settings", None) != plan_settings:  # plans do not depend on n or the windows
             saved = {}
         plans: dict[str, Plan] = {}
 
@@ -134,20 +139,10 @@ def main() -> None:
                 plan = selector.select(method, a.k)
                 log(f"  {method}: {plan.describe()} ({time.perf_counter() - t:.0f} s)")
                 saved[method] = plan.to_dict()
-                write_json(plans_file, {**saved, "settings": settings})
+                write_json(plans_file, {**saved, "settings": plan_settings})
             plans[method] = plan
             return plan
 
-        items: dict[tuple[str, int], list] = {}
-        for c, t, m in todo:
-            if (t, c) not in items:
-                items[(t, c)] = harp.retrieval_items(t, tok, c, a.n, a.seed, max_context=limit)
-            plan = plan_for(m)
-            with applied(model, plan):
-                r = harp.retrieval_score(model, tok, items[(t, c)])
-            log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
-            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": plan.describe(),
-                                                  "settings": settings, "command": command})
         windows: dict[str, torch.Tensor] = {}
         for x, m in todo_ppl:
             if x not in windows:
@@ -161,6 +156,16 @@ def main() -> None:
             write_json(cell_path(m, f"loss_{x}@{top}"), {**r.to_dict(curve=True), "method": m, "text": x,
                                                         "plan": plan.describe(), "settings": settings,
                                                         "command": command})
+        items: dict[tuple[str, int], list] = {}
+        for c, t, m in todo:
+            if (t, c) not in items:
+                items[(t, c)] = harp.retrieval_items(t, tok, c, a.n, a.seed, max_context=limit)
+            plan = plan_for(m)
+            with applied(model, plan):
+                r = harp.retrieval_score(model, tok, items[(t, c)])
+            log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
+            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": plan.describe(),
+                                                  "settings": settings, "command": command})
     summarise(out, methods, tasks, contexts, texts, top, command, a)
 
 
@@ -172,6 +177,9 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
         p = out / method / f"{name}.json"
         return json.loads(p.read_text()) if p.exists() else None
 
+    # every context measured so far (a run at --contexts 8192 --n 20 adds to one at 1024,4096 --n 50)
+    found = {int(f.stem.split("@")[1]) for m in methods for t in tasks for f in (out / m).glob(f"{t}@*.json")}
+    contexts = sorted(set(contexts) | found)
     table = {m: {f"{t}@{c}": d for t in tasks for c in contexts if (d := load(m, f"{t}@{c}")) is not None}
              for m in methods}
     lines = [f"# Long-context retrieval and loss by position, k = {a.k}", "",
