@@ -22,7 +22,7 @@ from harp.model.load import load_model, saved_tokenizer
 from harp.model.source import DEFAULT_MODEL
 from harp.report import check_plot_available
 from harp.report.bench import bench_table, plot_bench
-from harp.util.fsio import write_json_atomic, write_text_atomic
+from harp.util.fsio import require_output, write_json_atomic, write_text_atomic
 
 JSON_NAME = "bench.json"
 PLOT_NAME = "bench.png"
@@ -288,17 +288,10 @@ def _run(
 
 def output_paths(out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
     """{'json', 'table', 'png'} paths inside `out_dir`; FileExistsError if any exists and not
-    `overwrite`. Nothing is written."""
+    `overwrite` (`harp.util.fsio.require_output` with these files). Nothing is written."""
     out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory: choose another `out`.")
     paths = {"json": out / JSON_NAME, "table": out / TABLE_NAME, "png": out / PLOT_NAME}
-    if not overwrite:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise FileExistsError(
-                f"{', '.join(existing)} already exist(s): choose another `out` or pass `overwrite=True`."
-            )
+    require_output(out, overwrite, files=[p.name for p in paths.values()])
     return paths
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ import torch
 
 from harp.export import vocab
 from harp.export.deci import DeciModel
-from harp.util.fsio import atomic_file
+from harp.util.fsio import atomic_file, check_output
+from harp.util.problems import Collector
 
 ARCH = "deci"
 DTYPES = {
@@ -81,16 +83,19 @@ class _Tensors:
 
 
 
-def check_gguf_out(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """`out` can take a GGUF: a file name ending in .gguf, not a folder, not an existing file unless
-    `overwrite`. Returns it as a Path."""
-    p = Path(out).expanduser()
-    if p.suffix != ".gguf":
-        raise ValueError(f"`out={p}` should be a file name ending in .gguf for `fmt=gguf`.")
-    if p.is_dir():
-        raise FileExistsError(f"{p} is a directory; `out` for `fmt=gguf` is a file path (e.g. model.gguf).")
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists. Choose another `out`, or pass `overwrite=True` to replace it.")
+def check_gguf_out(
+    out: str | os.PathLike[str], overwrite: bool, inputs: Iterable[Path | None] = (), problems: Collector | None = None
+) -> Path:
+    """`out` can take a GGUF: a file name ending in .gguf that `harp.util.fsio.check_output` accepts as a file
+    (not a folder, not an existing file unless `overwrite`, not the input). Problems go to `problems`, or
+    are raised without one. Returns `out` resolved."""
+    collect = Collector() if problems is None else problems
+    if Path(out).suffix != ".gguf":
+        collect.add(f"`out={out}` should be a file name ending in .gguf for `fmt=gguf`.")
+    p = check_output(out, overwrite, inputs, collect, is_file=True)
+    if problems is None:
+        collect.raise_if_any()
+    assert p is not None
     return p
 
 
@@ -108,7 +113,7 @@ def write_gguf(
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown GGUF dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
-    out = check_gguf_out(out, overwrite).resolve()
+    out = check_gguf_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     qtype, ftype = DTYPES[dtype]
 

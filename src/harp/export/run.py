@@ -27,7 +27,7 @@ from harp.export.gguf_writer import check_gguf_out, write_gguf
 from harp.model.load import load_model, resolve_model_source, saved_tokenizer
 from harp.model.source import ModelInfo, model_or_problem
 from harp.util.dtypes import DTYPES
-from harp.util.fsio import atomic_dir, check_output, check_output_dir, write_json_atomic
+from harp.util.fsio import atomic_dir, check_output, write_json_atomic
 from harp.util.problems import Collector
 
 __all__ = [
@@ -163,7 +163,9 @@ def export(
         raise ValueError(f"Unknown dtype {dtype!r} for `fmt=deci`; use one of {', '.join(DECI_DTYPES)}.")
     if fmt == "gguf" and tokenizer_gguf is not None and not Path(tokenizer_gguf).is_file():
         raise FileNotFoundError(f"`tokenizer_gguf={tokenizer_gguf}` not found.")
-    _check_out(fmt, out, overwrite)
+    problems = Collector()  # fail before loading the model if the output cannot be written
+    _check_out(fmt, out, overwrite, [], problems)
+    problems.raise_if_any()
     src = resolve_model_source(source)
     src_path = Path(src)
     is_gguf = src_path.is_file() and src_path.suffix == ".gguf"
@@ -205,23 +207,19 @@ def export(
     return path, {kind: [i for i, k in enumerate(kinds) if k == kind] for kind in ("attention", "linear", "no_op")}
 
 
-def _check_out(fmt: str, out: str | os.PathLike[str], overwrite: bool) -> None:
-    """Fail before loading the model if the output cannot be written."""
-
-    if fmt == "deci":
-        check_output_dir(Path(out).expanduser(), overwrite)
+def _check_out(
+    fmt: str, out_path: str | os.PathLike[str], overwrite: bool, inputs: list[Path | None], problems: Collector
+) -> None:
+    """Collect why the output of `fmt` cannot be written (a GGUF file or a DeciLM folder)."""
+    if fmt == "gguf":
+        check_gguf_out(out_path, overwrite, inputs, problems)
     else:
-        check_gguf_out(out, overwrite)
+        check_output(out_path, overwrite, inputs, problems)
 
 
 def check_export(source: Any, fmt: str, out_path: Path, overwrite: bool) -> ModelInfo | None:
     out = Collector()
     info = model_or_problem(source, out)
-    if fmt == "gguf":
-        if Path(out_path).suffix != ".gguf":
-            out.add(f"`out={out_path}` should be a file name ending in .gguf for `fmt=gguf`.")
-        check_output(out_path, overwrite, [info.path if info else None], out, is_file=True)
-    else:
-        check_output(out_path, overwrite, [info.path if info else None], out)
+    _check_out(fmt, out_path, overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info

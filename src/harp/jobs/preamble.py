@@ -26,7 +26,7 @@ from harp.engine.text import (
     load_text,
     tokenize,
 )
-from harp.util.fsio import check_output_dir, output_lock
+from harp.util.fsio import output_lock, require_output
 
 
 def set_threads(threads: int | None) -> None:
@@ -37,7 +37,7 @@ def set_threads(threads: int | None) -> None:
 
 def output_dir(out: str | os.PathLike[str] | None, overwrite: bool) -> Path | None:
     """The resolved output folder, refused early if it exists (without `overwrite`); None without one."""
-    return check_output_dir(out, overwrite) if out else None
+    return require_output(out, overwrite) if out else None
 
 
 @contextmanager

@@ -91,7 +91,7 @@ def save(
     }
     out_recipe.update(recipe or {})
     try:
-        with atomic_dir(path, overwrite) as tmp:
+        with atomic_dir(path, overwrite, name="path") as tmp:
             prepare_for_save(model)
             model.config.harp = plan
             model.config.auto_map = {"AutoModelForCausalLM": "modeling_harp.HarpForCausalLM"}

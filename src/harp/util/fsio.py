@@ -4,6 +4,7 @@ resumable runs (the alpha search, `harp compare`): one home for both.
 - `atomic_dir`: a whole output folder appears in one rename (or the old one stays);
 - `atomic_file` / `write_text_atomic` / `write_json_atomic`: one file, written beside its final name
   and renamed over it;
+- `check_output` / `require_output`: the one check that an output can be written (collected or raised);
 - `output_lock`: one run per output at a time;
 - `read_state`: the saved progress of a resumable run, if it belongs to this run.
 """
@@ -25,33 +26,14 @@ from typing import Any
 from harp.util.problems import Collector
 
 
-def check_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-    """Refuse to write into an existing non-empty directory unless `overwrite`; fail early if the
-    parent is not writable. Returns the resolved path. Nothing is written."""
-    out = Path(path).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"Output path {out} exists and is not a directory. Choose another `out`.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output directory {out} already exists and is not empty. Choose another path, or pass "
-            "`overwrite=True` to replace it."
-        )
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise PermissionError(f"Cannot write to {probe}: choose an output directory you can write to.")
-    return out
-
-
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False, name: str = "out") -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
-    An interrupted write leaves only a hidden `.NAME.tmp-*` folder, never a half-written `path`.
+    `path` is checked first (`require_output`; `name` is the parameter it came from). An interrupted
+    write leaves only a hidden `.NAME.tmp-*` folder, never a half-written `path`.
     """
-    out = check_output_dir(path, overwrite)
+    out = require_output(path, overwrite, name=name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -182,34 +164,76 @@ def _inside(a: Path, b: Path) -> bool:
 
 def check_output(
     out_path: str | os.PathLike[str] | None, overwrite: bool, inputs: Iterable[Path | None], out: Collector,
-    name: str = "out", is_file: bool = False,
+    name: str = "out", is_file: bool = False, files: Iterable[str] = (),
 ) -> Path | None:
-    """An output folder (or file) `name` can be written: not an existing non-empty folder without `overwrite`,
-    its nearest existing parent writable, and not the input, inside it, or containing it."""
+    """Collect in `out` why the output `name` cannot be written; return it resolved (None for none).
+
+    The one output check (`require_output` raises what it finds). The output is a folder, replaced as a
+    whole: not an existing non-empty folder without `overwrite`. With `is_file`, a file: not a folder,
+    not an existing file without `overwrite`. With `files`, a folder that may hold other things, into
+    which these files are written: none of them may exist without `overwrite`. Always: the nearest existing
+    parent is a writable folder, and the output is not the input, inside it, or containing it."""
     if out_path is None:
         return None
     p = Path(out_path).expanduser().resolve()
+    files = tuple(files)
     if is_file:
-        if p.is_dir():
-            out.add(f"`{name}={p}` is a folder; give a file path.")
-        elif p.exists() and not overwrite:
-            msg = f"`{name}={p}` exists: choose another path, or pass `overwrite=True` to replace it."
-            out.add(msg, FileExistsError(msg))
+        _check_file(p, overwrite, name, out)
     else:
-        if p.exists() and not p.is_dir():
-            out.add(f"`{name}={p}` exists and is not a folder: choose another `{name}`.")
-        elif p.is_dir() and any(p.iterdir()) and not overwrite:
-            msg = (f"`{name}={p}`: output directory already exists and is not empty: choose another path, or pass "
-                   "`overwrite=True` to replace it.")
-            out.add(msg, FileExistsError(msg))
+        _check_folder(p, overwrite, name, files, out)
+    _check_parent(p, name, out)
+    _check_apart(p, inputs, name, out)
+    return p
+
+
+def require_output(
+    path: str | os.PathLike[str], overwrite: bool = False, *, name: str = "out", is_file: bool = False,
+    files: Iterable[str] = (), inputs: Iterable[Path | None] = (),
+) -> Path:
+    """`check_output`, raising what it finds (one problem as its FileExistsError / PermissionError /
+    NotADirectoryError, several as one `Problems`). Returns the resolved path. Nothing is written."""
+    out = Collector()
+    p = check_output(path, overwrite, inputs, out, name=name, is_file=is_file, files=files)
+    out.raise_if_any()
+    assert p is not None
+    return p
+
+
+def _refuse(out: Collector, msg: str, error: type[OSError] = FileExistsError) -> None:
+    out.add(msg, error(msg))
+
+
+def _check_file(p: Path, overwrite: bool, name: str, out: Collector) -> None:
+    if p.is_dir():
+        _refuse(out, f"`{name}={p}` is a folder; give a file path.")
+    elif p.exists() and not overwrite:
+        _refuse(out, f"`{name}={p}` exists: choose another path, or pass `overwrite=True` to replace it.")
+
+
+def _check_folder(p: Path, overwrite: bool, name: str, files: tuple[str, ...], out: Collector) -> None:
+    if p.exists() and not p.is_dir():
+        _refuse(out, f"`{name}={p}` exists and is not a directory: choose another `{name}`.")
+    elif files:
+        existing = [str(p / f) for f in files if (p / f).exists()]
+        if existing and not overwrite:
+            _refuse(out, f"{', '.join(existing)} already exist(s): choose another `{name}` or pass `overwrite=True`.")
+    elif p.is_dir() and any(p.iterdir()) and not overwrite:
+        _refuse(out, f"`{name}={p}`: output directory already exists and is not empty: choose another path, or "
+                "pass `overwrite=True` to replace it.")
+
+
+def _check_parent(p: Path, name: str, out: Collector) -> None:
     probe = p.parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        out.add(f"`{name}={p}`: {probe} is a file, so no folder can be made there.")
+        _refuse(out, f"`{name}={p}`: {probe} is a file, so no folder can be made there.", NotADirectoryError)
     elif not os.access(probe, os.W_OK | os.X_OK):
-        msg = f"`{name}={p}`: Cannot write to {probe} (permissions): choose an output you can write to."
-        out.add(msg, PermissionError(msg))
+        _refuse(out, f"`{name}={p}`: Cannot write to {probe} (permissions): choose an output you can write to.",
+                PermissionError)
+
+
+def _check_apart(p: Path, inputs: Iterable[Path | None], name: str, out: Collector) -> None:
     for src in inputs:
         if src is None:
             continue
@@ -218,4 +242,3 @@ def check_output(
             where = "is the input" if p == s else ("is inside the input" if _inside(p, s) else "contains the input")
             out.add(f"`{name}={p}` {where} {s}: writing it would damage the model being read. Choose an output "
                     "outside the input.")
-    return p
