@@ -181,10 +181,3 @@ def test_auto_k_gives_the_refit_methods_a_k_of_their_own(setup, tmp_path):
         assert r["ppl"] <= want_fit.budget_ppl
     if want_fit.k < 4:
         assert want_fit.per_k[want_fit.k]["ppl"] > want_fit.budget_ppl
-
-
-def test_compare_refuses_long_context_tasks_before_loading(tmp_path):
-    from harp.jobs.compare import CompareSettings, check_compare
-
-    with pytest.raises(ValueError, match="long-context tasks are not compare columns"):
-        check_compare(CompareSettings(tasks="passkey,piqa", out=tmp_path / "c"))

@@ -40,8 +40,11 @@ def _console_table(rep) -> list[Table]:
             cells = [r["method"], "–" if not r["k"] else (("blocks " if r["kind"] == "blocks" else "attn ")
                                                           + ",".join(map(str, sorted(r["layers"]))))]
             for task in rep.tasks:
-                v = r["scores"][task["name"]]["value"]
-                cells.append(f"{v:.3f}" if v < 1000 else f"{v:.3g}")
+                sc = r["scores"][task["name"]]
+                v = sc["value"]
+                cells.append((f"{v:.3f}" if v < 1000 else f"{v:.3g}")
+                             + (f" ±{sc['stderr']:.3f}" if task["kind"] == "longctx" and sc["stderr"] is not None
+                                else ""))
             cells += ([f"{r['params_removed_pct']:.1f} %", f"-{100 * r['kv_reduction']:.0f} %",
                        f"{r['search_seconds']:.0f} s"] if r["k"] else ["–", "–", "–"])
             t.add_row(*cells)
@@ -50,7 +53,8 @@ def _console_table(rep) -> list[Table]:
 
 
 def compare_cmd(
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder: compare.md, compare.json, compare.png."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: compare.md, compare.json, compare.png "
+                             "(and loss_by_position_k<k>.png with --eval-seq-len above 1024)."),
     model: str = typer.Option(None, "--model", "-m",
                               help="Model: 'smollm2-135m' (bundled default), a folder, a .gguf file, or a hub id."),
     layers: str = typer.Option("8", "--layers", "-k", help="k: attention sub-layers to remove/bypass; '4,8' for both."),
@@ -66,11 +70,16 @@ def compare_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
     eval_: str = typer.Option(None, "--eval", help="Perplexity text (default: bundled 'wikitext2-raw-test')."),
     eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Perplexity on the first N tokens."),
-    eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="Perplexity window length."),
+    eval_seq_len: int = typer.Option(1024, "--eval-seq-len", help="Perplexity window length; above 1024 each row "
+                                     "also gets the loss by position bucket and a PNG per k."),
     grid: str = typer.Option("0:1:0.1", "--grid", help="Alpha grid for harp/harp-low/harp-refine."),
     batch_size: int = typer.Option(4, "--batch-size", help="Calibration windows per forward pass."),
     eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="lm-eval batch size."),
     max_gen_toks: int = typer.Option(None, "--max-gen-toks", help="Cap generated tokens (generation tasks)."),
+    context: str = typer.Option(None, "--context", help="Prompt lengths in tokens for passkey and niah, e.g. 4096 "
+                                "or 1k,4k: a column per task and context (default 4096, or the model's maximum)."),
+    filler: str = typer.Option(None, "--filler", help="Haystack text for passkey and niah: a text file or folder "
+                               "(default: the classic filler for passkey, bundled Tiny Shakespeare for niah)."),
     refine_passes: int = typer.Option(6, "--refine-passes", help="At most this many harp-refine passes."),
     auto_k: bool = typer.Option(False, "--auto-k", help="Choose k: the largest within --max-ppl-increase."),
     max_ppl_increase: str = typer.Option(None, "--max-ppl-increase",
@@ -81,7 +90,10 @@ def compare_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ) -> None:
     """Compare HARP with its ablations and published baselines at equal KV-cache reduction: perplexity,
-    task scores, parameters removed, KV reduction and search time, as Markdown, JSON and a PNG chart."""
+    task scores, parameters removed, KV reduction and search time, as Markdown, JSON and a PNG chart.
+
+    Long context: --tasks passkey,niah --context 4096 adds a column per task and context (accuracy ± stderr,
+    --limit items, the same prompts for every method); --eval-seq-len 8192 adds the loss by position."""
     from harp.jobs.compare import CompareSettings, run_compare
     from harp.methods.autok import parse_ppl_increase
 
@@ -93,8 +105,8 @@ def compare_cmd(
         model=model, ks=[] if auto_k else _ks(layers), methods=methods, tasks=tasks, limit=limit,
         data_dir=str(data_dir) if data_dir else None, calib=calib, calib_windows=calib_windows, seq_len=seq_len,
         seed=seed, eval=eval_, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len, grid=grid,
-        batch_size=batch_size, eval_batch_size=eval_batch_size, max_gen_toks=max_gen_toks,
-        refine_passes=refine_passes, auto_k=auto_k, max_ppl_increase=inc, max_k=max_k, dtype=dtype,
+        batch_size=batch_size, eval_batch_size=eval_batch_size, max_gen_toks=max_gen_toks, context=context,
+        filler=filler, refine_passes=refine_passes, auto_k=auto_k, max_ppl_increase=inc, max_k=max_k, dtype=dtype,
         threads=threads, out=str(out), overwrite=overwrite,
         command="harp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None,
     )
@@ -103,5 +115,6 @@ def compare_cmd(
     rep = run_compare(settings, log=lambda m: console.print(m, highlight=False))
     for t in _console_table(rep):
         console.print(t)
-    console.print(f"wrote {rep.out}/compare.md, compare.json, compare.png "
+    plots = "".join(f", {p}" for p in (rep.long_context or {}).get("position_plots", []))
+    console.print(f"wrote {rep.out}/compare.md, compare.json, compare.png{plots} "
                   f"(wall time {rep.seconds['total'] / 60:.1f} min)", highlight=False)

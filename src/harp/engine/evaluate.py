@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch import nn
 from harp.engine.longctx import (
     LONGCTX_TASKS,
     PositionLosses,
+    RetrievalItem,
     RetrievalScore,
     max_positions,
     parse_contexts,
@@ -261,6 +262,7 @@ def evaluate(
     contexts: str | int | Sequence[int] | None = None,
     filler: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    items: Mapping[str, Sequence[RetrievalItem]] | None = None,
     loss_by_position: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalResult:
@@ -273,8 +275,9 @@ def evaluate(
 
     Long context (`harp.engine.longctx`): `passkey` and `niah` are generated at each of `contexts`
     (default 4096 tokens, or the model's maximum if smaller) with `limit` items (default 50), `seed`,
-    and `filler` as the haystack. `loss_by_position` adds the perplexity windows' mean loss per position
-    bucket (default: when the windows are longer than 1024 tokens).
+    and `filler` as the haystack; `items` ('passkey@4096' -> a `retrieval_items` list) gives prompts made
+    once for many models, used instead of generating them. `loss_by_position` adds the perplexity
+    windows' mean loss per position bucket (default: when the windows are longer than 1024 tokens).
     """
     specs = resolve_tasks(tasks)
     limits = parse_limit(limit)
@@ -332,13 +335,16 @@ def evaluate(
     for s in long_specs:
         n = limits.get(s.name, limits["*"]) or LONGCTX_ITEMS
         for c in ctxs:
-            items = retrieval_items(s.name, tokenizer, c, n, seed, filler=filler, max_context=limit_ctx)
-            r2 = retrieval_score(model, tokenizer, items)
+            given = (items or {}).get(f"{s.name}@{c}")
+            prompts = given if given is not None else retrieval_items(s.name, tokenizer, c, n, seed, filler=filler,
+                                                                      max_context=limit_ctx)
+            r2 = retrieval_score(model, tokenizer, prompts)
             result.retrieval[r2.name] = r2
             result.scores[r2.name] = TaskScore(
                 task=r2.name, title=f"{s.name} acc @ {c} tokens", metric="acc", value=r2.acc, higher_is_better=True,
                 stderr=r2.stderr, samples=r2.n, total=r2.n, metrics={"acc": r2.acc}, seconds=r2.seconds,
-                source=f"generated ({s.name}, {c} tokens, seed {seed})",
+                source=f"given items ({s.name}, {c} tokens)" if given is not None
+                else f"generated ({s.name}, {c} tokens, seed {seed})",
             )
             say(f"{r2.name}: acc {r2.acc:.3f} ± {r2.stderr:.3f} ({r2.correct} of {r2.n}, {r2.seconds:.0f} s)")
 

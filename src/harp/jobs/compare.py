@@ -5,6 +5,11 @@ Rows per k: the original model, then each method's plan applied in memory (prune
 restored exactly). Columns: WikiText-2 perplexity, task scores (lm-eval), parameters removed,
 KV-cache reduction (measured on a real cache after a prefill) and the method's search time.
 
+Long context (`tasks` passkey / niah): a column per task and context ('passkey@4096': accuracy, its
+standard error and n), on prompts generated once (seed `seed`) and given to every method. With
+`eval_seq_len` above 1024 each row also gets the perplexity text's loss by position bucket
+(`harp.engine.longctx.position_losses`), drawn per k as loss_by_position_k<k>.png, one curve per method.
+
 A long comparison writes each finished row to a hidden state file next to `out`; rerun the same
 command after an interruption and it continues with the rows still missing.
 """
@@ -23,7 +28,9 @@ import torch
 from torch import nn
 
 from harp.engine.evaluate import PERPLEXITY_TASK, EvalResult, TaskSpec, evaluate, parse_limit, resolve_tasks
+from harp.engine.longctx import parse_contexts
 from harp.engine.text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, check_disjoint_sources, check_text
+from harp.jobs.compare_longctx import LongContext, check_long_context, report_info, row_extras, task_columns
 from harp.jobs.preamble import (
     Windows,
     claimed,
@@ -43,7 +50,7 @@ from harp.model.load import load_model
 from harp.model.prune import check_k, refuse_pruned
 from harp.model.source import DEFAULT_MODEL, ModelInfo, _check_k, model_or_problem
 from harp.modeling import decoder_layers
-from harp.report.compare import compare_markdown, plot_compare
+from harp.report.compare import compare_markdown, plot_compare, plot_compare_positions
 from harp.util.fsio import StateMismatch, atomic_dir, check_output, read_state, write_json_atomic
 from harp.util.problems import Collector, check_windows
 
@@ -69,6 +76,8 @@ class CompareSettings:
     batch_size: int = 4
     eval_batch_size: int = 8
     max_gen_toks: int | None = None
+    context: str | int | Sequence[int] | None = None  # passkey / niah prompt lengths (default 4096 or the max)
+    filler: str | None = None  # passkey / niah haystack (default: each task's own)
     refine_passes: int = 6
     auto_k: bool = False
     max_ppl_increase: float | None = None  # fraction: 0.1 = calibration perplexity may rise 10 %
@@ -82,7 +91,17 @@ class CompareSettings:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         skip = {"out", "overwrite", "progress", "threads", "command"}
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
+        if self.context is None:
+            skip.add("context")  # a comparison without long-context tasks keeps its fingerprint and keys
+        if self.filler is None:
+            skip.add("filler")
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
+        if self.context is not None:
+            try:
+                d["context"] = parse_contexts(self.context)  # '4k' and 4096 are the same comparison
+            except ValueError:
+                pass
+        return d
 
 
 @dataclass
@@ -99,9 +118,13 @@ class CompareReport:
     auto_k: dict[str, Any] | None = None
     host: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
+    long_context: dict[str, Any] | None = None  # the retrieval prompts and position plots, when measured
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["long_context"] is None:
+            del d["long_context"]  # the keys of a comparison without long-context columns stay as they were
+        return d
 
     def row(self, k: int, method: str) -> dict[str, Any] | None:
         return next((r for r in self.rows if r["k"] == k and r["method"] == method), None)
@@ -161,7 +184,8 @@ def _compare(s: CompareSettings, out: Path | None, t_start: float, load_avg: flo
         f"(seed {s.seed}); perplexity: {win.eval_text.description}, {win.eval.shape[0]} x {win.eval.shape[1]} tokens")
 
     table = _Table.resume(state_path(out, "compare-state.json") if out else None, _fingerprint(s, model), log)
-    rower = _RowMeasurer(s, model, tok, what.specs, win.eval, evaluator, log)
+    long = LongContext.make(s, what.specs, model, tok, log)
+    rower = _RowMeasurer(s, model, tok, what.specs, win.eval, evaluator, log, long)
     if "0:original" not in table.rows:
         table.add("0:original", rower.measure(ORIGINAL, 0, table.extra))
     search_seconds, auto_info, pairs = 0.0, None, [(k, m) for k in what.ks for m in what.methods]
@@ -179,9 +203,9 @@ def _compare(s: CompareSettings, out: Path | None, t_start: float, load_avg: flo
         settings={**s.fingerprint_fields(), "command": s.command, "threads": torch.get_num_threads(),
                   "calib_overlap": win.overlap, "grid": selector.grid},
         model=s.model or DEFAULT_MODEL, num_layers=len(decoder_layers(model)), params_before=rower.params_before,
-        kv_bytes_before=rower.kv_before, tasks=[{"name": t.name, "title": t.title, "kind": t.kind} for t in what.specs],
-        rows=ordered, data=_data_info(s, win, table.extra, bos_token(tok)), seconds=seconds, auto_k=auto_info,
-        host=host_info(machine=True, load_average=load_avg),
+        kv_bytes_before=rower.kv_before, tasks=task_columns(what.specs, long), rows=ordered,
+        data=_data_info(s, win, table.extra, bos_token(tok)), seconds=seconds, auto_k=auto_info,
+        host=host_info(machine=True, load_average=load_avg), long_context=report_info(long, ordered, ks),
     )
     if out is not None:
         _write(report, out, s.overwrite, table.state_file)
@@ -261,9 +285,12 @@ class _RowMeasurer:
     """Measures one row: the plan applied in memory, every task evaluated, the model restored."""
 
     def __init__(self, s: CompareSettings, model: nn.Module, tok: Any, specs: list[TaskSpec], ev: torch.Tensor,
-                 evaluator: Evaluator, log: Callable[[str], None]) -> None:
+                 evaluator: Evaluator, log: Callable[[str], None], long: LongContext | None = None) -> None:
         self.s, self.model, self.tok, self.specs, self.ev, self.evaluator, self.log = \
             s, model, tok, specs, ev, evaluator, log
+        # passkey / niah: the same prompts for every row (only given when asked, so a plain comparison calls
+        # the evaluator exactly as before)
+        self.long_kwargs = {} if long is None else long.eval_kwargs(s)
         self.params_before = count_parameters(model)
         self.kv_before = kv_bytes_after_prefill(model)
         self.seconds = 0.0  # evaluation time so far
@@ -274,7 +301,7 @@ class _RowMeasurer:
         with applied(model, plan):
             res = self.evaluator(model, self.tok, [t.name for t in self.specs], s.limit, data_dir=s.data_dir,
                                  batch_size=s.eval_batch_size, eval_windows=self.ev, max_gen_toks=s.max_gen_toks,
-                                 log=lambda m: self.log(f"  {m}"))
+                                 log=lambda m: self.log(f"  {m}"), **self.long_kwargs)
             params = count_parameters(model)
             kv = kv_bytes_after_prefill(model)
         dt = time.perf_counter() - t0
@@ -294,7 +321,7 @@ class _RowMeasurer:
             "params_removed_pct": 100.0 * (before - params) / before,
             "kv_bytes": kv, "kv_reduction": 1.0 - kv / kv_before if kv_before else 0.0,
             "eval_seconds": dt, "info": _compact_info(plan.info),
-        }
+        } | row_extras(res)
 
 
 def _auto_pairs(s: CompareSettings, model: nn.Module, calib: torch.Tensor, methods: list[str], table: _Table,
@@ -361,6 +388,8 @@ def _write(report: CompareReport, out: Path, overwrite: bool, state_file: Path |
         write_json_atomic(tmp / "compare.json", report.to_dict())
         (tmp / "compare.md").write_text(report.to_markdown())
         plot_compare(report, tmp / "compare.png")
+        if report.long_context and report.long_context.get("position_plots"):
+            plot_compare_positions(report, tmp)
     report.out = str(out)
     if state_file is not None and state_file.exists():
         state_file.unlink()
@@ -380,10 +409,7 @@ def check_compare(s: Any) -> ModelInfo | None:
     c = check_text(s.calib, DEFAULT_CALIB, "calib", s.calib_windows, s.seq_len, out)
     e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
-    long_tasks = [t.name for t in out.run(resolve_tasks, s.tasks) or [] if t.kind == "longctx"] if s.tasks else []
-    if long_tasks:
-        out.add(f"`tasks` {', '.join(long_tasks)}: long-context tasks are not compare columns yet; run "
-                "`harp eval` on each saved model, or benchmarks/long_context.py for every method at one k.")
+    check_long_context(s, info.max_positions if info else None, out)
     check_output(s.out, s.overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info

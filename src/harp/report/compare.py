@@ -1,5 +1,6 @@
 """`harp compare` results for people: the Markdown report (a table per k, the searched alphas, notes on
-where `harp` wins or loses, the setup) and the PNG chart of perplexity and task scores per method."""
+where `harp` wins or loses, the loss by position when measured, the setup), the PNG chart of perplexity
+and task scores per method, and per k a PNG of loss against position (one curve per method)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from harp.engine.evaluate import PERPLEXITY_TASK
 from harp.methods.registry import METHODS
 from harp.report import pyplot, save_figure
+from harp.report.longctx import plot_position_losses
 
 
 def layers_str(layers: Sequence[int]) -> str:
@@ -96,6 +98,7 @@ def compare_markdown(rep: Any) -> str:
         lines.append("")
         lines += _notes(rep, k, rows)
         lines.append("")
+        lines += _positions(rep, k, [original] + rows)
     lines += _footer(rep)
     return "\n".join(lines) + "\n"
 
@@ -145,6 +148,25 @@ def _notes(rep: Any, k: int, rows: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def _positions(rep: Any, k: int, rows: list[dict[str, Any]]) -> list[str]:
+    """The loss by position of the perplexity text, one row per method (nothing when not measured)."""
+    rows = [r for r in rows if r.get("loss_by_position")]
+    if not rows:
+        return []
+    buckets = [b["bucket"] for b in rows[0]["loss_by_position"]["buckets"]]
+    lbp0 = rows[0]["loss_by_position"]
+    out = [f"Loss by position at k = {k} (mean next-token loss in nats per bucket of positions, "
+           f"{lbp0['windows']} x {lbp0['seq_len']} tokens of the perplexity text; loss_by_position_k{k}.png):", "",
+           "| method | ppl | " + " | ".join(buckets) + " |", "|" + "---|" + "---:|" * (len(buckets) + 1)]
+    for r in rows:
+        d = r["loss_by_position"]
+        nll = {b["bucket"]: b["nll"] for b in d["buckets"]}
+        cells = [f"`{r['method']}`" if r["k"] else "original", f"{d['ppl']:.2f}"]
+        cells += [f"{nll[b]:.3f}" if b in nll else "–" for b in buckets]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _footer(rep: Any) -> list[str]:
     d = rep.data
     st = rep.settings
@@ -154,10 +176,18 @@ def _footer(rep: Any) -> list[str]:
                f"{d['calib_seq_len']} tokens, seed {st.get('seed')}; alpha grid {st.get('grid')}.")
     out.append(f"- Perplexity: {d['evaluation']}, {d['eval_windows']} x {d['eval_seq_len']} tokens (the first "
                f"{d['eval_windows'] * d['eval_seq_len']:,} tokens, non-overlapping windows).")
-    if len(rep.tasks) > 1:
+    if any(t["kind"] not in ("perplexity", "longctx") for t in rep.tasks):
         out.append(f"- Tasks: lm-evaluation-harness 0.4.13, harp's offline task YAMLs on {d.get('data_dir')}; "
                    f"--limit {lim if lim is not None else 'none'} (the first N items of each set). "
                    "± is one standard error.")
+    lc = getattr(rep, "long_context", None) or {}
+    if lc.get("tasks"):
+        n = ", ".join(f"{t} n = {lc['n'][t]}" for t in lc["tasks"])
+        hay = st.get("filler") or "each task's default"
+        out.append(f"- Long context: {', '.join(lc['tasks'])} at {', '.join(map(str, lc['contexts']))} tokens "
+                   f"({n} per context, seed {st.get('seed')}, haystack {hay}), "
+                   "generated once: every method answers the same prompts. Greedy decoding, exact match of the "
+                   "answer; ± is the binomial standard error sqrt(p (1 - p) / n).")
     if rep.auto_k:
         a = rep.auto_k
         out.append(f"- auto-k: largest k with calibration perplexity ≤ {a['budget_ppl']:.3f} "
@@ -176,6 +206,22 @@ def _footer(rep: Any) -> list[str]:
     if st.get("command"):
         out += ["", "```", st["command"], "```"]
     return out
+
+
+def plot_compare_positions(rep: Any, folder: str | os.PathLike) -> list[Path]:
+    """loss_by_position_k<k>.png per k in `folder`: loss against position, the original and every method
+    at that k (the rows' `loss_by_position`)."""
+    paths = []
+    original = rep.row(0, "original")
+    for k in rep.ks:
+        rows = [r for r in [original] + [r for r in rep.rows if r["k"] == k] if r.get("loss_by_position")]
+        if not rows:
+            continue
+        seq = rows[0]["loss_by_position"]["seq_len"]
+        paths.append(plot_position_losses(
+            {r["method"]: r["loss_by_position"] for r in rows}, Path(folder) / f"loss_by_position_k{k}.png",
+            title=f"{rep.model}, k = {k} of {rep.num_layers}: loss by position ({seq}-token windows)"))
+    return paths
 
 
 def plot_compare(rep: Any, path: str | os.PathLike) -> Path:

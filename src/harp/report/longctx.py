@@ -36,7 +36,8 @@ def plot_position_losses(results: Mapping[str, PositionLosses | Mapping[str, Any
                          *, title: str | None = None) -> Path:
     """Write a PNG of mean next-token loss against position, one line per model (`results`: name ->
     `position_losses` result or its dict). With the per-position curve present the line is the curve
-    averaged over log-spaced spans; from a JSON without it, one point per position bucket."""
+    averaged over log-spaced spans (`smooth_curve`; a dict may carry those spans instead, as
+    `curve_points` {'position': [...], 'nll': [...]}); from a JSON without either, one point per bucket."""
     if not results:
         raise ValueError("`results` is empty: nothing to plot.")
     plt = pyplot()
@@ -45,9 +46,9 @@ def plot_position_losses(results: Mapping[str, PositionLosses | Mapping[str, Any
     for name, r in results.items():
         d = _as_dict(r)
         seq_len = max(seq_len, int(d.get("seq_len") or 0))
-        curve = d.get("curve") or []
-        if curve:
-            xs, ys = smooth_curve(curve)
+        curve, points = d.get("curve") or [], d.get("curve_points") or {}
+        if curve or points.get("position"):
+            xs, ys = smooth_curve(curve) if curve else (points["position"], points["nll"])
             ax.plot(xs, ys, label=f"{name} (ppl {d['ppl']:.2f})", linewidth=1.6)
         else:
             bs = d.get("buckets") or []
