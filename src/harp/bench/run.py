@@ -19,7 +19,7 @@ from harp.engine.text import bos_token
 from harp.model.accounting import speedup_bounds
 from harp.model.checkpoint import read_config
 from harp.model.load import load_model, saved_tokenizer
-from harp.model.source import DEFAULT_MODEL
+from harp.model.source import ModelSource, resolve
 from harp.report import check_plot_available
 from harp.report.bench import bench_table, plot_bench
 from harp.util.fsio import require_output, write_json_atomic, write_text_atomic
@@ -97,20 +97,24 @@ def check_pair(orig: nn.Module, pruned: nn.Module, contexts: Sequence[int]) -> N
             )
 
 
-def _tokenizer_of(source: ModelLike) -> Any:
+def _resolved(model: ModelLike) -> nn.Module | ModelSource:
+    """A loaded model as it is; a source (None: the bundled default) as `harp.model.source.resolve` classifies it."""
+    return model if isinstance(model, nn.Module) else resolve(model)
+
+
+def _tokenizer_of(source: nn.Module | ModelSource) -> Any:
     """The tokenizer saved with a model source; None for a loaded model or a folder without one."""
     if isinstance(source, nn.Module):
         return None
-
     return saved_tokenizer(source)
 
 
-def _load(source: ModelLike, dtype: Any, attn_implementation: str | None) -> tuple[nn.Module, str | None]:
+def _load(source: nn.Module | ModelSource, dtype: Any, attn_implementation: str | None) -> tuple[nn.Module, str | None]:
+    """The model and the name its results record: a loaded model's `harp_source`, a source's argument."""
     if isinstance(source, nn.Module):
         return source, getattr(source, "harp_source", None)
-
     model, _ = load_model(source, dtype=dtype, attn_implementation=attn_implementation, with_tokenizer=False)
-    return model, str(source)
+    return model, source.label
 
 
 def run_bench(
@@ -131,7 +135,7 @@ def run_bench(
     tokenizer: Any = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark `pruned` against `orig` (models, or sources `harp.models.load_model` understands).
+    """Benchmark `pruned` against `orig` (models, or sources `harp.model.source.resolve` classifies).
 
     Returns a JSON-serialisable dict: settings, environment, both models' structure, and per context
     the prefill times, decode throughput, pair-by-pair ratios, FLOP/bytes bounds, the measured
@@ -160,9 +164,6 @@ def run_bench(
         raise ValueError(f"threads must be at least 1, got {threads}.")
     if isolated_memory and (isinstance(orig, nn.Module) or isinstance(pruned, nn.Module)):
         raise ValueError("isolated_memory needs both models as sources (paths or names), not loaded models.")
-    if orig is None:
-
-        orig = DEFAULT_MODEL
     if pruned is None:
         raise ValueError("No pruned model given: pass a HARP checkpoint folder or a model pruned by harp.prune.")
     if not isinstance(pruned, nn.Module):
@@ -173,19 +174,20 @@ def run_bench(
         torch.set_num_threads(threads)
     try:
         say("loading models")
-        model_a, src_a = _load(orig, dtype, attn_implementation)
-        model_b, src_b = _load(pruned, dtype, attn_implementation)
+        source_a, source_b = _resolved(orig), _resolved(pruned)
+        model_a, src_a = _load(source_a, dtype, attn_implementation)
+        model_b, src_b = _load(source_b, dtype, attn_implementation)
         check_pair(model_a, model_b, ctx)
         model_a.eval()
         model_b.eval()
         if tokenizer is None:
-            tokenizer = _tokenizer_of(orig) or _tokenizer_of(pruned)
+            tokenizer = _tokenizer_of(source_a) or _tokenizer_of(source_b)
         bos = bos_token(tokenizer) if tokenizer is not None else None
         result = _run(model_a, model_b, ctx, new_tokens, repeats, warmup, seed, bos, timing, min_seconds, say)
         result["models"]["original"]["source"] = src_a
         result["models"]["pruned"]["source"] = src_b
         if isolated_memory:
-            for role, src in (("original", orig), ("pruned", pruned)):
+            for role, src in (("original", src_a), ("pruned", src_b)):
                 say(f"peak memory of the {role} model alone (fresh process)")
                 probe = probe_memory(
                     str(src),

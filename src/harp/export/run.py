@@ -25,7 +25,7 @@ from harp.export.deci import DeciModel, ExportError, check_exportable, deci_conf
 from harp.export.gguf_writer import DTYPES as GGUF_DTYPES
 from harp.export.gguf_writer import check_gguf_out, write_gguf
 from harp.model.load import load_model, resolve_model_source, saved_tokenizer
-from harp.model.source import ModelInfo, model_or_problem
+from harp.model.source import ModelInfo, model_or_problem, resolve
 from harp.util.dtypes import DTYPES
 from harp.util.fsio import atomic_dir, check_output, write_json_atomic
 from harp.util.problems import Collector
@@ -166,17 +166,16 @@ def export(
     problems = Collector()  # fail before loading the model if the output cannot be written
     _check_out(fmt, out, overwrite, [], problems)
     problems.raise_if_any()
-    src = resolve_model_source(source)
-    src_path = Path(src)
-    is_gguf = src_path.is_file() and src_path.suffix == ".gguf"
+    ms = resolve(source)
+    src_path = Path(resolve_model_source(ms))  # the default's converted folder, the folder or .gguf, a hub id
     # Load in the precision that is written (the whole model is resident while exporting): f32 unless
     # the output is 16-bit anyway; q8_0 is quantised from f32.
     load_dtype = DECI_DTYPES.get(dtype or "", torch.float32)  # a GGUF quantisation (q8_0) loads in float32
-    model, tok = load_model(source, dtype=load_dtype, with_tokenizer=is_gguf)
-    if not is_gguf:
-        tok = saved_tokenizer(src)
+    model, tok = load_model(ms, dtype=load_dtype, with_tokenizer=ms.is_gguf)
+    if not ms.is_gguf:
+        tok = saved_tokenizer(ms)
     check_exportable(model, ffn_multiple_of_256=fmt == "deci")
-    name = src_path.stem if src_path.exists() else str(source)
+    name = str(source) if ms.kind == "hub" else src_path.stem
     if fmt == "deci":
         path = export_deci(
             model,
@@ -184,10 +183,10 @@ def export(
             tokenizer=tok,
             dtype=dtype,
             overwrite=overwrite,
-            source_dir=src if src_path.is_dir() else None,
+            source_dir=src_path if ms.kind in ("default", "folder") else None,
         )
     else:
-        if tokenizer_gguf is None and is_gguf:
+        if tokenizer_gguf is None and ms.is_gguf:
             tokenizer_gguf = src_path  # the model's own GGUF has exactly its tokenizer
         if tok is None and tokenizer_gguf is None:
             raise ExportError(
