@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,6 @@ class _Tensors:
             self.writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
 
 
-
 def check_gguf_out(
     out: str | os.PathLike[str], overwrite: bool, inputs: Iterable[Path | None] = (), problems: Collector | None = None
 ) -> Path:
@@ -120,82 +119,108 @@ def write_gguf(
     with atomic_file(out) as tmp:  # renamed over `out` once the whole file is written
         writer = gguf.GGUFWriter(tmp, ARCH)
         try:
-            n = len(d.layers)
-            heads, kv, ffn = [], [], []
-            for i, layer in enumerate(d.layers):
-                if layer.kind == "attention":
-                    heads.append(d.heads)
-                    kv.append(d.kv_heads)
-                elif layer.kind == "linear" or i == 0:  # no-op layer 0: written as a zero linear layer
-                    heads.append(d.heads)
-                    kv.append(0)
-                else:
-                    heads.append(0)
-                    kv.append(0)
-                ffn.append(layer.intermediate)
-            writer.add_name(name or "harp-export")
-            writer.add_block_count(n)
-            writer.add_context_length(d.max_positions)
-            writer.add_embedding_length(d.hidden)
-            writer.add_feed_forward_length(ffn)
-            writer.add_head_count(heads)
-            writer.add_head_count_kv(kv)
-            writer.add_rope_freq_base(float(d.rope.get("rope_theta", 10000.0)))
-            writer.add_layer_norm_rms_eps(d.rms_eps)
-            writer.add_key_length(d.head_dim)
-            writer.add_value_length(d.head_dim)
-            writer.add_rope_dimension_count(d.head_dim)
-            writer.add_vocab_size(d.vocab_size)
-            writer.add_file_type(int(ftype))
-            if d.rope.get("rope_type") == "linear":
-                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(float(d.rope["factor"]))
-            if d.harp:
-                writer.add_array("harp.layers", [int(x) for x in d.harp.get("layers", [])])
-                writer.add_array("harp.alphas", [float(x) for x in d.harp.get("alphas", [])])
-
-            if tokenizer_gguf is not None:
-                vocab.copy_tokenizer_metadata(writer, tokenizer_gguf, d.vocab_size)
-            elif tokenizer is not None:
-                vocab.hf_tokenizer_metadata(writer, tokenizer, d.vocab_size)
-            else:
-                vocab.no_vocab_metadata(writer)
-
-            t = d.tensors
-            add = _Tensors(writer, qtype).add
-            add("token_embd.weight", t["model.embed_tokens.weight"])
-            if d.rope.get("rope_type") == "llama3":
-                writer.add_tensor("rope_freqs.weight", llama3_rope_factors(d.rope, d.head_dim))
-            for i, layer in enumerate(d.layers):
-                p, b = f"model.layers.{i}.", f"blk.{i}."
-                if layer.kind == "attention":
-                    add(b + "attn_norm.weight", t[p + "input_layernorm.weight"])
-                    add(b + "attn_q.weight", _permute_rope(t[p + "self_attn.q_proj.weight"], d.heads))
-                    add(b + "attn_k.weight", _permute_rope(t[p + "self_attn.k_proj.weight"], d.kv_heads))
-                    add(b + "attn_v.weight", t[p + "self_attn.v_proj.weight"])
-                    add(b + "attn_output.weight", t[p + "self_attn.o_proj.weight"])
-                    if d.attention_bias:
-                        add(b + "attn_q.bias", _permute_rope(t[p + "self_attn.q_proj.bias"], d.heads))
-                        add(b + "attn_k.bias", _permute_rope(t[p + "self_attn.k_proj.bias"], d.kv_heads))
-                        add(b + "attn_v.bias", t[p + "self_attn.v_proj.bias"])
-                        add(b + "attn_output.bias", t[p + "self_attn.o_proj.bias"])
-                elif layer.kind == "linear":
-                    add(b + "attn_norm.weight", t[p + "input_layernorm.weight"])
-                    add(b + "attn_output.weight", t[p + "self_attn.linear_attn.weight"])
-                elif i == 0:
-                    add(b + "attn_norm.weight", np.ones(d.hidden, dtype=np.float32))
-                    add(b + "attn_output.weight", np.zeros((d.hidden, d.hidden), dtype=np.float32))
-                add(b + "ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
-                add(b + "ffn_gate.weight", t[p + "mlp.gate_proj.weight"])
-                add(b + "ffn_up.weight", t[p + "mlp.up_proj.weight"])
-                add(b + "ffn_down.weight", t[p + "mlp.down_proj.weight"])
-            add("output_norm.weight", t["model.norm.weight"])
-            if not d.tied:
-                add("output.weight", t["lm_head.weight"])
-
+            _add_metadata(writer, d, name or "harp-export", ftype)
+            _add_tokenizer(writer, d, tokenizer, tokenizer_gguf)
+            _add_tensors(writer, d, qtype)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
         finally:
             writer.close()
     return out
+
+
+def _layer_heads(d: DeciModel) -> tuple[list[int], list[int]]:
+    """Per layer, (query heads, kv heads): an attention layer has both, a linear layer only query heads (its
+    matrix is `attn_output`), an attention-free layer none - except a no-op layer 0, written as a zero
+    linear layer."""
+    heads, kv = [], []
+    for i, layer in enumerate(d.layers):
+        if layer.kind == "attention":
+            heads.append(d.heads)
+            kv.append(d.kv_heads)
+        elif layer.kind == "linear" or i == 0:  # no-op layer 0: written as a zero linear layer
+            heads.append(d.heads)
+            kv.append(0)
+        else:
+            heads.append(0)
+            kv.append(0)
+    return heads, kv
+
+
+def _add_metadata(writer: gguf.GGUFWriter, d: DeciModel, name: str, ftype: Any) -> None:
+    """The `deci` architecture's keys: shapes, per-layer head counts and FFN widths, RoPE, the HARP block."""
+    heads, kv = _layer_heads(d)
+    writer.add_name(name)
+    writer.add_block_count(len(d.layers))
+    writer.add_context_length(d.max_positions)
+    writer.add_embedding_length(d.hidden)
+    writer.add_feed_forward_length([layer.intermediate for layer in d.layers])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(float(d.rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(d.rms_eps)
+    writer.add_key_length(d.head_dim)
+    writer.add_value_length(d.head_dim)
+    writer.add_rope_dimension_count(d.head_dim)
+    writer.add_vocab_size(d.vocab_size)
+    writer.add_file_type(int(ftype))
+    if d.rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(d.rope["factor"]))
+    if d.harp:
+        writer.add_array("harp.layers", [int(x) for x in d.harp.get("layers", [])])
+        writer.add_array("harp.alphas", [float(x) for x in d.harp.get("alphas", [])])
+
+
+def _add_tokenizer(
+    writer: gguf.GGUFWriter, d: DeciModel, tokenizer: Any, tokenizer_gguf: str | os.PathLike[str] | None
+) -> None:
+    """The vocabulary: copied from `tokenizer_gguf`, else built from the HF `tokenizer`, else none."""
+    if tokenizer_gguf is not None:
+        vocab.copy_tokenizer_metadata(writer, tokenizer_gguf, d.vocab_size)
+    elif tokenizer is not None:
+        vocab.hf_tokenizer_metadata(writer, tokenizer, d.vocab_size)
+    else:
+        vocab.no_vocab_metadata(writer)
+
+
+def _add_tensors(writer: gguf.GGUFWriter, d: DeciModel, qtype: Any) -> None:
+    """Embedding, RoPE factors (llama3), each layer, final norm and (untied) head, under llama.cpp's names."""
+    t = d.tensors
+    add = _Tensors(writer, qtype).add
+    add("token_embd.weight", t["model.embed_tokens.weight"])
+    if d.rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(d.rope, d.head_dim))
+    for i in range(len(d.layers)):
+        _add_layer(add, d, i)
+    add("output_norm.weight", t["model.norm.weight"])
+    if not d.tied:
+        add("output.weight", t["lm_head.weight"])
+
+
+def _add_layer(add: Callable[[str, Any], None], d: DeciModel, i: int) -> None:
+    """Layer `i`: its attention as its kind writes it (q/k rows permuted to llama.cpp's RoPE layout), then the MLP."""
+    t, layer = d.tensors, d.layers[i]
+    p, b = f"model.layers.{i}.", f"blk.{i}."
+    if layer.kind == "attention":
+        add(b + "attn_norm.weight", t[p + "input_layernorm.weight"])
+        add(b + "attn_q.weight", _permute_rope(t[p + "self_attn.q_proj.weight"], d.heads))
+        add(b + "attn_k.weight", _permute_rope(t[p + "self_attn.k_proj.weight"], d.kv_heads))
+        add(b + "attn_v.weight", t[p + "self_attn.v_proj.weight"])
+        add(b + "attn_output.weight", t[p + "self_attn.o_proj.weight"])
+        if d.attention_bias:
+            add(b + "attn_q.bias", _permute_rope(t[p + "self_attn.q_proj.bias"], d.heads))
+            add(b + "attn_k.bias", _permute_rope(t[p + "self_attn.k_proj.bias"], d.kv_heads))
+            add(b + "attn_v.bias", t[p + "self_attn.v_proj.bias"])
+            add(b + "attn_output.bias", t[p + "self_attn.o_proj.bias"])
+    elif layer.kind == "linear":
+        add(b + "attn_norm.weight", t[p + "input_layernorm.weight"])
+        add(b + "attn_output.weight", t[p + "self_attn.linear_attn.weight"])
+    elif i == 0:
+        add(b + "attn_norm.weight", np.ones(d.hidden, dtype=np.float32))
+        add(b + "attn_output.weight", np.zeros((d.hidden, d.hidden), dtype=np.float32))
+    add(b + "ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
+    add(b + "ffn_gate.weight", t[p + "mlp.gate_proj.weight"])
+    add(b + "ffn_up.weight", t[p + "mlp.up_proj.weight"])
+    add(b + "ffn_down.weight", t[p + "mlp.down_proj.weight"])

@@ -8,7 +8,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _STRING, _ARRAY = 8, 9
 _GGUF_MAGIC = b"GGUF"
@@ -50,90 +50,115 @@ class GGUFHeader:
         return cfg
 
 
+_REDO = "download it again (or convert the model again)"
+
+
 def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse a GGUF file's header. Raises ValueError naming the file and what is wrong with it."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     size = path.stat().st_size
-    redo = "download it again (or convert the model again)"
     with open(path, "rb", buffering=1 << 20) as f:
-        magic = f.read(4)
-        if magic != _GGUF_MAGIC:
-            what = "empty" if not magic else f"starts with {magic!r}, not b'GGUF'"
-            raise ValueError(f"{path} is not a GGUF file ({what}): pass a .gguf model file, a model folder or "
-                             "a hub id.")
-
-        def read(n: int) -> bytes:
-            b = f.read(n)
-            if len(b) != n:
-                raise _Truncated
-            return b
-
-        def unpack(fmt: str) -> Any:
-            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            n = unpack("<Q")
-            if n > size:
-                raise _Truncated
-            return read(n).decode("utf-8", errors="replace")
-
-        def value(vtype: int) -> Any:
-            if vtype in _SCALAR:
-                return unpack(_SCALAR[vtype])
-            if vtype == _STRING:
-                return string()
-            if vtype == _ARRAY:
-                itype, n = unpack("<I"), unpack("<Q")
-                if n > size:
-                    raise _Truncated
-                if itype in _SCALAR:
-                    read(n * struct.calcsize(_SCALAR[itype]))
-                else:
-                    for _ in range(n):
-                        value(itype)
-                return ("array", n)
-            raise ValueError(f"{path}: unknown GGUF value type {vtype} in the header: the file is damaged; {redo}.")
-
+        _check_magic(path, f.read(4))
+        r = _HeaderReader(f, path, size)
         try:
-            version = unpack("<I")
-            if version not in (2, 3):
-                raise ValueError(f"{path}: GGUF version {version} is not one harp reads (2 or 3).")
-            n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-            if n_tensors > size or n_kv > size:
-                raise ValueError(f"{path}: the GGUF header is damaged (it claims {n_tensors} tensors); {redo}.")
-            meta: dict[str, Any] = {}
-            for _ in range(n_kv):
-                key = string()
-                meta[key] = value(unpack("<I"))
-            ends = []
-            for _ in range(n_tensors):
-                name = string()
-                dims = [unpack("<Q") for _ in range(unpack("<I"))]
-                ttype, offset = unpack("<I"), unpack("<Q")
-                try:
-                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-                except (ValueError, KeyError):
-                    raise ValueError(f"{path}: tensor {name!r} has unknown type {ttype}: the file is damaged or "
-                                     "from a newer GGUF writer.") from None
-                ends.append((offset + math.prod(dims) // block * type_size, name))
+            version, n_tensors, n_kv = r.counts()
+            meta = {r.string(): r.value(r.unpack("<I")) for _ in range(n_kv)}
+            ends = [r.tensor_end() for _ in range(n_tensors)]
             header_end = f.tell()
         except _Truncated:
             raise ValueError(
                 f"{path} is truncated: the file ends ({size:,} bytes) inside its GGUF header, before the tensor "
-                f"table is complete (an interrupted download or copy?); {redo}."
+                f"table is complete (an interrupted download or copy?); {_REDO}."
             ) from None
+    needed = _check_data_complete(path, size, meta, header_end, ends)
+    return GGUFHeader(path, version, meta, n_tensors, needed, size)
+
+
+def _check_magic(path: Path, magic: bytes) -> None:
+    if magic != _GGUF_MAGIC:
+        what = "empty" if not magic else f"starts with {magic!r}, not b'GGUF'"
+        raise ValueError(f"{path} is not a GGUF file ({what}): pass a .gguf model file, a model folder or "
+                         "a hub id.")
+
+
+class _HeaderReader:
+    """The header's fields, read in order from an open GGUF file; `_Truncated` where the file ends early."""
+
+    def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
+        self.f, self.path, self.size = f, path, size
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise _Truncated
+        return b
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if n > self.size:
+            raise _Truncated
+        return self.read(n).decode("utf-8", errors="replace")
+
+    def counts(self) -> tuple[int, int, int]:
+        """(version, tensors, metadata keys), refused if the version is not 2 or 3 or the counts are absurd."""
+        version = self.unpack("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{self.path}: GGUF version {version} is not one harp reads (2 or 3).")
+        n_tensors, n_kv = self.unpack("<Q"), self.unpack("<Q")
+        if n_tensors > self.size or n_kv > self.size:
+            raise ValueError(f"{self.path}: the GGUF header is damaged (it claims {n_tensors} tensors); {_REDO}.")
+        return version, n_tensors, n_kv
+
+    def value(self, vtype: int) -> Any:
+        """A metadata value: scalars and strings as they are, an array (skipped) as ("array", length)."""
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, n = self.unpack("<I"), self.unpack("<Q")
+            if n > self.size:
+                raise _Truncated
+            if itype in _SCALAR:
+                self.read(n * struct.calcsize(_SCALAR[itype]))
+            else:
+                for _ in range(n):
+                    self.value(itype)
+            return ("array", n)
+        raise ValueError(f"{self.path}: unknown GGUF value type {vtype} in the header: the file is damaged; {_REDO}.")
+
+    def tensor_end(self) -> tuple[int, str]:
+        """One tensor table entry: (where its data ends, relative to the data section, its name)."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        name = self.string()
+        dims = [self.unpack("<Q") for _ in range(self.unpack("<I"))]
+        ttype, offset = self.unpack("<I"), self.unpack("<Q")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            raise ValueError(f"{self.path}: tensor {name!r} has unknown type {ttype}: the file is damaged or "
+                             "from a newer GGUF writer.") from None
+        return offset + math.prod(dims) // block * type_size, name
+
+
+def _check_data_complete(
+    path: Path, size: int, meta: dict[str, Any], header_end: int, ends: list[tuple[int, str]]
+) -> int:
+    """Where the last tensor's data ends; ValueError if the file is shorter than that."""
     align = int(meta.get("general.alignment", 32)) or 32
     data_start = (header_end + align - 1) // align * align
     end, last = max(ends) if ends else (0, "")
     needed = data_start + end
     if size < needed:
         raise ValueError(
-            f"{path} is truncated: {size:,} bytes, but its {n_tensors} tensors end at byte {needed:,} (tensor "
-            f"{last!r} and others are cut off; an interrupted download or copy?); {redo}."
+            f"{path} is truncated: {size:,} bytes, but its {len(ends)} tensors end at byte {needed:,} (tensor "
+            f"{last!r} and others are cut off; an interrupted download or copy?); {_REDO}."
         )
-    return GGUFHeader(path, version, meta, n_tensors, needed, size)
+    return needed
 
 
 def check_safetensors(path: str | os.PathLike[str]) -> int:
