@@ -159,75 +159,90 @@ def context_row(
     `runs["pruned"][i]` measured together), its `harp.accounting.speedup_bounds` row, and the model's
     max_position_embeddings (`limit`, None if unknown)."""
     o, p = runs["original"], runs["pruned"]
-    pre_ratio = [q["prefill_s"] / r["prefill_s"] for r, q in zip(o, p, strict=True)]
-    ratio = statistics.median(pre_ratio)
-    ideal = bound["ideal_saving"]
-    measured = 1.0 - ratio
-    ci_lo, ci_hi = median_ci95(pre_ratio)
-
-    def times(rs: list[Timings], key: str) -> dict[str, Any]:
-        ms = [1000.0 * float(r[key]) for r in rs]
-        s = _summary(ms)
-        return {"median_ms": s["median"], "min_ms": s["min"], "max_ms": s["max"], "runs_ms": ms}
-
     row: dict[str, Any] = {
         "context": n,
-        "prefill": {
-            "original": times(o, "prefill_s"),
-            "pruned": times(p, "prefill_s"),
-            "ratio": {**_summary(pre_ratio), "pairs": pre_ratio},
-            "speedup": 1.0 / ratio,
-            "speedup_ci95": [1.0 / ci_hi, 1.0 / ci_lo],
-            "bound": bound["prefill_bound"],
-            "ideal_saving": ideal,
-            "measured_saving": measured,
-            "fraction_of_ideal_saving": measured / ideal if ideal > 0 else None,
-            "flops_original": bound["prefill_flops_original"],
-            "flops_pruned": bound["prefill_flops_pruned"],
-        },
-        "kv_cache_bytes": {
-            "original": int(o[0]["kv_bytes"]),
-            "pruned": int(p[0]["kv_bytes"]),
-            "reduction": 1.0 - p[0]["kv_bytes"] / o[0]["kv_bytes"] if o[0]["kv_bytes"] else None,
-            "expected_original": bound["kv_cache_bytes_original"],
-            "expected_pruned": bound["kv_cache_bytes_pruned"],
-        },
+        "prefill": _prefill(o, p, bound),
+        "kv_cache_bytes": _kv_cache(o, p, bound),
         "peak_rss_bytes": {},
     }
-    timed_cpu = "prefill_cpu_s" in o[0]  # timing "forward" only: lockstep threads share the process clock
-    if timed_cpu:
-        row["prefill"]["cpu_time"] = _cpu_summary(o, p, "prefill_cpu_s")
     if new_tokens > 0:
-        tps_o = [new_tokens / float(r["decode_s"]) for r in o]
-        tps_p = [new_tokens / float(r["decode_s"]) for r in p]
-        dec_ratio = [float(q["decode_s"]) / float(r["decode_s"]) for r, q in zip(o, p, strict=True)]
-        dr = statistics.median(dec_ratio)
-        d_lo, d_hi = median_ci95(dec_ratio)
-        d_ideal = 1.0 - 1.0 / bound["decode_bytes_bound"]
-        row["decode"] = {
-            "new_tokens": new_tokens,
-            "original": {
-                **{f"{k}_tokens_per_s": v for k, v in _summary(tps_o).items()},
-                "runs_tokens_per_s": tps_o,
-            },
-            "pruned": {
-                **{f"{k}_tokens_per_s": v for k, v in _summary(tps_p).items()},
-                "runs_tokens_per_s": tps_p,
-            },
-            "time_ratio": {**_summary(dec_ratio), "pairs": dec_ratio},
-            "speedup": 1.0 / dr,
-            "speedup_ci95": [1.0 / d_hi, 1.0 / d_lo],
-            "bytes_bound": bound["decode_bytes_bound"],
-            "flop_bound": bound["decode_flop_bound"],
-            "ideal_saving": d_ideal,
-            "measured_saving": 1.0 - dr,
-            "fraction_of_ideal_saving": (1.0 - dr) / d_ideal if d_ideal > 0 else None,
-        }
-        if timed_cpu:
-            row["decode"]["cpu_time"] = _cpu_summary(o, p, "decode_cpu_s")
+        row["decode"] = _decode(o, p, bound, new_tokens)
         if limit is not None and n + new_tokens > limit:
             row["decode"]["note"] = (
                 f"decode runs to position {n + new_tokens}, past max_position_embeddings {limit}: "
                 "timing is unaffected, outputs are not meaningful"
             )
     return row
+
+
+def _times_ms(rs: list[Timings], key: str) -> dict[str, Any]:
+    ms = [1000.0 * float(r[key]) for r in rs]
+    s = _summary(ms)
+    return {"median_ms": s["median"], "min_ms": s["min"], "max_ms": s["max"], "runs_ms": ms}
+
+
+def _prefill(o: list[Timings], p: list[Timings], bound: dict[str, Any]) -> dict[str, Any]:
+    """Prefill times, their pair-by-pair ratio and speed-up (with its 95 % interval) against the FLOP bound."""
+    pre_ratio = [q["prefill_s"] / r["prefill_s"] for r, q in zip(o, p, strict=True)]
+    ratio = statistics.median(pre_ratio)
+    ideal = bound["ideal_saving"]
+    measured = 1.0 - ratio
+    ci_lo, ci_hi = median_ci95(pre_ratio)
+    pre: dict[str, Any] = {
+        "original": _times_ms(o, "prefill_s"),
+        "pruned": _times_ms(p, "prefill_s"),
+        "ratio": {**_summary(pre_ratio), "pairs": pre_ratio},
+        "speedup": 1.0 / ratio,
+        "speedup_ci95": [1.0 / ci_hi, 1.0 / ci_lo],
+        "bound": bound["prefill_bound"],
+        "ideal_saving": ideal,
+        "measured_saving": measured,
+        "fraction_of_ideal_saving": measured / ideal if ideal > 0 else None,
+        "flops_original": bound["prefill_flops_original"],
+        "flops_pruned": bound["prefill_flops_pruned"],
+    }
+    if "prefill_cpu_s" in o[0]:  # timing "forward" only: lockstep threads share the process clock
+        pre["cpu_time"] = _cpu_summary(o, p, "prefill_cpu_s")
+    return pre
+
+
+def _kv_cache(o: list[Timings], p: list[Timings], bound: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "original": int(o[0]["kv_bytes"]),
+        "pruned": int(p[0]["kv_bytes"]),
+        "reduction": 1.0 - p[0]["kv_bytes"] / o[0]["kv_bytes"] if o[0]["kv_bytes"] else None,
+        "expected_original": bound["kv_cache_bytes_original"],
+        "expected_pruned": bound["kv_cache_bytes_pruned"],
+    }
+
+
+def _decode(o: list[Timings], p: list[Timings], bound: dict[str, Any], new_tokens: int) -> dict[str, Any]:
+    """Decode throughput, the time ratio and speed-up (with its 95 % interval) against the bytes bound."""
+    tps_o = [new_tokens / float(r["decode_s"]) for r in o]
+    tps_p = [new_tokens / float(r["decode_s"]) for r in p]
+    dec_ratio = [float(q["decode_s"]) / float(r["decode_s"]) for r, q in zip(o, p, strict=True)]
+    dr = statistics.median(dec_ratio)
+    d_lo, d_hi = median_ci95(dec_ratio)
+    d_ideal = 1.0 - 1.0 / bound["decode_bytes_bound"]
+    dec: dict[str, Any] = {
+        "new_tokens": new_tokens,
+        "original": {
+            **{f"{k}_tokens_per_s": v for k, v in _summary(tps_o).items()},
+            "runs_tokens_per_s": tps_o,
+        },
+        "pruned": {
+            **{f"{k}_tokens_per_s": v for k, v in _summary(tps_p).items()},
+            "runs_tokens_per_s": tps_p,
+        },
+        "time_ratio": {**_summary(dec_ratio), "pairs": dec_ratio},
+        "speedup": 1.0 / dr,
+        "speedup_ci95": [1.0 / d_hi, 1.0 / d_lo],
+        "bytes_bound": bound["decode_bytes_bound"],
+        "flop_bound": bound["decode_flop_bound"],
+        "ideal_saving": d_ideal,
+        "measured_saving": 1.0 - dr,
+        "fraction_of_ideal_saving": (1.0 - dr) / d_ideal if d_ideal > 0 else None,
+    }
+    if "prefill_cpu_s" in o[0]:  # timing "forward" times CPU too (see `_prefill`)
+        dec["cpu_time"] = _cpu_summary(o, p, "decode_cpu_s")
+    return dec

@@ -150,24 +150,8 @@ def run_bench(
     (else with `pruned`) when they are sources, none (no BOS) for loaded models.
     """
     ctx = parse_contexts(contexts)
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}.")
-    if timing not in TIMINGS:
-        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}; got {timing!r}.")
-    if not min_seconds >= 0:
-        raise ValueError(f"min_seconds must be 0 or more, got {min_seconds}.")
-    if warmup < 0:
-        raise ValueError(f"warmup must be 0 or more, got {warmup}.")
-    if new_tokens < 0:
-        raise ValueError(f"new_tokens must be 0 or more, got {new_tokens}.")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}.")
-    if isolated_memory and (isinstance(orig, nn.Module) or isinstance(pruned, nn.Module)):
-        raise ValueError("isolated_memory needs both models as sources (paths or names), not loaded models.")
-    if pruned is None:
-        raise ValueError("No pruned model given: pass a HARP checkpoint folder or a model pruned by harp.prune.")
-    if not isinstance(pruned, nn.Module):
-        _check_pruned_source(pruned)
+    _check_settings(repeats, timing, min_seconds, warmup, new_tokens, threads)
+    _check_models(orig, pruned, isolated_memory)
     say = progress or (lambda _msg: None)
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -187,21 +171,8 @@ def run_bench(
         result["models"]["original"]["source"] = src_a
         result["models"]["pruned"]["source"] = src_b
         if isolated_memory:
-            for role, src in (("original", src_a), ("pruned", src_b)):
-                say(f"peak memory of the {role} model alone (fresh process)")
-                probe = probe_memory(
-                    str(src),
-                    ctx,
-                    new_tokens,
-                    dtype=dtype,
-                    threads=torch.get_num_threads(),
-                    attn_implementation=attn_implementation,
-                    seed=seed,
-                    bos=bos,
-                )
-                result["memory"]["isolated"][role] = probe
-                for row in result["contexts"]:
-                    row["peak_rss_bytes"][role] = probe["peak_rss_bytes"][str(row["context"])]
+            sources = {"original": str(src_a), "pruned": str(src_b)}
+            _probe_isolated(result, sources, ctx, new_tokens, dtype, attn_implementation, seed, bos, say)
         result["memory"]["process_peak_rss_bytes"] = peak_rss_bytes()
         result["environment"]["loadavg_end"] = loadavg()
         return result
@@ -209,8 +180,33 @@ def run_bench(
         torch.set_num_threads(old_threads)
 
 
-def _check_pruned_source(source: str | os.PathLike) -> None:
+def _check_settings(
+    repeats: int, timing: str, min_seconds: float, warmup: int, new_tokens: int, threads: int | None
+) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}; got {timing!r}.")
+    if not min_seconds >= 0:
+        raise ValueError(f"min_seconds must be 0 or more, got {min_seconds}.")
+    if warmup < 0:
+        raise ValueError(f"warmup must be 0 or more, got {warmup}.")
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be 0 or more, got {new_tokens}.")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}.")
 
+
+def _check_models(orig: ModelLike, pruned: ModelLike, isolated_memory: bool) -> None:
+    if isolated_memory and (isinstance(orig, nn.Module) or isinstance(pruned, nn.Module)):
+        raise ValueError("isolated_memory needs both models as sources (paths or names), not loaded models.")
+    if pruned is None:
+        raise ValueError("No pruned model given: pass a HARP checkpoint folder or a model pruned by harp.prune.")
+    if not isinstance(pruned, nn.Module):
+        _check_pruned_source(pruned)
+
+
+def _check_pruned_source(source: str | os.PathLike) -> None:
     p = Path(source).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"Pruned model {source}: no such folder (expected a HARP checkpoint folder).")
@@ -222,6 +218,35 @@ def _check_pruned_source(source: str | os.PathLike) -> None:
         )
     if not harp.get("layers"):
         raise ValueError(f"{p} is a HARP checkpoint without pruned layers: there is nothing to compare.")
+
+
+def _probe_isolated(
+    result: dict[str, Any],
+    sources: dict[str, str],
+    ctx: list[int],
+    new_tokens: int,
+    dtype: str,
+    attn_implementation: str | None,
+    seed: int,
+    bos: int | None,
+    say: Callable[[str], None],
+) -> None:
+    """Each model's peak memory measured alone in a fresh process, into `result` (per role and per context)."""
+    for role, src in sources.items():
+        say(f"peak memory of the {role} model alone (fresh process)")
+        probe = probe_memory(
+            src,
+            ctx,
+            new_tokens,
+            dtype=dtype,
+            threads=torch.get_num_threads(),
+            attn_implementation=attn_implementation,
+            seed=seed,
+            bos=bos,
+        )
+        result["memory"]["isolated"][role] = probe
+        for row in result["contexts"]:
+            row["peak_rss_bytes"][role] = probe["peak_rss_bytes"][str(row["context"])]
 
 
 def _run(

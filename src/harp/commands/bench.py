@@ -45,6 +45,46 @@ def _table(result: dict) -> Table:
     return t
 
 
+def _command_line(
+    model: str | None,
+    pruned: Path,
+    contexts: list[int],
+    new_tokens: int,
+    repeats: int,
+    warmup: int,
+    timing: str,
+    dtype: str,
+    min_seconds: float,
+    threads: int | None,
+    attn: str | None,
+) -> str:
+    """The `harp bench` command that reproduces this run (recorded in bench.json)."""
+    args = (
+        ["harp", "bench"]
+        + (["--model", model] if model else [])
+        + [
+            "--pruned",
+            str(pruned),
+            "--context",
+            ",".join(map(str, contexts)),
+            "--new-tokens",
+            str(new_tokens),
+            "--repeats",
+            str(repeats),
+            "--warmup",
+            str(warmup),
+            "--timing",
+            timing,
+            "--dtype",
+            dtype,
+        ]
+        + (["--min-seconds", f"{min_seconds:g}"] if min_seconds else [])
+        + (["--threads", str(threads)] if threads else [])
+        + (["--attn", attn] if attn else [])
+    )
+    return " ".join(args)
+
+
 def bench_cmd(
     pruned: Path = typer.Option(..., "--pruned", "-p", help="HARP checkpoint folder (from `harp prune`)."),
     model: str = typer.Option(
@@ -112,30 +152,9 @@ def bench_cmd(
         min_seconds=min_seconds,
         progress=lambda m: err.print(f"[dim]{m}[/]", highlight=False),
     )
-    args = (
-        ["harp", "bench"]
-        + (["--model", model] if model else [])
-        + [
-            "--pruned",
-            str(pruned),
-            "--context",
-            ",".join(map(str, contexts)),
-            "--new-tokens",
-            str(new_tokens),
-            "--repeats",
-            str(repeats),
-            "--warmup",
-            str(warmup),
-            "--timing",
-            timing,
-            "--dtype",
-            dtype,
-        ]
-        + (["--min-seconds", f"{min_seconds:g}"] if min_seconds else [])
-        + (["--threads", str(threads)] if threads else [])
-        + (["--attn", attn] if attn else [])
+    result["command"] = _command_line(
+        model, pruned, contexts, new_tokens, repeats, warmup, timing, dtype, min_seconds, threads, attn
     )
-    result["command"] = " ".join(args)
     written = write_bench(result, out, overwrite=overwrite, plot=plot)
     Console().print(_table(result))
     for kind, path in written.items():
