@@ -281,10 +281,7 @@ def evaluate(
     """
     specs = resolve_tasks(tasks)
     limits = parse_limit(limit)
-    unknown_limits = set(limits) - {"*"} - {s.name for s in specs}
-    if unknown_limits:
-        raise ValueError(f"`limit` names task(s) {sorted(unknown_limits)} that are not in `tasks` "
-                         f"({', '.join(s.name for s in specs)}).")
+    _check_limits(specs, limits)
     say = log or (lambda m: None)
     t_all = time.perf_counter()
     result = EvalResult(scores={})
@@ -295,59 +292,17 @@ def evaluate(
     if long_specs:
         default = min(LONGCTX_CONTEXT, limit_ctx or LONGCTX_CONTEXT)
         ctxs = parse_contexts(contexts) if contexts is not None else [default]
-
-    resolved_dir: str | None = None
-    if any(s.kind == "local" for s in lm_specs):
-
-        root, how = harp_data.resolve_data_dir(data_dir)
-        resolved_dir = str(root)
-        result.data_dir = resolved_dir
-        for s in lm_specs:
-            if s.kind == "local":
-                files = harp_data.checksums(LOCAL_TASKS[s.name].data, resolved_dir)
-                result.data_files[s.name] = files
-                for f in files:
-                    if not f["official"]:
-                        say(f"warning: {f['path']} differs from the official file (sha256 {f['sha256'][:12]}…)")
-        say(f"task data: {resolved_dir} ({how})")
+    resolved_dir = _local_task_data(lm_specs, data_dir, result, say)
 
     for s in specs:
-        if s.kind != "perplexity":
-            continue
-        t = time.perf_counter()
-        if eval_windows is None:
-            windows, desc = perplexity_windows(tokenizer, eval_text, eval_tokens, eval_seq_len)
-        else:
-            windows, desc = eval_windows, "given windows"
-        if loss_by_position or (loss_by_position is None and windows.shape[1] > 1024):
-            r = result.loss_by_position = position_losses(model, windows)
-            say("loss by position (nats): " + ", ".join(f"{b['bucket']} {b['nll']:.3f}" for b in r.buckets))
-        else:
-            r = perplexity(model, windows, batch_size=max(1, min(batch_size, 4)))
-        label = perplexity_label(eval_text) if eval_windows is None else "given windows"
-        result.scores[s.name] = TaskScore(
-            task=s.name, title=f"{label} ppl", metric="ppl", value=r.ppl, higher_is_better=False, samples=r.tokens,
-            total=r.tokens, metrics={"ppl": r.ppl, "nll": r.nll}, seconds=time.perf_counter() - t,
-            source=f"{desc}, {r.windows} x {r.seq_len} tokens",
-        )
-        say(f"perplexity on {desc}: {r.ppl:.3f} ({r.tokens:,} tokens, {time.perf_counter() - t:.0f} s)")
-
+        if s.kind == "perplexity":
+            _perplexity_task(model, tokenizer, s.name, eval_text, eval_tokens, eval_seq_len, eval_windows,
+                             batch_size, loss_by_position, result, say)
     for s in long_specs:
         n = limits.get(s.name, limits["*"]) or LONGCTX_ITEMS
         for c in ctxs:
             given = (items or {}).get(f"{s.name}@{c}")
-            prompts = given if given is not None else retrieval_items(s.name, tokenizer, c, n, seed, filler=filler,
-                                                                      max_context=limit_ctx)
-            r2 = retrieval_score(model, tokenizer, prompts)
-            result.retrieval[r2.name] = r2
-            result.scores[r2.name] = TaskScore(
-                task=r2.name, title=f"{s.name} acc @ {c} tokens", metric="acc", value=r2.acc, higher_is_better=True,
-                stderr=r2.stderr, samples=r2.n, total=r2.n, metrics={"acc": r2.acc}, seconds=r2.seconds,
-                source=f"given items ({s.name}, {c} tokens)" if given is not None
-                else f"generated ({s.name}, {c} tokens, seed {seed})",
-            )
-            say(f"{r2.name}: acc {r2.acc:.3f} ± {r2.stderr:.3f} ({r2.correct} of {r2.n}, {r2.seconds:.0f} s)")
-
+            _retrieval_task(model, tokenizer, s.name, c, n, seed, filler, limit_ctx, given, result, say)
     if lm_specs:
         result.scores.update(_run_lm_eval(model, tokenizer, lm_specs, limits, resolved_dir, batch_size,
                                           max_gen_toks, num_fewshot, bootstrap_iters, say))
@@ -358,6 +313,95 @@ def evaluate(
     result.scores = {k: result.scores[k] for k in order}
     result.seconds = time.perf_counter() - t_all
     return result
+
+
+def _check_limits(specs: list[TaskSpec], limits: dict[str, int | None]) -> None:
+    unknown_limits = set(limits) - {"*"} - {s.name for s in specs}
+    if unknown_limits:
+        raise ValueError(f"`limit` names task(s) {sorted(unknown_limits)} that are not in `tasks` "
+                         f"({', '.join(s.name for s in specs)}).")
+
+
+def _local_task_data(
+    lm_specs: list[TaskSpec], data_dir: str | os.PathLike[str] | None, result: EvalResult, say: Callable[[str], None]
+) -> str | None:
+    """The folder the local tasks read (None without one), with each data file's checksum in `result`;
+    files that differ from the official ones are warned about."""
+    if not any(s.kind == "local" for s in lm_specs):
+        return None
+    root, how = harp_data.resolve_data_dir(data_dir)
+    resolved_dir = str(root)
+    result.data_dir = resolved_dir
+    for s in lm_specs:
+        if s.kind == "local":
+            files = harp_data.checksums(LOCAL_TASKS[s.name].data, resolved_dir)
+            result.data_files[s.name] = files
+            for f in files:
+                if not f["official"]:
+                    say(f"warning: {f['path']} differs from the official file (sha256 {f['sha256'][:12]}…)")
+    say(f"task data: {resolved_dir} ({how})")
+    return resolved_dir
+
+
+def _perplexity_task(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    eval_text: str | None,
+    eval_tokens: int | None,
+    eval_seq_len: int,
+    eval_windows: torch.Tensor | None,
+    batch_size: int,
+    loss_by_position: bool | None,
+    result: EvalResult,
+    say: Callable[[str], None],
+) -> None:
+    """The perplexity task's score in `result` (and, with long windows or `loss_by_position`, the loss
+    by position, which gives the perplexity too)."""
+    t = time.perf_counter()
+    if eval_windows is None:
+        windows, desc = perplexity_windows(tokenizer, eval_text, eval_tokens, eval_seq_len)
+    else:
+        windows, desc = eval_windows, "given windows"
+    if loss_by_position or (loss_by_position is None and windows.shape[1] > 1024):
+        r = result.loss_by_position = position_losses(model, windows)
+        say("loss by position (nats): " + ", ".join(f"{b['bucket']} {b['nll']:.3f}" for b in r.buckets))
+    else:
+        r = perplexity(model, windows, batch_size=max(1, min(batch_size, 4)))
+    label = perplexity_label(eval_text) if eval_windows is None else "given windows"
+    result.scores[name] = TaskScore(
+        task=name, title=f"{label} ppl", metric="ppl", value=r.ppl, higher_is_better=False, samples=r.tokens,
+        total=r.tokens, metrics={"ppl": r.ppl, "nll": r.nll}, seconds=time.perf_counter() - t,
+        source=f"{desc}, {r.windows} x {r.seq_len} tokens",
+    )
+    say(f"perplexity on {desc}: {r.ppl:.3f} ({r.tokens:,} tokens, {time.perf_counter() - t:.0f} s)")
+
+
+def _retrieval_task(
+    model: nn.Module,
+    tokenizer: Any,
+    name: str,
+    context: int,
+    n: int,
+    seed: int,
+    filler: str | os.PathLike[str] | None,
+    limit_ctx: int | None,
+    given: Sequence[RetrievalItem] | None,
+    result: EvalResult,
+    say: Callable[[str], None],
+) -> None:
+    """One long-context task at one context in `result`: on the `given` prompts, else on `n` generated ones."""
+    prompts = given if given is not None else retrieval_items(name, tokenizer, context, n, seed, filler=filler,
+                                                              max_context=limit_ctx)
+    r2 = retrieval_score(model, tokenizer, prompts)
+    result.retrieval[r2.name] = r2
+    result.scores[r2.name] = TaskScore(
+        task=r2.name, title=f"{name} acc @ {context} tokens", metric="acc", value=r2.acc, higher_is_better=True,
+        stderr=r2.stderr, samples=r2.n, total=r2.n, metrics={"acc": r2.acc}, seconds=r2.seconds,
+        source=f"given items ({name}, {context} tokens)" if given is not None
+        else f"generated ({name}, {context} tokens, seed {seed})",
+    )
+    say(f"{r2.name}: acc {r2.acc:.3f} ± {r2.stderr:.3f} ({r2.correct} of {r2.n}, {r2.seconds:.0f} s)")
 
 
 def _run_lm_eval(
