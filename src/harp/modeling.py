@@ -15,6 +15,9 @@ q/k projections, rotary embedding, mask and softmax are gone, and so is the laye
 GQA repeat and alpha are folded into one `hidden x kv_dim` output matrix (for Gemma alpha is folded
 into the output norm, which would cancel any scale of its input). `alpha == 0` removes the whole
 attention sub-layer.
+
+A window layer (`harp.prune(..., windows={i: w})`) keeps its attention and weights but each token sees
+only itself and the w - 1 tokens before it; its KV cache holds at most w - 1 past tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer as _SlidingWindowLayer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds window layers; a block without them is still written as 1
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class _RealLayerLengths:
 
     def _real(self) -> Any:
         cache = self._cache() if self._cache is not None else None
-        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, _NO_STORAGE)]
+        others = [la for la in getattr(cache, "layers", []) if not isinstance(la, (*_NO_STORAGE, _WindowCacheLayer))]
         same = [la for la in others if not getattr(la, "is_sliding", False)]
         return (same or others or [None])[0]
 
@@ -300,6 +304,138 @@ class HarpNoAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Window layers: the layer's own attention, over the last w positions only
+# --------------------------------------------------------------------------------------------
+
+class _WindowCacheLayer(_RealLayerLengths, _SlidingWindowLayer):  # type: ignore[misc, valid-type]
+    """The cache slot of a window layer: transformers' sliding-window cache layer (it keeps the last
+    w - 1 tokens and returns them with the new ones). It must not size the masks the model builds for
+    its own layers, so it reports itself not sliding and answers mask-size queries with those of the
+    first real attention layer (`_RealLayerLengths`); its sequence length is its own (every token seen)."""
+
+    is_sliding = False
+
+    def __init__(self, window: int, cache: Any) -> None:
+        _SlidingWindowLayer.__init__(self, window)
+        self._bind(cache)
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return _SlidingWindowLayer.get_seq_length(self)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Return the kept keys/values with the new ones; keep the last w - 1 (none for w = 1, which
+        transformers' own slice `[-0:]` would get wrong)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        start = max(keys.shape[-2] - (self.sliding_window - 1), 0)
+        self.keys, self.values = keys[:, :, start:], values[:, :, start:]
+        return keys, values
+
+
+def _window_cache_slot(cache: Any, layer_idx: int, window: int) -> Any:
+    """The cache layer of window layer `layer_idx`, made a `_WindowCacheLayer` the first time it runs."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise TypeError(f"Window layer {layer_idx}: harp window layers need a transformers DynamicCache, "
+                        f"got {type(cache).__name__}. Use the default cache (no cache_implementation).")
+    slot = layers[layer_idx] if layer_idx < len(layers) else None
+    if isinstance(slot, _WindowCacheLayer) and slot.sliding_window == window:
+        return slot
+    if slot is not None and getattr(slot, "is_initialized", False) and slot.get_seq_length() > 0:
+        raise RuntimeError(f"Window layer {layer_idx}: its cache slot already holds tokens from another kind of "
+                           "layer; start generation with a new cache.")
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while len(layers) <= layer_idx:
+        layers.append(replicate() if replicate is not None else _dummy(cache))
+    layers[layer_idx] = _WindowCacheLayer(window, cache)
+    return layers[layer_idx]
+
+
+def window_mask(mask: torch.Tensor | None, past: int, queries: int, keys: int, window: int, *,
+                dtype: torch.dtype, device: Any, additive: bool) -> torch.Tensor:
+    """The attention mask of a window layer: query i (absolute position past + i) sees key j (absolute
+    position past + queries - keys + j) iff 0 <= (query - key) < window, and-ed with `mask`, the model's
+    own mask for this layer (padding), whose last `keys` columns are those positions. Boolean (True =
+    attend) unless `additive` or `mask` is additive (0 / dtype min, eager attention)."""
+    q = torch.arange(past, past + queries, device=device).view(queries, 1)
+    k = torch.arange(past + queries - keys, past + queries, device=device).view(1, keys)
+    band = (k <= q) & (q - k < window)
+    if mask is None:
+        if not additive:
+            return band[None, None]
+        zeros = torch.zeros(queries, keys, dtype=dtype, device=device)
+        return zeros.masked_fill(~band, torch.finfo(dtype).min)[None, None]
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"harp window layers work with sdpa or eager attention (a tensor mask), not a "
+                        f"{type(mask).__name__}: load the model with attn_implementation='sdpa'.")
+    if mask.shape[-1] < keys:
+        raise RuntimeError(f"A window layer got a mask over {mask.shape[-1]} keys but attends over {keys}: "
+                           "the model has no full-attention layer left to size the masks by.")
+    mask = mask[..., mask.shape[-1] - keys:]
+    if mask.dtype == torch.bool:
+        return mask & band
+    return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
+
+
+class _WindowedAttention:
+    """Mixed into a family's own attention class (so the parameters and their names stay): the module
+    attends over the last `harp_window` positions only and caches at most `harp_window - 1` past ones."""
+
+    harp_window: int
+    layer_idx: int
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        window = self.harp_window
+        cache = _cache_from(kwargs)
+        past = 0 if cache is None else _window_cache_slot(cache, self.layer_idx, window).get_seq_length()
+        queries = hidden_states.shape[-2]
+        keys = min(past, window - 1) + queries  # what the cache slot returns with the new keys
+        eager = getattr(getattr(self, "config", None), "_attn_implementation", None) == "eager"
+        kwargs["attention_mask"] = window_mask(kwargs.get("attention_mask"), past, queries, keys, window,
+                                               dtype=hidden_states.dtype, device=hidden_states.device,
+                                               additive=eager)
+        return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+
+
+_WINDOWED_CLASSES: dict[type, type] = {}
+
+
+def _windowed_class(base: type) -> type:
+    if issubclass(base, _WindowedAttention):
+        return base
+    if base not in _WINDOWED_CLASSES:
+        _WINDOWED_CLASSES[base] = type(f"HarpWindow{base.__name__}", (_WindowedAttention, base),
+                                       {"__module__": __name__})
+    return _WINDOWED_CLASSES[base]
+
+
+def is_window_attention(module: Any) -> bool:
+    return isinstance(module, _WindowedAttention)
+
+
+def window_layer(model: nn.Module, layer_idx: int, window: int) -> None:
+    """Make decoder layer `layer_idx` a window layer of `window` positions (its weights untouched)."""
+    arch = arch_for(model.config)
+    attn = getattr(get_module(model, arch.layers)[layer_idx], arch.attn)
+    if not hasattr(attn, "q_proj"):
+        raise ValueError(f"Layer {layer_idx} has no attention left to window (it is pruned).")
+    attn.__class__ = _windowed_class(type(attn))
+    attn.harp_window = int(window)
+
+
+def unwindow_layer(model: nn.Module, layer_idx: int) -> None:
+    """Give a window layer its full attention back (its own family's attention class)."""
+    arch = arch_for(model.config)
+    attn = getattr(get_module(model, arch.layers)[layer_idx], arch.attn)
+    if isinstance(attn, _WindowedAttention):
+        attn.__class__ = next(b for b in type(attn).__mro__[1:] if not issubclass(b, _WindowedAttention))
+        del attn.harp_window
+
+
+# --------------------------------------------------------------------------------------------
 # Giving a model the pruned structure
 # --------------------------------------------------------------------------------------------
 
@@ -339,12 +475,15 @@ def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
         )
     arch = arch_for(model.config)
     layers = get_module(model, arch.layers)
-    for idx, alpha in HarpBlock.from_dict(harp, len(layers)).plan.items():
+    block = HarpBlock.from_dict(harp, len(layers))
+    for idx, alpha in block.plan.items():
         layer = layers[idx]
         if float(alpha) == 0.0:
             _remove_attention(layer, arch, idx)
         else:
             setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
+    for idx, window in block.windows_plan.items():
+        window_layer(model, idx, window)
 
 
 @dataclass(frozen=True)
@@ -468,9 +607,11 @@ class HarpBlock:
     layers: tuple[int, ...] = ()
     alphas: tuple[float, ...] = ()
     format_version: int = FORMAT_VERSION
+    window_layers: tuple[int, ...] = ()  # layers that keep attention over their last `windows` positions
+    windows: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.layers)
+        return bool(self.layers or self.window_layers)
 
     @classmethod
     def from_dict(cls, block: Any, num_layers: int | None = None) -> HarpBlock:
@@ -519,9 +660,10 @@ class HarpBlock:
                     good_alphas.append(float(a))
         if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
             problems.append(f"harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer)")
+        wl, ws = _read_windows(block, num_layers, set(good_layers), problems)
         if problems:
             raise HarpBlockError(problems, newer)
-        return cls(tuple(good_layers), tuple(good_alphas), version)
+        return cls(tuple(good_layers), tuple(good_alphas), version, wl, ws)
 
     @staticmethod
     def _stored(config: Any) -> tuple[Any, Any]:
@@ -572,20 +714,44 @@ class HarpBlock:
 
     @property
     def plan(self) -> dict[int, float]:
-        """{layer index: alpha}."""
+        """{layer index: alpha} of the bypassed layers (window layers are in `windows_plan`)."""
         return dict(zip(self.layers, self.alphas, strict=True))
+
+    @property
+    def windows_plan(self) -> dict[int, int]:
+        """{layer index: window} of the window layers."""
+        return dict(zip(self.window_layers, self.windows, strict=True))
+
+    def with_windows(self, windows: Any, num_layers: int) -> HarpBlock:
+        """This block with window layers `windows` ({layer: w}, w a whole number >= 1) instead of its own.
+        Raises ValueError naming the first problem."""
+        problems: list[str] = []
+        wl, ws = _read_windows({"window_layers": list(dict(windows)), "windows": list(dict(windows).values())},
+                               num_layers, set(self.layers), problems)
+        if problems:
+            raise ValueError(problems[0][0].upper() + problems[0][1:] + ".")
+        pairs = sorted(zip(wl, ws, strict=True))
+        return HarpBlock(self.layers, self.alphas, self.format_version, tuple(i for i, _ in pairs),
+                         tuple(w for _, w in pairs))
 
     def merged(self, other: HarpBlock) -> HarpBlock:
         """This block plus the layers of `other` (none in common), sorted by layer."""
-        again = sorted(set(self.layers) & set(other.layers))
+        mine, theirs = set(self.layers) | set(self.window_layers), set(other.layers) | set(other.window_layers)
+        again = sorted(mine & theirs)
         if again:
             raise ValueError(f"Layers {again} are already pruned in this model; prune each layer once.")
         pairs = sorted(zip(self.layers + other.layers, self.alphas + other.alphas, strict=True))
-        return HarpBlock(tuple(i for i, _ in pairs), tuple(a for _, a in pairs))
+        wins = sorted(zip(self.window_layers + other.window_layers, self.windows + other.windows, strict=True))
+        return HarpBlock(tuple(i for i, _ in pairs), tuple(a for _, a in pairs), FORMAT_VERSION,
+                         tuple(i for i, _ in wins), tuple(w for _, w in wins))
 
     def to_dict(self) -> dict[str, Any]:
-        """The block as config.json stores it (the current format version)."""
-        return {"format_version": FORMAT_VERSION, "layers": list(self.layers), "alphas": list(self.alphas)}
+        """The block as config.json stores it: format version 1 without window layers (what every harp
+        release reads), 2 with them (a release that cannot build them refuses the checkpoint)."""
+        if not self.window_layers:
+            return {"format_version": 1, "layers": list(self.layers), "alphas": list(self.alphas)}
+        return {"format_version": 2, "layers": list(self.layers), "alphas": list(self.alphas),
+                "window_layers": list(self.window_layers), "windows": list(self.windows)}
 
     def top_first(self) -> list[tuple[int, float]]:
         """(layer, alpha) pairs, top layer first: the order harp prints them in."""
@@ -599,9 +765,46 @@ class HarpBlock:
         """'1, 0.5': their alphas, in the same order."""
         return ", ".join(f"{a:g}" for _, a in self.top_first())
 
+    def windows_text(self) -> str:
+        """'12:256, 11:256': the window layers and their windows, top first."""
+        return ", ".join(f"{i}:{w}" for i, w in sorted(self.windows_plan.items(), reverse=True))
+
     def describe(self) -> str:
-        """'layers (top first) 29, 28, alphas 1, 0.5'."""
-        return f"layers (top first) {self.layers_text()}, alphas {self.alphas_text()}"
+        """'layers (top first) 29, 28, alphas 1, 0.5' (and ', windows 12:256' when there are window layers)."""
+        text = f"layers (top first) {self.layers_text()}, alphas {self.alphas_text()}"
+        return text + (f", windows {self.windows_text()}" if self.window_layers else "")
+
+
+def _read_windows(block: dict[str, Any], num_layers: int | None, bypassed: set[int],
+                  problems: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The window layers of a stored block (`window_layers`, `windows`: parallel lists), checked; problems
+    are appended to `problems`, one clause each."""
+    layers, windows = block.get("window_layers", []), block.get("windows", [])
+    if not isinstance(layers, list) or not isinstance(windows, list):
+        problems.append("harp 'window_layers' and 'windows' must be lists (a window per layer)")
+        return (), ()
+    if len(layers) != len(windows):
+        problems.append(f"harp block has {len(layers)} window layers but {len(windows)} windows (one per layer)")
+        return (), ()
+    good_l: list[int] = []
+    good_w: list[int] = []
+    for i, w in zip(layers, windows, strict=True):
+        idx, win = _as_index(i), _as_index(w)
+        if idx is None:
+            problems.append(f"harp window layer index {i!r} is not an integer")
+        elif num_layers is not None and not 0 <= idx < num_layers:
+            problems.append(f"harp window layer {idx} is out of range: the model has layers 0..{num_layers - 1}")
+        elif idx in bypassed:
+            problems.append(f"harp layer {idx} is both bypassed and a window layer")
+        elif win is None or win < 1:
+            problems.append(f"harp window {w!r} of layer {idx} is not a whole number of tokens >= 1")
+        else:
+            good_l.append(idx)
+            good_w.append(win)
+    dup = sorted({i for i in good_l if good_l.count(i) > 1})
+    if dup:
+        problems.append(f"harp window layers repeat {dup}")
+    return tuple(good_l), tuple(good_w)
 
 
 def harp_model_class(base_cls: type) -> type:

@@ -113,14 +113,21 @@ def kv_bytes_after_prefill(model: nn.Module, tokens: int = 16) -> int:
     return kv_cache_bytes(output_cache(model(input_ids=ids, use_cache=True)))
 
 
-def _plan(config: Any, harp: Mapping[str, Any] | None) -> dict[int, float]:
-    """{layer index: alpha} of the pruned layers; `harp=None` reads `config.harp` (absent: none)."""
+def _block(config: Any, harp: Mapping[str, Any] | None) -> HarpBlock:
+    """The plan `harp` ({'layers', 'alphas'} and optionally {'window_layers', 'windows'}) as a HarpBlock;
+    `harp=None` reads `config.harp` (absent: none)."""
     if harp is None:
-        return HarpBlock.from_config(config).plan
+        return HarpBlock.from_config(config)
     if not harp:
-        return {}
-    block = {**harp, "layers": list(harp.get("layers", [])), "alphas": list(harp.get("alphas", []))}
-    return HarpBlock.from_dict(block, config.num_hidden_layers).plan
+        return HarpBlock()
+    block = {**harp, "layers": list(harp.get("layers", [])), "alphas": list(harp.get("alphas", [])),
+             "window_layers": list(harp.get("window_layers", [])), "windows": list(harp.get("windows", []))}
+    return HarpBlock.from_dict(block, config.num_hidden_layers)
+
+
+def _plan(config: Any, harp: Mapping[str, Any] | None) -> dict[int, float]:
+    """{layer index: alpha} of the bypassed layers."""
+    return _block(config, harp).plan
 
 
 def layer_kinds(config: Any, harp: Mapping[str, Any] | None = None) -> list[str]:
@@ -136,16 +143,22 @@ def layer_kinds(config: Any, harp: Mapping[str, Any] | None = None) -> list[str]
     return kinds
 
 
-def attention_windows(config: Any) -> list[int | None]:
-    """Per layer, the sliding window (max keys a query sees), or None for full attention."""
+def attention_windows(config: Any, harp: Mapping[str, Any] | None = {}) -> list[int | None]:  # noqa: B006
+    """Per layer, the sliding window (max keys a query sees), or None for full attention: the model's own
+    (`sliding_window`, `layer_types`), capped by the window layers of `harp` (None: the config's own
+    block; the default `{}`: the model as its family defines it, without harp window layers)."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or None
     types = getattr(config, "layer_types", None)
     if types:
-        return [window if t == "sliding_attention" and window else None for t in types[:n]]
-    if window and getattr(config, "use_sliding_window", True):
-        return [window] * n
-    return [None] * n
+        own = [window if t == "sliding_attention" and window else None for t in types[:n]]
+    elif window and getattr(config, "use_sliding_window", True):
+        own = [window] * n
+    else:
+        own = [None] * n
+    for i, w in _block(config, harp).windows_plan.items():
+        own[i] = w if own[i] is None else min(w, own[i])
+    return own
 
 
 def _mlp_parameters(config: Any) -> int:
@@ -209,7 +222,7 @@ def prefill_flops(
     g = attention_geometry(config)
     d = g["heads"] * g["head_dim"]
     linear = attention = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
         linear += 2 * n * _layer_linear_parameters(config, kind)
         if kind == ATTENTION:
             attention += 4 * d * _keys_prefill(n, window)
@@ -229,7 +242,7 @@ def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) 
     g = attention_geometry(config)
     d = g["heads"] * g["head_dim"]
     linear = attention = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
         linear += 2 * _layer_linear_parameters(config, kind)
         if kind == ATTENTION:
             keys = past + 1 if window is None else min(past + 1, window)
@@ -246,20 +259,21 @@ def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) 
 
 
 def kv_cache_bytes_expected(
-    config: Any, n: int, harp: Mapping[str, Any] | None = None, dtype: Any = 4
+    config: Any, n: int, harp: Mapping[str, Any] | None = None, dtype: Any = 4, *, attended: bool = False
 ) -> int:
-    """Bytes of keys and values a cache holds for `n` tokens: layers with attention only.
+    """Bytes of keys and values a cache holds after `n` tokens: layers with attention only.
 
-    Exact for full-attention layers; sliding-window layers are counted as holding min(n, window)
-    tokens (transformers' sliding layers may keep one token fewer).
+    Full-attention layers hold n tokens; sliding-window layers (the model's own and harp's window layers)
+    hold the last min(n, w - 1): the query that comes next brings the w-th, as transformers' caches keep
+    them. `attended=True` counts instead the keys the n-th token attends to: min(n, w).
     """
     b = dtype if isinstance(dtype, int) else dtype_bytes(dtype)
     g = attention_geometry(config)
     per_token = 2 * g["kv_heads"] * g["head_dim"] * b
     total = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config), strict=True):
+    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
         if kind == ATTENTION:
-            total += per_token * (n if window is None else min(n, window))
+            total += per_token * (n if window is None else min(n, window if attended else window - 1))
     return total
 
 
@@ -276,7 +290,7 @@ def decode_bytes(
     if not getattr(config, "tie_word_embeddings", False):
         params -= (config.vocab_size - 1) * config.hidden_size
     weights = params * b
-    kv = kv_cache_bytes_expected(config, past + 1, harp, b)
+    kv = kv_cache_bytes_expected(config, past + 1, harp, b, attended=True)
     return {"weights": weights, "kv": kv, "total": weights + kv}
 
 

@@ -9,7 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.modeling import HarpBlock, LinearMap, arch_for, get_module, prune_layer, validate_plan
+from harp.model.accounting import attention_windows
+from harp.modeling import (
+    HarpBlock,
+    LinearMap,
+    arch_for,
+    get_module,
+    prune_layer,
+    unwindow_layer,
+    validate_plan,
+    window_layer,
+)
 
 
 def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k") -> int:
@@ -27,7 +37,8 @@ def check_k(k: Any, num_layers: int, *, keep_one: bool = False, name: str = "k")
 
 
 def pruned_plan(model: nn.Module) -> dict[str, Any]:
-    """The HARP block of a model: {'format_version', 'layers', 'alphas'} (empty lists if unpruned)."""
+    """The HARP block of a model: {'format_version', 'layers', 'alphas'} (empty lists if unpruned), and
+    'window_layers', 'windows' when it has window layers."""
     return HarpBlock.from_config(model).to_dict()
 
 
@@ -39,8 +50,30 @@ def refuse_pruned(model_or_config: Any, message: str | Callable[[HarpBlock], str
         raise ValueError(message(HarpBlock.from_config(model_or_config)) if callable(message) else message)
 
 
+def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: Any = ()) -> dict[int, int]:
+    """{layer: window} checked against `config`: whole numbers >= 1, layers in range, distinct and not among
+    `bypassed`, and not a layer that is already local with a window no larger (Gemma 2/3 local layers,
+    Mistral/Qwen sliding layers): that would save nothing. Raises ValueError naming the first problem."""
+    if not windows:
+        return {}
+    if not isinstance(windows, Mapping):
+        raise ValueError(f"`windows` must map layer index -> window size, got {type(windows).__name__}.")
+    for w in windows.values():
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"Window {w!r}: a window is a whole number of tokens, at least 1 (the token itself).")
+    block = HarpBlock.from_lists(list(bypassed), [1.0] * len(list(bypassed)), config.num_hidden_layers)
+    plan = block.with_windows(windows, config.num_hidden_layers).windows_plan
+    own = attention_windows(config)
+    for i, w in plan.items():
+        if own[i] is not None and w >= own[i]:
+            raise ValueError(f"Layer {i} is already a sliding-window layer of {own[i]} tokens: a window of {w} "
+                             f"saves nothing there. Choose a window below {own[i]}, or another layer.")
+    return plan
+
+
 def prune(
-    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None
+    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
+    *, windows: Mapping[int, int] | None = None,
 ) -> nn.Module:
     """Apply HARP to `model` in place and return it.
 
@@ -56,23 +89,31 @@ def prune(
         alphas: one finite rescaling factor per layer, in the same order.
         maps: optional `{layer: LinearMap}` replacing a layer's folded `W_O R` by a fitted map of the
             same shape (`harp.fit_layers`); alpha scales it. Layers with alpha 0 ignore it.
+        windows: optional `{layer: w}`: these layers become window layers instead (other layers than
+            `layers`): they keep their attention, each token sees itself and the w - 1 tokens before it,
+            and their KV cache holds at most w - 1 past tokens.
     """
     arch_for(model.config)  # clear error for unsupported families first
     layers, alphas = validate_plan(model.config, layers, alphas)
-    merged = HarpBlock.from_config(model).merged(HarpBlock(tuple(layers), tuple(alphas)))
+    window_plan = check_window_plan(model.config, windows, layers)
+    added = HarpBlock(tuple(layers), tuple(alphas)).with_windows(window_plan, model.config.num_hidden_layers)
+    merged = HarpBlock.from_config(model).merged(added)
     maps = dict(maps or {})
     stray = sorted(set(maps) - set(layers))
     if stray:
         raise ValueError(f"Fitted maps given for layers {stray}, which are not being pruned.")
     for idx, alpha in zip(layers, alphas, strict=True):
         prune_layer(model, idx, alpha, maps.get(idx))
+    for idx, w in window_plan.items():
+        window_layer(model, idx, w)
     model.config.harp = merged.to_dict()
     return model
 
 
 @contextmanager
 def temporarily_pruned(
-    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None
+    model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
+    *, windows: Mapping[int, int] | None = None,
 ) -> Iterator[nn.Module]:
     """Prune like `prune`, then put the original modules and weights back on exit.
 
@@ -92,9 +133,11 @@ def temporarily_pruned(
         saved.append((layer, mods, weights))
     old_harp = getattr(model.config, "harp", None)
     try:
-        prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers})
+        prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers}, windows=windows)
         yield model
     finally:
+        for idx in windows or {}:
+            unwindow_layer(model, idx)
         with torch.no_grad():
             for layer, mods, weights in saved:
                 for n, m in mods.items():

@@ -1,0 +1,236 @@
+"""Window layers: a layer that keeps its attention over the last w positions only (`prune(..., windows=)`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from tiny import FAMILIES, tiny_model
+
+import harp
+from harp.model import accounting
+from harp.model.accounting import kv_cache_bytes, output_cache
+from harp.modeling import HarpBlock, HarpBlockError, window_mask
+
+# layer 0, a middle layer and the top one; Gemma 2/3's layers 0 and 3 are local (window 8): smaller w there
+WINDOWS = {0: 3, 3: 5, 5: 4}
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_window_one_is_the_bypass_and_a_long_window_is_the_original(family):
+    """w = 1: each token attends to itself only, which is HARP's bypass with alpha = 1 before the fold.
+    w >= the sequence: the original layer."""
+    ids = torch.randint(1, 128, (2, 12))
+    base = tiny_model(family)
+    original = _logits(base, ids)
+    one = _logits(harp.prune(tiny_model(family), [], [], windows={3: 1}), ids)
+    bypass = _logits(harp.prune(tiny_model(family), [3], [1.0]), ids)
+    torch.testing.assert_close(one, bypass, rtol=1e-5, atol=1e-5)
+    assert (one - original).abs().max() > 1e-3  # the layer's attention did matter
+    wide_plan = {5: 12} if family.startswith("gemma") else {3: 12, 5: 100}  # Gemma's layer 3 is local (8)
+    wide = _logits(harp.prune(tiny_model(family), [], [], windows=wide_plan), ids)
+    torch.testing.assert_close(wide, original, rtol=1e-5, atol=1e-5)
+
+
+def _qwen2(layer_types=None, window=None):
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+    if layer_types:
+        kw.update(use_sliding_window=True, sliding_window=window, layer_types=layer_types, max_window_layers=0)
+    else:
+        kw.update(use_sliding_window=False)
+    cfg = transformers.Qwen2Config(**kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_matches_transformers_own_per_layer_sliding_window(attn):
+    """Qwen2 expresses per-layer windows itself (layer_types): the same weights with harp's window layers give
+    the same logits, full forward and cached greedy decoding past the window."""
+    layers = {0: 4, 2: 4, 5: 4}
+    types = ["sliding_attention" if i in layers else "full_attention" for i in range(6)]
+    native = _qwen2(types, 4)
+    ours = _qwen2()
+    ours.load_state_dict(native.state_dict())
+    for m in (native, ours):
+        m.set_attn_implementation(attn)
+    harp.prune(ours, [], [], windows=layers)
+    ids = torch.randint(1, 128, (2, 19))
+    torch.testing.assert_close(_logits(ours, ids), _logits(native, ids), rtol=1e-5, atol=1e-5)
+    assert (_logits(ours, ids) - _logits(_qwen2(), ids)).abs().max() > 1e-3
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids[:1, :6], **gen), native.generate(ids[:1, :6], **gen))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_decode_past_the_window_equals_a_full_forward(family):
+    """Windows at layer 0, mid and top: prefill then one token at a time, well past every window, gives the
+    logits of one full forward (no cache) at every position."""
+    attn = "sdpa" if family in ("llama", "qwen2") else "eager"
+    model = harp.prune(tiny_model(family, attn=attn), [1], [0.5], windows=WINDOWS)
+    ids = torch.randint(1, 128, (2, 17))
+    full = _logits(model, ids, use_cache=False)
+    with torch.no_grad():
+        out = model(ids[:, :3], use_cache=True)
+        steps = [out.logits]
+        cache = output_cache(out)
+        for t in range(3, ids.shape[1]):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = output_cache(out)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
+def test_kv_bytes_after_two_windows_equal_the_accounting(family):
+    w = 4
+    model = harp.prune(tiny_model(family), [1], [0.0], windows={0: w, 5: w})
+    for n in (w - 2, 2 * w, 21):
+        with torch.no_grad():
+            cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
+        expected = accounting.kv_cache_bytes_expected(model.config, n, dtype=torch.float32)
+        assert kv_cache_bytes(cache) == expected, (family, n)
+    full = accounting.kv_cache_bytes_expected(model.config, 21, {"layers": [1], "alphas": [0.0]}, dtype=4)
+    assert expected < full
+
+
+def test_accounting_counts_window_layers():
+    cfg = tiny_model("llama").config
+    plan = {"layers": [], "alphas": [], "window_layers": [4, 5], "windows": [8, 8]}
+    per_token = 2 * 2 * 16 * 4  # k and v, 2 KV heads, head_dim 16, float32
+    assert accounting.kv_cache_bytes_expected(cfg, 100, plan) == per_token * (4 * 100 + 2 * 7)
+    assert accounting.attention_windows(cfg, plan) == [None] * 4 + [8, 8]
+    assert accounting.parameter_count(cfg, plan) == accounting.parameter_count(cfg, {})
+    full, win = accounting.prefill_flops(cfg, 64), accounting.prefill_flops(cfg, 64, plan)
+    assert win["linear"] == full["linear"] and win["attention"] < full["attention"]
+    d = 4 * 16
+    keys = 64 * 65 // 2 * 4 + 2 * (8 * 9 // 2 + 56 * 8)  # four full layers, two capped at 8 keys per query
+    assert win["attention"] == 4 * d * keys
+    assert accounting.decode_flops(cfg, 99, plan)["attention"] == 4 * d * (4 * 100 + 2 * 8)
+    saving = accounting.kv_savings(cfg, plan, contexts=[256])[0]["saving"]
+    assert saving == pytest.approx(2 / 6 * (1 - 7 / 256))
+
+
+def test_block_round_trip_and_format_version():
+    model = harp.prune(tiny_model("llama"), [2], [0.5], windows={5: 64, 0: 16})
+    block = model.config.harp
+    assert block == {"format_version": 2, "layers": [2], "alphas": [0.5], "window_layers": [0, 5], "windows": [16, 64]}
+    parsed = HarpBlock.from_config(model)
+    assert parsed.windows_plan == {0: 16, 5: 64} and parsed.describe().endswith("windows 5:64, 0:16")
+    # without window layers a block is still written as version 1 (what every harp release reads)
+    assert harp.prune(tiny_model("llama"), [2], [0.5]).config.harp["format_version"] == 1
+    with pytest.raises(HarpBlockError) as e:
+        HarpBlock.from_dict({"format_version": 2, "layers": [2], "alphas": [1.0], "window_layers": [2, 9],
+                             "windows": [8, 0]}, 6)
+    text = str(e.value)
+    assert "both bypassed and a window layer" in text and "out of range" in text
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2"])
+def test_save_and_reload_exact(tmp_path, family):
+    model = harp.prune(tiny_model(family, attn="sdpa"), [2], [0.7], windows=WINDOWS)
+    ids = torch.randint(1, 128, (2, 17))
+    out = harp.save(model, tmp_path / "ck")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["harp"]["window_layers"] == [0, 3, 5] and cfg["harp"]["windows"] == [3, 5, 4]
+    loaded = harp.load(out, attn_implementation="sdpa")
+    assert HarpBlock.from_config(loaded).windows_plan == WINDOWS
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+
+
+_PLAIN = textwrap.dedent(
+    """
+    import sys
+
+    class _BlockHarp:  # make `import harp` fail, as on a machine without harp
+        def find_spec(self, name, path=None, target=None):
+            if name == "harp" or name.startswith("harp."):
+                raise ImportError("harp is hidden in this test")
+            return None
+
+    sys.meta_path.insert(0, _BlockHarp())
+    import torch, transformers
+    for path in sys.argv[1:]:
+        ids, ref = torch.load(path + "/ref.pt")
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                              attn_implementation=ref["attn"])
+        with torch.no_grad():
+            full = m(ids, use_cache=False).logits
+            gen = m.generate(ids[:1, :4], max_new_tokens=14, do_sample=False, pad_token_id=0)
+        ok = torch.equal(full, ref["logits"]) and torch.equal(gen, ref["gen"])
+        print(path, "EQUAL" if ok else "DIFFERENT")
+    """
+)
+
+
+def test_plain_transformers_reload_is_exact(tmp_path):
+    paths = []
+    for family, attn in (("llama", "sdpa"), ("gemma2", "eager")):
+        model = harp.prune(tiny_model(family, attn=attn), [2], [0.7], windows=WINDOWS)
+        ids = torch.randint(1, 128, (2, 17))
+        out = harp.save(model, tmp_path / family)
+        with torch.no_grad():
+            ref = {"attn": attn, "logits": model(ids, use_cache=False).logits,
+                   "gen": model.generate(ids[:1, :4], max_new_tokens=14, do_sample=False, pad_token_id=0)}
+        torch.save((ids, ref), out / "ref.pt")
+        paths.append(str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    r = subprocess.run([sys.executable, "-c", _PLAIN, *paths], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == len(paths) and all(line.endswith("EQUAL") for line in lines), r.stdout
+
+
+def test_temporarily_windowed_restores_the_model():
+    model = tiny_model("qwen3")
+    ids = torch.randint(1, 128, (1, 15))
+    before = _logits(model, ids)
+    with harp.temporarily_pruned(model, [1], [0.5], windows={4: 2}):
+        assert not torch.equal(_logits(model, ids), before)
+    assert torch.equal(_logits(model, ids), before) and not getattr(model.config, "harp", None)
+    assert type(model.model.layers[4].self_attn).__name__ == "Qwen3Attention"
+
+
+def test_bad_windows_are_refused_before_anything_changes():
+    model = tiny_model("gemma2")  # local layers 0, 2, 4 with a window of 8
+    cases = [
+        ({3: 0}, "at least 1"),
+        ({3: 2.5}, "whole number"),
+        ({6: 4}, "out of range"),
+        ({1: 4}, "both bypassed and a window layer"),
+        ({0: 8}, "already a sliding-window layer of 8 tokens"),
+        ({2: 64}, "Choose a window below 8"),
+    ]
+    for windows, message in cases:
+        with pytest.raises(ValueError, match=message):
+            harp.prune(model, [1], [0.5], windows=windows)
+        assert not getattr(model.config, "harp", None)
+    harp.prune(model, [], [], windows={0: 4})  # a smaller window on a local layer is fine
+    with pytest.raises(ValueError, match="already pruned"):
+        harp.prune(model, [], [], windows={0: 2})
+
+
+def test_window_mask_shapes():
+    band = window_mask(None, past=5, queries=2, keys=4, window=3, dtype=torch.float32, device="cpu", additive=False)
+    # queries at positions 5, 6; keys at 3..6: query 5 sees 3..5, query 6 sees 4..6
+    assert band[0, 0].tolist() == [[True, True, True, False], [False, True, True, True]]
+    padded = torch.ones(1, 1, 2, 7, dtype=torch.bool)
+    padded[..., 4] = False  # a padding position among the kept keys
+    m = window_mask(padded, past=5, queries=2, keys=4, window=3, dtype=torch.float32, device="cpu", additive=False)
+    assert m[0, 0].tolist() == [[True, False, True, False], [False, False, True, True]]
+    add = window_mask(None, 0, 3, 3, 2, dtype=torch.float32, device="cpu", additive=True)
+    assert add[0, 0, 2, 0] == torch.finfo(torch.float32).min and add[0, 0, 2, 1] == 0
