@@ -18,7 +18,7 @@ method, seed --seed), greedy decoding, exact match (`harp.retrieval_score`). Los
 Resumable: every cell (method x task x context, or method x text) is one JSON file under --out, written
 atomically as soon as it is measured; a rerun skips the cells that are there with the same settings
 (model, k, n, seed, calibration, windows) and measures the others again. The searched plans are
-kept in OUT/plans.json (refit maps are recomputed: seconds). OUT/summary.md and one PNG per text
+kept in OUT/plans.json (refit maps and window methods are recomputed: seconds). OUT/summary.md and one PNG per text
 summarise whatever cells exist (every context found on disk). The loss-by-position cells run first, then
 retrieval smallest context first, so a run cut short still compares every method at the contexts it reached.
 The plans do not depend on --n, so a later run at another context and n (e.g. `--contexts 8192 --n 20`)
@@ -80,6 +80,7 @@ def main() -> None:
     import torch
 
     import harp
+    from harp.methods.registry import METHODS
     from harp.methods.selector import ORIGINAL, Plan, Selector, applied
 
     if a.threads:
@@ -130,7 +131,7 @@ def main() -> None:
                 return plans[method]
             if method == "original":
                 plan = ORIGINAL
-            elif method in saved and not method.endswith("-ls"):
+            elif method in saved and not method.endswith("-ls") and METHODS[method].kind != "window":
                 d = saved[method]
                 plan = Plan(method, d["kind"], d["layers"], d["alphas"], d["search_seconds"], d["calib_ppl"])
             else:

@@ -234,3 +234,22 @@ def test_window_mask_shapes():
     assert m[0, 0].tolist() == [[True, False, True, False], [False, False, True, True]]
     add = window_mask(None, 0, 3, 3, 2, dtype=torch.float32, device="cpu", additive=True)
     assert add[0, 0, 2, 0] == torch.finfo(torch.float32).min and add[0, 0, 2, 1] == 0
+
+
+def test_window_methods_are_registered_and_applied_exactly():
+    from harp.methods.registry import METHODS
+    from harp.methods.selector import Selector, applied
+
+    assert {"window-64", "window-256", "window-1024", "window-any-256"} <= set(METHODS)
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (2, 40))
+    before = _logits(model, ids)
+    sel = Selector(model, ids[:, :32])
+    plan = sel.select("window-256", 2)
+    assert plan.kind == "window" and plan.windows == {5: 256, 4: 256} and plan.describe() == "window 256 on layers 5,4"
+    with applied(model, plan):  # longer than the prompt: the original model
+        torch.testing.assert_close(_logits(model, ids), before, rtol=1e-5, atol=1e-5)
+        assert accounting.attention_windows(model.config, None)[4:] == [256, 256]
+    short = sel.select("window-any-256", 3)
+    assert len(short.layers) == 3 and short.window == 256
+    assert torch.equal(_logits(model, ids), before) and not getattr(model.config, "harp", None)

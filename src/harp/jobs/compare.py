@@ -45,7 +45,7 @@ from harp.methods.autok import auto_k
 from harp.methods.registry import METHODS, parse_methods
 from harp.methods.search import check_grid
 from harp.methods.selector import ORIGINAL, Plan, Selector, applied
-from harp.model.accounting import count_parameters, kv_bytes_after_prefill
+from harp.model.accounting import count_parameters, kv_bytes_after_prefill, kv_contexts, kv_savings
 from harp.model.load import load_model
 from harp.model.prune import check_k, refuse_pruned
 from harp.model.source import DEFAULT_MODEL, ModelInfo, _check_k, model_or_problem
@@ -304,6 +304,9 @@ class _RowMeasurer:
                                  log=lambda m: self.log(f"  {m}"), **self.long_kwargs)
             params = count_parameters(model)
             kv = kv_bytes_after_prefill(model)
+            # a window layer saves KV only past its window: state it at the model's maximum context
+            window = {"window": plan.window, "kv_at_max": kv_savings(model.config, None, contexts=[
+                kv_contexts(model.config)[-1]])[0]} if plan.kind == "window" else {}
         dt = time.perf_counter() - t0
         self.seconds += dt
         if "data_dir" not in extra and res.data_dir:
@@ -321,7 +324,7 @@ class _RowMeasurer:
             "params_removed_pct": 100.0 * (before - params) / before,
             "kv_bytes": kv, "kv_reduction": 1.0 - kv / kv_before if kv_before else 0.0,
             "eval_seconds": dt, "info": _compact_info(plan.info),
-        } | row_extras(res)
+        } | window | row_extras(res)
 
 
 def _auto_pairs(s: CompareSettings, model: nn.Module, calib: torch.Tensor, methods: list[str], table: _Table,

@@ -105,6 +105,28 @@ def _attention_drop_method(sel: Selector, k: int) -> Selection:
                      {"scores": evidence["scores"], "score": evidence["score"]})
 
 
+def _window(method: str, layers: list[int], window: int) -> Selection:
+    return Selection(method, "window", layers, None, window=window, info={"window": window})
+
+
+# Window layers keep their attention over the last w tokens: at long context their KV cache and attention
+# cost approach those of a removed layer (k/L x (1 - w/n)); below w tokens they are the original layer.
+for _w in (64, 256, 1024):
+    register(MethodSpec(f"window-{_w}", "window", f"top k layers keep attention over their last {_w} tokens",
+                        "ours (issue 23; sliding-window attention as in Mistral / Gemma)"))(
+        lambda sel, k, _w=_w: _window(f"window-{_w}", top_layers(sel.num_layers, k), _w))
+
+
+@register(MethodSpec("window-any-256", "window", "k layers at any depth picked by Attention Drop's score keep "
+                     "attention over their last 256 tokens", "ours"))
+def _window_any(sel: Selector, k: int) -> Selection:
+    layers, evidence = _attention_drop(sel, k)
+    chosen = _window("window-any-256", layers, 256)
+    chosen.search_seconds = evidence["score_seconds"]
+    chosen.info.update(evidence)
+    return chosen
+
+
 @register(MethodSpec("shortgpt", "blocks", "k whole layers with the lowest Block Influence, removed",
                      "Men et al. 2024"))
 def _shortgpt(sel: Selector, k: int) -> Selection:

@@ -21,13 +21,14 @@ class Selection:
     """What a method decided: which layers, and (attention methods) which alphas."""
 
     method: str
-    kind: str  # "attention" | "blocks" | "none"
+    kind: str  # "attention" | "window" | "blocks" | "none"
     layers: list[int]  # original layer indices, in the order chosen
     alphas: list[float] | None = None  # attention methods: one per layer
     search_seconds: float = 0.0
     calib_ppl: float | None = None  # calibration perplexity of the pruned model, when the method measured it
     info: dict[str, Any] = field(default_factory=dict)
     maps: dict[int, LinearMap] | None = None  # refit methods: each layer's fitted map (alpha scales it)
+    window: int | None = None  # window methods: the layers keep attention over their last `window` positions
 
     @property
     def k(self) -> int:
@@ -35,7 +36,13 @@ class Selection:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "kind": self.kind, "layers": self.layers, "alphas": self.alphas,
-                "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info}
+                "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info,
+                **({"window": self.window} if self.window is not None else {})}
+
+    @property
+    def windows(self) -> dict[int, int]:
+        """{layer: window} of a window method ({} otherwise)."""
+        return {i: self.window for i in self.layers} if self.kind == "window" and self.window else {}
 
     def describe(self) -> str:
         if self.kind == "none":
@@ -43,6 +50,8 @@ class Selection:
         pairs = sorted(zip(self.layers, self.alphas or [None] * self.k, strict=True), reverse=True)
         if self.kind == "blocks":
             return "layers " + ",".join(str(i) for i, _ in pairs) + " removed"
+        if self.kind == "window":
+            return f"window {self.window} on layers " + ",".join(str(i) for i, _ in pairs)
         return ", ".join(f"{i}:{a:g}" for i, a in pairs)
 
 
@@ -56,7 +65,8 @@ SelectFn = Callable[[Any, int], Selection]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    kind: str  # "attention" (HARP-style sub-layer pruning) | "blocks" (whole layers removed)
+    kind: str  # "attention" (HARP-style sub-layer pruning) | "window" (attention kept over the last w tokens)
+    #            | "blocks" (whole layers removed)
     summary: str
     reference: str
     lists_alphas: bool = False  # the alphas come from a search: `harp compare`'s report lists them

@@ -41,6 +41,9 @@ def applied(model: nn.Module, plan: Selection) -> Iterator[nn.Module]:
     elif plan.kind == "attention":
         with temporarily_pruned(model, plan.layers, list(plan.alphas or []), plan.maps):
             yield model
+    elif plan.kind == "window":
+        with temporarily_pruned(model, [], [], windows=plan.windows):
+            yield model
     elif plan.kind == "blocks":
         with layers_removed(model, plan.layers):
             yield model
