@@ -253,3 +253,79 @@ def test_window_methods_are_registered_and_applied_exactly():
     short = sel.select("window-any-256", 3)
     assert len(short.layers) == 3 and short.window == 256
     assert torch.equal(_logits(model, ids), before) and not getattr(model.config, "harp", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# harp prune --window, harp info
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from harp.cli import get_app
+
+    return CliRunner().invoke(get_app(), [str(a) for a in args], env={"COLUMNS": "300"})
+
+
+SMALL = ["--calib-windows", "2", "--seq-len", "32", "--eval-tokens", "256", "--eval-seq-len", "128",
+         "--grid", "0:1:0.5"]
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    from tiny import tiny_folder
+
+    return tiny_folder(tmp_path_factory.mktemp("w") / "tiny-gemma2", "gemma2", max_position_embeddings=512)
+
+
+def test_prune_window_end_to_end(gemma_folder, tmp_path):
+    out = tmp_path / "win"
+    r = _cli("prune", "--model", gemma_folder, "--out", out, "--layers", "2", "--window", "4", *SMALL,
+             "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "window layers (4 tokens)" in flat and "attention over the last 4 tokens" in flat
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["method"] == "window" and summary["window"] == 4 and summary["params_removed"] == 0
+    assert set(summary["ppl"]) >= {"original", "window", "harp-ls", "alpha=1", "alpha=0"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["harp"] == {"format_version": 2, "layers": [], "alphas": [], "window_layers": [4, 5],
+                           "windows": [4, 4]}
+    recipe = json.loads((out / "harp_recipe.json").read_text())
+    assert recipe["method"] == "window" and recipe["window"] == 4
+    # the saved model is what was measured: reload and compare perplexity on the same windows
+    loaded = harp.load(out)
+    assert HarpBlock.from_config(loaded).windows_plan == {4: 4, 5: 4}
+    kv = summary["kv_at_contexts"]
+    assert [row["context"] for row in kv] == [512] and kv[0]["saving"] > 0.3  # 2 of 6 layers, mostly saved
+    info = _cli("info", out)
+    flat = " ".join(info.output.split())
+    assert info.exit_code == 0 and "5:4, 4:4 (layer:window" in flat and "search" not in flat
+    assert "keep their last W - 1" in flat
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "0"], "--window 0: a window is a whole number of tokens, at least 1"),
+    (["--window", "4", "--fit", "none"], "two kinds of pruned layer"),
+    (["--window", "4", "--alphas", "1,1"], "--alphas rescale bypassed layers; --window keeps"),
+    (["--window", "4", "--streamed"], "nothing to stream"),
+    (["--window", "8", "--layer-ids", "2,5"], "Layer 2 is already a sliding-window layer of 8 tokens"),
+])
+def test_prune_window_bad_input_refused_before_loading(gemma_folder, tmp_path, monkeypatch, args, message):
+    import harp.jobs.prune as job
+
+    def never(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(job, "load_on_device", never)
+    r = _cli("prune", "--model", gemma_folder, "--out", tmp_path / "x", "--layers", "2", *args, *SMALL)
+    assert r.exit_code != 0 and message in str(r.exception), r.exception
+    assert not (tmp_path / "x").exists()
+
+
+def test_prune_window_larger_than_the_context_warns(gemma_folder, tmp_path):
+    r = _cli("prune", "--model", gemma_folder, "--out", tmp_path / "w", "--layers", "1", "--window", "512",
+             "--no-reference", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "not below the model's maximum context (512 tokens)" in " ".join(r.output.split())

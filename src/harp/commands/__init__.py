@@ -24,7 +24,7 @@ PARAMS = {
     "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "context", "data_dir", "device",
     "eval", "eval_seq_len", "eval_tokens", "filler", "grid", "limit", "max_k", "max_ppl_increase", "method",
     "model", "out", "overwrite", "plot", "select", "seq_len", "streamed", "tasks", "text", "threads",
-    "tokenizer_gguf", "windows",
+    "tokenizer_gguf", "window", "windows",
 }
 
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")

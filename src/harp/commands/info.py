@@ -34,10 +34,17 @@ def info_cmd(
     else:
         t.add_row("HARP format", str(h.get("format_version")))
         block = HarpBlock.from_dict(h)
-        t.add_row("pruned layers (top first)", block.layers_text())
-        t.add_row("alphas (top first)", block.alphas_text())
         n = d["num_layers"] or 1
-        t.add_row("KV cache", f"{len(block.layers)} of {n} layers keep none; {kv_text(path)}")
+        kv = []
+        if block.layers:
+            t.add_row("pruned layers (top first)", block.layers_text())
+            t.add_row("alphas (top first)", block.alphas_text())
+            kv.append(f"{len(block.layers)} of {n} layers keep none")
+        if block.window_layers:
+            t.add_row("window layers (top first)", f"{block.windows_text()} (layer:window, attention over the "
+                      "last W tokens)")
+            kv.append(f"{len(block.window_layers)} keep their last W - 1 tokens")
+        t.add_row("KV cache", "; ".join(kv) + f"; {kv_text(path)}")
     t.add_row("weights on disk", f"{d['weights_bytes'] / 2**20:.1f} MiB")
     rec = d.get("harp_recipe") or {}
     if rec:
@@ -54,7 +61,7 @@ def info_cmd(
                       + ", ".join(f"{f['ridge']:g} {f['prior']}" for f in fit.get("per_layer", []))
                       + f"; the alphas scale the refit maps; {fit.get('seconds', 0):.0f} s")
         s = rec.get("search") or {}
-        if s.get("method"):
+        if s.get("method") and s["method"] != "window":  # window layers are not searched
             what = "search (reference row)" if fit.get("used") else "search"
             t.add_row(what, f"{s.get('method')}, grid {s.get('grid')}, {s.get('seconds', 0):.0f} s")
     summ = d.get("harp_summary") or {}

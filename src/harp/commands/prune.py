@@ -69,14 +69,19 @@ def summary_table(r: PruneReport) -> Table:
                   f"{r.selection['picked']}")
     given = r.search.get("method") == "given"
     refit = r.method == "harp-ls"
-    t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
-              ", ".join(f"{a:g}" for a in r.alphas) + (" (given)" if given else ""))
+    if r.window is not None:
+        t.add_row("kind", f"window layers: attention over the last {r.window} tokens")
+    else:
+        t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
+                  ", ".join(f"{a:g}" for a in r.alphas) + (" (given)" if given else ""))
     if refit and r.fit.get("per_layer"):
         t.add_row("refit: ridge, prior (top first)",
                   ", ".join(f"{f['ridge']:g} {f['prior']}" for f in r.fit["per_layer"]))
     p = r.ppl
     saved = " (the saved model)"
     t.add_row("perplexity: original", f"{p['original']:.3f}")
+    if "window" in p:
+        t.add_row(f"perplexity: window layers ({r.window} tokens)" + saved, f"{p['window']:.3f}")
     if "harp-ls" in p:
         t.add_row("perplexity: HARP + least-squares refit (harp-ls)" + (saved if refit else ""), f"{p['harp-ls']:.3f}")
     if "harp" in p:
@@ -117,6 +122,10 @@ def prune_cmd(
                                   help="Refit: shrink toward 'zero', 'alpha' (the layer's own scaled map) or 'auto'."),
     alphas: str = typer.Option(None, "--alphas", help="Skip the search: alphas for the layers, top layer first "
                                                        "(with --fit lstsq: scales of the refit maps)."),
+    window: int = typer.Option(None, "--window",
+                               help="Window layers: the chosen layers keep their attention over their last W "
+                                    "tokens instead of being bypassed (KV cache capped at W tokens each; exact "
+                                    "below W tokens). No search or refit."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
     calib_windows: int = typer.Option(PruneSettings.calib_windows, "--calib-windows",
@@ -152,7 +161,7 @@ def prune_cmd(
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
         model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
-        fit_prior=fit_prior, alphas=_floats(alphas), calib=calib, eval=eval_,
+        fit_prior=fit_prior, alphas=_floats(alphas), window=window, calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

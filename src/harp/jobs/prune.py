@@ -43,8 +43,9 @@ from harp.model.accounting import (
     removed_parameters,
 )
 from harp.model.checkpoint import save
+from harp.model.configs import config_from_dict
 from harp.model.load import check_resident, load_on_device, resolve_device
-from harp.model.prune import prune, refuse_pruned, temporarily_pruned
+from harp.model.prune import check_window_plan, prune, refuse_pruned, temporarily_pruned
 from harp.model.source import DEFAULT_MODEL, ModelInfo, check_layer_choice, model_or_problem
 from harp.modeling import LinearMap, decoder_layers, layer_indices
 from harp.util.dtypes import torch_dtype
@@ -67,6 +68,9 @@ class PruneSettings:
     ridge: float | str = "auto"  # refit: relative ridge, or "auto" (cross-validated per layer)
     fit_prior: str = "auto"  # refit: shrink toward "zero" | "alpha" (the scaled W_O R) | "auto"
     alphas: Sequence[float] | None = None  # skip the search and use these (with a refit: scales of the maps)
+    # the chosen layers keep their attention over their last `window` tokens (window layers) instead of being
+    # bypassed: no search, no refit; their KV cache is capped at window - 1 tokens
+    window: int | None = None
     calib: str | None = None
     eval: str | None = None
     calib_windows: int = 8
@@ -106,7 +110,8 @@ class PruneReport:
     search: dict[str, Any] = field(default_factory=dict)
     selection: dict[str, Any] = field(default_factory=dict)
     fit: dict[str, Any] = field(default_factory=dict)
-    method: str = "harp"  # what the saved model is: "harp" (searched alphas) or "harp-ls" (refit)
+    method: str = "harp"  # what the saved model is: "harp" (searched alphas), "harp-ls" (refit) or "window"
+    window: int | None = None  # window layers: `layers` keep attention over their last `window` tokens
     # KV bytes before/after at the contexts every command states (2,048 tokens and the model's maximum),
     # from the config: a sliding-window model's saving depends on the context
     kv_at_contexts: list[dict[str, Any]] = field(default_factory=list)
@@ -195,8 +200,8 @@ def _prepare(s: PruneSettings, log: Callable[[str], None]) -> _Run:
     set_threads(s.threads)
     out = output_dir(s.out, s.overwrite)
     fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
-    return _Run(s, log, out, parse_grid(s.grid), fit, "harp-ls" if fit == "lstsq" else "harp",
-                state_file_for(out) if out else None, t_start)
+    method = "window" if s.window is not None else "harp-ls" if fit == "lstsq" else "harp"
+    return _Run(s, log, out, parse_grid(s.grid), fit, method, state_file_for(out) if out else None, t_start)
 
 
 class _Backend:
@@ -323,6 +328,12 @@ def _requested_layers(run: _Run, backend: _Backend) -> list[int]:
         raise ValueError(f"`alphas` gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
     what = f"pruning layers {sorted(layers)}" if s.select == "top" else \
         f"pruning {len(layers)} layers chosen by `select={s.select}`"
+    if s.window is not None:
+        what = what.replace("pruning", f"window layers ({s.window} tokens):", 1)
+        top = getattr(backend.config, "max_position_embeddings", None)
+        if isinstance(top, int) and s.window >= top:
+            run.log(f"warning: `window={s.window}` is not below the model's maximum context ({top} tokens): the "
+                    "window layers save no KV cache or attention at any context it supports.")
     run.log(f"model: {s.model or DEFAULT_MODEL} ({backend.description}), {what}")
     return layers
 
@@ -396,15 +407,21 @@ def _auto_choice(run: _Run, backend: _Backend, win: Windows, candidates: dict[st
     run.log(f"`select=auto`, perplexity on {held_desc}: " + ", ".join(
         f"{r} {c['calib_ppl']:.2f} (layers {c['layers']})" for r, c in cands.items()) + f"; picked {picked}")
     layers = sorted(cands[picked]["layers"], reverse=True)
+    if run.s.window is not None:
+        return _Choice(layers, selection)
     if run.fit == "lstsq":
         return _Choice(layers, selection, fitted=made[picked])
     return _Choice(layers, selection, searched=made[picked])
 
 
 def _candidate(run: _Run, backend: _Backend, win: Windows, layers: list[int],
-               held: torch.Tensor) -> tuple[FitResult | SearchResult, float]:
-    """One `select=auto` candidate: refit (or search) `layers`, and its perplexity on `held`."""
+               held: torch.Tensor) -> tuple[FitResult | SearchResult | None, float]:
+    """One `select=auto` candidate: refit (or search) `layers`, or make them window layers, and its
+    perplexity on `held`."""
     res: FitResult | SearchResult
+    if run.s.window is not None:
+        with temporarily_pruned(backend.resident(), [], [], windows=_windows(run, layers)):
+            return None, perplexity(backend.resident(), held, batch_size=run.s.batch_size).ppl
     if run.fit == "lstsq":
         res = backend.fit(win.calib, layers)
         alphas, maps = [1.0] * len(layers), res.maps
@@ -425,11 +442,22 @@ class _Made:
     search_info: dict[str, Any]
     fitted: FitResult | None
     references: dict[str, tuple[list[float], dict[int, LinearMap] | None]]
+    windows: dict[int, int] | None = None  # window layers instead of bypassed ones
+
+
+def _windows(run: _Run, layers: list[int]) -> dict[int, int]:
+    assert run.s.window is not None
+    return {i: run.s.window for i in layers}
 
 
 def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Made:
-    """Fitted maps or searched alphas for the chosen layers; and the other as a reference row."""
+    """Fitted maps or searched alphas for the chosen layers; and the other as a reference row. Window layers
+    need neither: the refit of the same layers is their reference row."""
     s, k, layers = run.s, len(choice.layers), choice.layers
+    if s.window is not None:
+        fitted = backend.fit(win.calib, layers) if s.references else None
+        refs = {"harp-ls": ([1.0] * k, fitted.maps)} if fitted is not None else {}
+        return _Made([], None, {"method": "window", "window": s.window}, fitted, refs, _windows(run, layers))
     searched, fitted = choice.searched, choice.fitted
     alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
     search_info: dict[str, Any] = {"method": "given", "alphas": alphas} if s.alphas is not None else {}
@@ -475,7 +503,7 @@ def _prune_and_measure(run: _Run, model: nn.Module, layers: list[int], made: _Ma
             for name, (ref_alphas, ref_maps) in refs.items():
                 with temporarily_pruned(model, layers, ref_alphas, ref_maps):
                     ppl[name] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-        prune(model, layers, made.alphas, made.maps)
+        prune(model, [] if made.windows else layers, made.alphas, made.maps, windows=made.windows)
         ppl[run.method] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {run.method}").ppl
     return _Measured(ppl, before.params_before, before.kv_before, count_parameters(model),
                      kv_bytes_after_prefill(model))
@@ -486,14 +514,15 @@ def _report(run: _Run, model: nn.Module, win: Windows, choice: _Choice, made: _M
     fit_info: dict[str, Any] = {"method": run.fit}
     if made.fitted is not None:
         fit_info.update(made.fitted.to_dict(), method=run.fit, ridge_setting=s.ridge, prior_setting=s.fit_prior,
-                        used=run.fit == "lstsq")
+                        used=run.fit == "lstsq" and not made.windows)
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
-        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl,
+        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl, window=s.window,
         eval_tokens=int(win.eval.shape[0] * (win.eval.shape[1] - 1)),
         calib_tokens=int(win.calib.shape[0] * (win.calib.shape[1] - 1)),
         params_before=m.params_before, params_after=m.params_after,
-        params_removed_predicted=removed_parameters(model.config, choice.layers, made.alphas),
+        params_removed_predicted=removed_parameters(model.config, [] if made.windows else choice.layers,
+                                                    made.alphas),
         kv_bytes_before=m.kv_before, kv_bytes_after=m.kv_after, seconds=run.seconds, search=made.search_info,
         selection=choice.selection, fit=fit_info, method=run.method,
         kv_at_contexts=kv_savings(model.config, None, dtype=s.dtype),
@@ -508,7 +537,8 @@ def _save(run: _Run, out: Path, model: nn.Module, tok: Any, win: Windows, report
     s, t = run.s, time.perf_counter()
     log_entries = report.search.get("log", [])
     recipe = {
-        "method": run.method, "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
+        "method": run.method, **({"window": s.window} if s.window is not None else {}),
+        "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
         "selection": report.selection, "search": {k: v for k, v in report.search.items() if k != "log"},
         "calibration": {"source": win.calib_text.name, "description": win.calib_text.description,
                         "sha256": win.calib_text.sha256, "windows": win.calib.shape[0],
@@ -553,6 +583,8 @@ def check_prune(s: Any) -> ModelInfo | None:
     if s.streamed and s.method != "cached":
         out.add("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
+    if getattr(s, "window", None) is not None:
+        _check_window(s, info, count, out)
     grid = check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
     if s.eval_seq_len < 2:
@@ -572,9 +604,32 @@ def check_prune(s: Any) -> ModelInfo | None:
     e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
     outp = check_output(s.out, s.overwrite, [info.path if info else None], out)
-    if outp is not None and info is not None and info.num_layers and count and s.select == "top" and s.alphas is None:
+    searches = s.alphas is None and getattr(s, "window", None) is None
+    if outp is not None and info is not None and info.num_layers and count and s.select == "top" and searches:
 
         order = sorted(set(s.layers), reverse=True) if s.layers else top_layers(info.num_layers, count)
         check_search_state(state_file_for(outp), order, grid, out)
     out.raise_if_any()
     return info
+
+
+def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collector) -> None:
+    """`window` with the other settings, and on the chosen layers of this model (a layer that is already local
+    with a window no larger saves nothing)."""
+    w = s.window
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        out.add(f"`window={w!r}`: a window is a whole number of tokens, at least 1 (the token itself).")
+        return
+    if s.alphas is not None:
+        out.add("`alphas` rescale bypassed layers; `window` keeps the chosen layers' attention: give one of them.")
+    if s.fit == "none":
+        out.add("`fit=none` (HARP: bypass with a searched alpha) and `window` (keep attention over the last "
+                f"{w} tokens) are two kinds of pruned layer: drop one of them.")
+    if s.streamed:
+        out.add("`window` needs no search, so there is nothing to stream: drop `streamed`.")
+    if info is not None and info.config and info.num_layers and count and s.select == "top":
+        layers = list(s.layers) if s.layers else top_layers(info.num_layers, count)
+        if all(0 <= i < info.num_layers for i in layers):
+            cfg = out.run(config_from_dict, info.config)
+            if cfg is not None:
+                out.run(check_window_plan, cfg, {i: w for i in layers})
