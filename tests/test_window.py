@@ -329,3 +329,21 @@ def test_prune_window_larger_than_the_context_warns(gemma_folder, tmp_path):
              "--no-reference", *SMALL)
     assert r.exit_code == 0, r.output
     assert "not below the model's maximum context (512 tokens)" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("fmt, out", [("gguf", "m.gguf"), ("deci", "deci")])
+def test_export_refuses_window_layers_before_loading(tmp_path, monkeypatch, fmt, out):
+    """llama.cpp's `deci` and the DeciLM layout have only full attention: never a file that silently attends
+    past the window."""
+    ck = harp.save(harp.prune(tiny_model("llama"), [1], [0.5], windows={4: 8}), tmp_path / "ck")
+    import harp.export.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    r = _cli("export", ck, "--format", fmt, "--out", tmp_path / out)
+    text = str(r.exception)
+    assert r.exit_code != 0 and "harp window layers (4:8, layer:window)" in text and "--format" in text, text
+    assert not (tmp_path / out).exists()
+    from harp.export.deci import ExportError, to_deci
+
+    with pytest.raises(ExportError, match="attend past the window"):
+        to_deci(harp.prune(tiny_model("llama"), [], [], windows={4: 8}))

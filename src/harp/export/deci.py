@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from harp.model.accounting import ATTENTION, LINEAR, NONE, layer_kinds
+from harp.modeling import HarpBlock
 
 DECI_ARCHITECTURE = "DeciLMForCausalLM"
 DECI_MODEL_TYPE = "nemotron-nas"
@@ -112,8 +113,19 @@ def _family_problems(config: Any) -> list[str]:
     return []
 
 
+def window_problems(config: Any) -> list[str]:
+    """harp window layers: the DeciLM layout (and llama.cpp's `deci`) has only full causal attention, so an
+    export would silently attend past the window. `config` may be a config object or a config.json dict."""
+    block = HarpBlock.from_config(config)
+    if not block.window_layers:
+        return []
+    return [f"harp window layers ({block.windows_text()}, layer:window): the DeciLM format has only full causal "
+            "attention, so the exported model would attend past the window and differ from this one. "
+            "Alternative: " + _USE_TRANSFORMERS + ", or prune without --window to export."]
+
+
 def _config_problems(config: Any) -> list[str]:
-    problems: list[str] = []
+    problems: list[str] = window_problems(config)
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.export.deci import DeciModel, ExportError, check_exportable, deci_config, deci_kinds, to_deci
+from harp.export.deci import (
+    DeciModel,
+    ExportError,
+    check_exportable,
+    deci_config,
+    deci_kinds,
+    to_deci,
+    window_problems,
+)
 from harp.export.gguf_writer import DTYPES as GGUF_DTYPES
 from harp.export.gguf_writer import check_gguf_out, write_gguf
 from harp.model.load import load_model, resolve_model_source, saved_tokenizer
@@ -219,6 +227,9 @@ def _check_out(
 def check_export(source: Any, fmt: str, out_path: Path, overwrite: bool) -> ModelInfo | None:
     out = Collector()
     info = model_or_problem(source, out)
+    if info is not None and info.config:  # before any weight loads
+        for p in window_problems(info.config):
+            out.add(f"Cannot export {info.label} to `fmt={fmt}`: {p}")
     _check_out(fmt, out_path, overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info
