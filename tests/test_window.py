@@ -347,3 +347,17 @@ def test_export_refuses_window_layers_before_loading(tmp_path, monkeypatch, fmt,
 
     with pytest.raises(ExportError, match="attend past the window"):
         to_deci(harp.prune(tiny_model("llama"), [], [], windows={4: 8}))
+
+
+def test_bench_window_checkpoint_kv_and_bounds():
+    from harp.bench.run import run_bench
+
+    orig = tiny_model("llama", attn="sdpa", max_position_embeddings=512)
+    pruned = harp.prune(tiny_model("llama", attn="sdpa", max_position_embeddings=512), [], [], windows={4: 16, 5: 16})
+    r = run_bench(orig, pruned, contexts=[8, 64], new_tokens=2, repeats=1, warmup=0)
+    rows = {row["context"]: row for row in r["contexts"]}
+    for n, row in rows.items():
+        kv = row["kv_cache_bytes"]
+        assert kv["pruned"] == kv["expected_pruned"] and kv["original"] == kv["expected_original"]
+        assert (kv["pruned"] < kv["original"]) == (n > 15)  # below the window, window layers hold every token
+    assert rows[64]["kv_cache_bytes"]["reduction"] == pytest.approx(2 / 6 * (1 - 15 / (64 + 2)), rel=0.05)

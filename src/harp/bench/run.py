@@ -20,6 +20,7 @@ from harp.model.accounting import speedup_bounds
 from harp.model.checkpoint import read_config
 from harp.model.load import load_model, saved_tokenizer
 from harp.model.source import ModelSource, resolve
+from harp.modeling import HarpBlock
 from harp.report import check_plot_available
 from harp.report.bench import bench_table, plot_bench
 from harp.util.fsio import require_output, write_json_atomic, write_text_atomic
@@ -59,7 +60,7 @@ def check_pair(orig: nn.Module, pruned: nn.Module, contexts: Sequence[int]) -> N
     """Raise ValueError unless `pruned` is a HARP-pruned version of `orig`'s architecture and every
     context fits the model."""
     pc, oc = pruned.config, orig.config
-    if not (getattr(pc, "harp", None) or {}).get("layers"):
+    if not HarpBlock.from_config(pc):
         raise ValueError(
             "The pruned model has no HARP layers (config.harp is empty): pass a model pruned by harp.prune "
             "or a checkpoint written by harp.save / `harp prune`."
@@ -216,7 +217,7 @@ def _check_pruned_source(source: str | os.PathLike) -> None:
             f"{p} is not a HARP checkpoint (its config.json has no 'harp' block): pass a folder written by "
             "`harp prune` or harp.save()."
         )
-    if not harp.get("layers"):
+    if not HarpBlock.from_config({"harp": harp}):
         raise ValueError(f"{p} is a HARP checkpoint without pruned layers: there is nothing to compare.")
 
 
