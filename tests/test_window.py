@@ -361,3 +361,16 @@ def test_bench_window_checkpoint_kv_and_bounds():
         assert kv["pruned"] == kv["expected_pruned"] and kv["original"] == kv["expected_original"]
         assert (kv["pruned"] < kv["original"]) == (n > 15)  # below the window, window layers hold every token
     assert rows[64]["kv_cache_bytes"]["reduction"] == pytest.approx(2 / 6 * (1 - 15 / (64 + 2)), rel=0.05)
+
+
+def test_plan_states_the_window_saving(gemma_folder):
+    r = _cli("plan", "--window", "256")
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    # SmolLM2 preset: 8 of 30 layers, w = 256: 8/30 x (1 - 255/n)
+    assert "per 2048-token sequence (-23.3 %) as window layers of 256 tokens (--window)" in flat
+    assert "per 8192-token sequence (the model's maximum) (-25.8 %)" in flat
+    bad = _cli("plan", "--window", "0")
+    assert bad.exit_code != 0 and "--window 0" in str(bad.exception)
+    local = _cli("plan", "--model", gemma_folder, "--layers", "2", "--window", "8")  # layer 4 is local (8)
+    assert local.exit_code != 0 and "already a sliding-window layer" in str(local.exception), local.output

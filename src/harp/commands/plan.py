@@ -62,6 +62,11 @@ def render(p: dict[str, Any], name: str, memory_gib: float | None = None) -> lis
         top = " (the model's maximum)" if kv["is_max"] else ""
         lines.append(f"  {'KV cache' if i == 0 else '':<12} {human(kv['before'])} -> {human(kv['after'])} per "
                      f"{kv['context']}-token sequence{top} (-{100 * kv['saving']:.1f} %, any alphas)")
+    for i, kv in enumerate(p.get("kv_window") or []):
+        top = " (the model's maximum)" if kv["is_max"] else ""
+        label = f"as window layers of {p['window']} tokens (--window)" if i == 0 else ""
+        lines.append(f"  {'':<12} {human(kv['before'])} -> {human(kv['after'])} per {kv['context']}-token "
+                     f"sequence{top} (-{100 * kv['saving']:.1f} %) {label}".rstrip())
     return lines
 
 
@@ -78,10 +83,14 @@ def plan_cmd(
     context: int = typer.Option(None, "--context", help="Also give the KV-cache figures at this sequence length "
                                                        "(always: 2,048 tokens and the model's maximum)."),
     memory: float = typer.Option(None, "--memory", help="Device memory in GiB: say whether each search fits."),
+    window: int = typer.Option(None, "--window", help="Also give the KV saving if the K layers become window "
+                                                     "layers of W tokens (harp prune --window W)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Peak memory of the alpha search (streamed and in-memory) and the size / KV savings of the result,
     from the model's config alone: know before starting whether a search fits your GPU."""
+    if window is not None and window < 1:
+        raise ValueError(f"--window {window}: a window is a whole number of tokens, at least 1.")
     if context is not None and context < 1:
         raise ValueError(f"--context {context}: must be a positive number of tokens.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -92,7 +101,7 @@ def plan_cmd(
                   "plan on the original model (its config.json, folder or preset).")
     n, s = parse_calib(calib)
     p = full_plan(cfg, layers, n, s, dtype=dtype, device=device, batch_size=batch_size, chunk_tokens=chunk_tokens,
-                  activations=activations, context=context)
+                  activations=activations, context=context, window=window)
     console = Console(width=200)
     if as_json:
         console.print_json(json.dumps(p))

@@ -34,7 +34,7 @@ from harp.model.accounting import (
     parameter_count,
     removed_parameters,
 )
-from harp.model.prune import check_k
+from harp.model.prune import check_k, check_window_plan
 from harp.modeling import arch_for, attention_geometry
 from harp.util.dtypes import dtype_bytes
 
@@ -204,13 +204,21 @@ def plan(
     }
 
 
-def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None, **kw: Any) -> dict[str, Any]:
+def full_plan(cfg: Any, k: int, windows: int, seq_len: int, context: int | None = None,
+              window: int | None = None, **kw: Any) -> dict[str, Any]:
     """`plan` plus the KV saving at the contexts every command states it at (2,048 tokens and the
-    model's maximum; `context` adds one)."""
+    model's maximum; `context` adds one); with `window`, also the saving if the same layers become window
+    layers of that many tokens (`kv_window`)."""
     contexts = sorted(set(kv_contexts(cfg) + ([context] if context else [])))
     p = plan(cfg, k, windows, seq_len, context=context or contexts[-1], **kw)
     top = p["result"]["layers"]
-    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, kw.get("dtype", "float32"), contexts)
+    dtype = kw.get("dtype", "float32")
+    p["kv"] = kv_savings(cfg, {"layers": top, "alphas": [1.0] * len(top)}, dtype, contexts)
+    if window is not None:
+        check_window_plan(cfg, {i: window for i in top})
+        p["window"] = window
+        p["kv_window"] = kv_savings(cfg, {"layers": [], "alphas": [], "window_layers": top,
+                                          "windows": [window] * len(top)}, dtype, contexts)
     return p
 
 
