@@ -76,12 +76,15 @@ def test_matches_transformers_own_per_layer_sliding_window(attn):
         assert torch.equal(ours.generate(ids[:1, :6], **gen), native.generate(ids[:1, :6], **gen))
 
 
+@pytest.mark.parametrize("sinks", [0, 2])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_cached_decode_past_the_window_equals_a_full_forward(family):
-    """Windows at layer 0, mid and top: prefill then one token at a time, well past every window, gives the
-    logits of one full forward (no cache) at every position."""
+def test_cached_decode_past_the_window_equals_a_full_forward(family, sinks):
+    """Windows at layer 0, mid and top (with and without sink tokens): prefill then one token at a time, well
+    past every window, gives the logits of one full forward (no cache) at every position."""
     attn = "sdpa" if family in ("llama", "qwen2") else "eager"
-    model = harp.prune(tiny_model(family, attn=attn), [1], [0.5], windows=WINDOWS)
+    # Gemma's local layers (0 and 3 here) cannot keep sinks: their own mask hides the first tokens
+    windows = {5: 4} if sinks and family.startswith("gemma") else WINDOWS
+    model = harp.prune(tiny_model(family, attn=attn), [1], [0.5], windows=windows, sinks=sinks)
     ids = torch.randint(1, 128, (2, 17))
     full = _logits(model, ids, use_cache=False)
     with torch.no_grad():
@@ -180,7 +183,8 @@ _PLAIN = textwrap.dedent(
 def test_plain_transformers_reload_is_exact(tmp_path):
     paths = []
     for family, attn in (("llama", "sdpa"), ("gemma2", "eager")):
-        model = harp.prune(tiny_model(family, attn=attn), [2], [0.7], windows=WINDOWS)
+        model = harp.prune(tiny_model(family, attn=attn), [2], [0.7], windows=WINDOWS,
+                           sinks=1 if family == "llama" else 0)
         ids = torch.randint(1, 128, (2, 17))
         out = harp.save(model, tmp_path / family)
         with torch.no_grad():
@@ -215,6 +219,8 @@ def test_bad_windows_are_refused_before_anything_changes():
         ({0: 8}, "already a sliding-window layer of 8 tokens"),
         ({2: 64}, "Choose a window below 8"),
     ]
+    with pytest.raises(ValueError, match="cannot keep sink tokens"):
+        harp.prune(model, [], [], windows={0: 4}, sinks=2)
     for windows, message in cases:
         with pytest.raises(ValueError, match=message):
             harp.prune(model, [1], [0.5], windows=windows)
@@ -225,15 +231,55 @@ def test_bad_windows_are_refused_before_anything_changes():
 
 
 def test_window_mask_shapes():
-    band = window_mask(None, past=5, queries=2, keys=4, window=3, dtype=torch.float32, device="cpu", additive=False)
+    q, k = torch.tensor([5, 6]), torch.tensor([3, 4, 5, 6])
+    band = window_mask(None, q, k, 3, dtype=torch.float32, additive=False)
     # queries at positions 5, 6; keys at 3..6: query 5 sees 3..5, query 6 sees 4..6
     assert band[0, 0].tolist() == [[True, True, True, False], [False, True, True, True]]
-    padded = torch.ones(1, 1, 2, 7, dtype=torch.bool)
+    padded = torch.ones(1, 1, 2, 7, dtype=torch.bool)  # the model's mask: columns are positions 0..6
     padded[..., 4] = False  # a padding position among the kept keys
-    m = window_mask(padded, past=5, queries=2, keys=4, window=3, dtype=torch.float32, device="cpu", additive=False)
+    m = window_mask(padded, q, k, 3, dtype=torch.float32, additive=False)
     assert m[0, 0].tolist() == [[True, False, True, False], [False, False, True, True]]
-    add = window_mask(None, 0, 3, 3, 2, dtype=torch.float32, device="cpu", additive=True)
+    # one sink: position 0 stays visible to every query, and its padding column is honoured
+    q, k = torch.tensor([7]), torch.tensor([0, 5, 6, 7])
+    sink = window_mask(None, q, k, 3, 1, dtype=torch.float32, additive=False)
+    assert sink[0, 0].tolist() == [[True, True, True, True]]
+    plain = window_mask(None, q, k, 2, 0, dtype=torch.float32, additive=False)
+    assert plain[0, 0].tolist() == [[False, False, True, True]]
+    pad0 = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    pad0[..., 0] = False
+    padded_sink = window_mask(pad0, q, k, 3, 1, dtype=torch.float32, additive=False)
+    assert padded_sink[0, 0].tolist() == [[False, True, True, True]]
+    add = window_mask(None, torch.arange(3), torch.arange(3), 2, dtype=torch.float32, additive=True)
     assert add[0, 0, 2, 0] == torch.finfo(torch.float32).min and add[0, 0, 2, 1] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_sinks_covering_the_sequence_are_the_original(family):
+    ids = torch.randint(1, 128, (2, 12))
+    original = _logits(tiny_model(family), ids)
+    model = harp.prune(tiny_model(family), [], [], windows={5: 2}, sinks=12)
+    torch.testing.assert_close(_logits(model, ids), original, rtol=1e-5, atol=1e-5)
+    fewer = harp.prune(tiny_model(family), [], [], windows={5: 2}, sinks=3)
+    assert (_logits(fewer, ids) - original).abs().max() > 1e-4
+
+
+def test_sinks_kv_bytes_accounting_and_block():
+    w, s = 4, 3
+    model = harp.prune(tiny_model("llama"), [], [], windows={0: w, 5: w}, sinks=s)
+    assert model.config.harp["sinks"] == [3, 3] and HarpBlock.from_config(model).windows_text() == "5:4+3, 0:4+3"
+    for n in (2, 5, 7, 20):
+        with torch.no_grad():
+            cache = output_cache(model(torch.randint(1, 128, (1, n)), use_cache=True))
+        assert kv_cache_bytes(cache) == accounting.kv_cache_bytes_expected(model.config, n, dtype=torch.float32), n
+    cfg = model.config
+    d = 4 * 16
+    plain = accounting.prefill_flops(cfg, 20, {"window_layers": [0, 5], "windows": [4, 4]})["attention"]
+    with_sinks = accounting.prefill_flops(cfg, 20)["attention"]
+    # queries 5..20 see min(3, i - 4) sink keys more: 1 + 2 + 3 x 14 = 45 per window layer
+    assert with_sinks - plain == 4 * d * 2 * 45
+    assert accounting.decode_flops(cfg, 99)["attention"] == 4 * d * (4 * 100 + 2 * (4 + 3))
+    with pytest.raises(ValueError, match="sinks=-1"):
+        harp.prune(tiny_model("llama"), [], [], windows={0: 4}, sinks=-1)
 
 
 def test_window_methods_are_registered_and_applied_exactly():

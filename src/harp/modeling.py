@@ -308,41 +308,48 @@ class HarpNoAttention(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class _WindowCacheLayer(_RealLayerLengths, _SlidingWindowLayer):  # type: ignore[misc, valid-type]
-    """The cache slot of a window layer: transformers' sliding-window cache layer (it keeps the last
-    w - 1 tokens and returns them with the new ones). It must not size the masks the model builds for
-    its own layers, so it reports itself not sliding and answers mask-size queries with those of the
-    first real attention layer (`_RealLayerLengths`); its sequence length is its own (every token seen)."""
+    """The cache slot of a window layer: the first `sinks` tokens and the last w - 1 others (transformers'
+    sliding-window cache layer keeps only the latter, and for w = 1 its slice `[-0:]` would keep all).
+    `update` returns the held keys/values with the new ones; `positions` are the held tokens' positions.
+
+    It must not size the masks the model builds for its other layers, so it reports itself not sliding
+    and answers mask-size queries with those of the first real attention layer (`_RealLayerLengths`); its
+    sequence length is its own (every token seen)."""
 
     is_sliding = False
 
-    def __init__(self, window: int, cache: Any) -> None:
+    def __init__(self, window: int, sinks: int, cache: Any) -> None:
         _SlidingWindowLayer.__init__(self, window)
+        self.sinks = sinks
+        self.positions = torch.zeros(0, dtype=torch.long)
         self._bind(cache)
 
     def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
         return _SlidingWindowLayer.get_seq_length(self)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """Return the kept keys/values with the new ones; keep the last w - 1 (none for w = 1, which
-        transformers' own slice `[-0:]` would get wrong)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        past, new = self.cumulative_length, key_states.shape[-2]
+        self.cumulative_length += new
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        start = max(keys.shape[-2] - (self.sliding_window - 1), 0)
-        self.keys, self.values = keys[:, :, start:], values[:, :, start:]
+        positions = torch.cat([self.positions, torch.arange(past, past + new)])
+        keep = (positions < self.sinks) | (positions >= past + new - (self.sliding_window - 1))
+        idx = keep.nonzero().flatten().to(keys.device)
+        self.keys, self.values = keys.index_select(-2, idx), values.index_select(-2, idx)
+        self.positions = positions[keep]
         return keys, values
 
 
-def _window_cache_slot(cache: Any, layer_idx: int, window: int) -> Any:
+def _window_cache_slot(cache: Any, layer_idx: int, window: int, sinks: int) -> Any:
     """The cache layer of window layer `layer_idx`, made a `_WindowCacheLayer` the first time it runs."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"Window layer {layer_idx}: harp window layers need a transformers DynamicCache, "
                         f"got {type(cache).__name__}. Use the default cache (no cache_implementation).")
     slot = layers[layer_idx] if layer_idx < len(layers) else None
-    if isinstance(slot, _WindowCacheLayer) and slot.sliding_window == window:
+    if isinstance(slot, _WindowCacheLayer) and slot.sliding_window == window and slot.sinks == sinks:
         return slot
     if slot is not None and getattr(slot, "is_initialized", False) and slot.get_seq_length() > 0:
         raise RuntimeError(f"Window layer {layer_idx}: its cache slot already holds tokens from another kind of "
@@ -350,34 +357,35 @@ def _window_cache_slot(cache: Any, layer_idx: int, window: int) -> Any:
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
         layers.append(replicate() if replicate is not None else _dummy(cache))
-    layers[layer_idx] = _WindowCacheLayer(window, cache)
+    layers[layer_idx] = _WindowCacheLayer(window, sinks, cache)
     return layers[layer_idx]
 
 
-def window_mask(mask: torch.Tensor | None, past: int, queries: int, keys: int, window: int, *,
-                dtype: torch.dtype, device: Any, additive: bool) -> torch.Tensor:
-    """The attention mask of a window layer: query i (absolute position past + i) sees key j (absolute
-    position past + queries - keys + j) iff 0 <= (query - key) < window, and-ed with `mask`, the model's
-    own mask for this layer (padding), whose last `keys` columns are those positions. Boolean (True =
-    attend) unless `additive` or `mask` is additive (0 / dtype min, eager attention)."""
-    q = torch.arange(past, past + queries, device=device).view(queries, 1)
-    k = torch.arange(past + queries - keys, past + queries, device=device).view(1, keys)
-    band = (k <= q) & (q - k < window)
+def window_mask(mask: torch.Tensor | None, queries: torch.Tensor, keys: torch.Tensor, window: int, sinks: int = 0,
+                *, dtype: torch.dtype, additive: bool) -> torch.Tensor:
+    """The attention mask of a window layer. `queries` and `keys` are absolute positions (1-D): query q
+    sees key k iff k <= q and (q - k < window or k < sinks), and-ed with `mask`, the model's own mask for
+    this layer (padding), whose columns are the positions up to the last query, the last ones last (a key
+    before its first column keeps only the band). Boolean (True = attend) unless `additive` or `mask` is
+    additive (0 / dtype min, eager attention)."""
+    q, k = queries.view(-1, 1), keys.view(1, -1)
+    band = (k <= q) & ((q - k < window) | (k < sinks))
     if mask is None:
         if not additive:
             return band[None, None]
-        zeros = torch.zeros(queries, keys, dtype=dtype, device=device)
+        zeros = torch.zeros(band.shape, dtype=dtype, device=band.device)
         return zeros.masked_fill(~band, torch.finfo(dtype).min)[None, None]
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"harp window layers work with sdpa or eager attention (a tensor mask), not a "
                         f"{type(mask).__name__}: load the model with attn_implementation='sdpa'.")
-    if mask.shape[-1] < keys:
-        raise RuntimeError(f"A window layer got a mask over {mask.shape[-1]} keys but attends over {keys}: "
-                           "the model has no full-attention layer left to size the masks by.")
-    mask = mask[..., mask.shape[-1] - keys:]
+    band = band.to(mask.device)
+    column = (keys - (int(queries[-1]) + 1 - mask.shape[-1])).to(mask.device)  # the key's column in `mask`
+    known = column >= 0
+    picked = mask.index_select(-1, column.clamp(min=0))
     if mask.dtype == torch.bool:
-        return mask & band
-    return mask.masked_fill(~band, torch.finfo(mask.dtype).min)
+        return (picked | ~known) & band
+    picked = picked.masked_fill(~known, 0.0)
+    return picked.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
 class _WindowedAttention:
@@ -385,18 +393,23 @@ class _WindowedAttention:
     attends over the last `harp_window` positions only and caches at most `harp_window - 1` past ones."""
 
     harp_window: int
+    harp_sinks: int = 0
     layer_idx: int
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        window = self.harp_window
+        window, sinks = self.harp_window, self.harp_sinks
         cache = _cache_from(kwargs)
-        past = 0 if cache is None else _window_cache_slot(cache, self.layer_idx, window).get_seq_length()
-        queries = hidden_states.shape[-2]
-        keys = min(past, window - 1) + queries  # what the cache slot returns with the new keys
+        held = torch.zeros(0, dtype=torch.long)
+        past = 0
+        if cache is not None:
+            slot = _window_cache_slot(cache, self.layer_idx, window, sinks)
+            held, past = slot.positions, slot.get_seq_length()
+        queries = torch.arange(past, past + hidden_states.shape[-2])
+        keys = torch.cat([held, queries])  # what the cache slot returns with the new keys
         eager = getattr(getattr(self, "config", None), "_attn_implementation", None) == "eager"
-        kwargs["attention_mask"] = window_mask(kwargs.get("attention_mask"), past, queries, keys, window,
-                                               dtype=hidden_states.dtype, device=hidden_states.device,
-                                               additive=eager)
+        mask = window_mask(kwargs.get("attention_mask"), queries, keys, window, sinks, dtype=hidden_states.dtype,
+                           additive=eager)
+        kwargs["attention_mask"] = mask.to(hidden_states.device)
         return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
 
 
@@ -416,14 +429,16 @@ def is_window_attention(module: Any) -> bool:
     return isinstance(module, _WindowedAttention)
 
 
-def window_layer(model: nn.Module, layer_idx: int, window: int) -> None:
-    """Make decoder layer `layer_idx` a window layer of `window` positions (its weights untouched)."""
+def window_layer(model: nn.Module, layer_idx: int, window: int, sinks: int = 0) -> None:
+    """Make decoder layer `layer_idx` a window layer of `window` positions, plus the first `sinks` ones
+    (its weights untouched)."""
     arch = arch_for(model.config)
     attn = getattr(get_module(model, arch.layers)[layer_idx], arch.attn)
     if not hasattr(attn, "q_proj"):
         raise ValueError(f"Layer {layer_idx} has no attention left to window (it is pruned).")
     attn.__class__ = _windowed_class(type(attn))
     attn.harp_window = int(window)
+    attn.harp_sinks = int(sinks)
 
 
 def unwindow_layer(model: nn.Module, layer_idx: int) -> None:
@@ -433,6 +448,7 @@ def unwindow_layer(model: nn.Module, layer_idx: int) -> None:
     if isinstance(attn, _WindowedAttention):
         attn.__class__ = next(b for b in type(attn).__mro__[1:] if not issubclass(b, _WindowedAttention))
         del attn.harp_window
+        attn.__dict__.pop("harp_sinks", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +499,7 @@ def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
         else:
             setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
     for idx, window in block.windows_plan.items():
-        window_layer(model, idx, window)
+        window_layer(model, idx, window, block.sinks_plan[idx])
 
 
 @dataclass(frozen=True)
@@ -609,6 +625,7 @@ class HarpBlock:
     format_version: int = FORMAT_VERSION
     window_layers: tuple[int, ...] = ()  # layers that keep attention over their last `windows` positions
     windows: tuple[int, ...] = ()
+    sinks: tuple[int, ...] = ()  # and over the first `sinks` positions (one per window layer; () = none)
 
     def __bool__(self) -> bool:
         return bool(self.layers or self.window_layers)
@@ -660,10 +677,10 @@ class HarpBlock:
                     good_alphas.append(float(a))
         if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
             problems.append(f"harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer)")
-        wl, ws = _read_windows(block, num_layers, set(good_layers), problems)
+        wl, ws, sk = _read_windows(block, num_layers, set(good_layers), problems)
         if problems:
             raise HarpBlockError(problems, newer)
-        return cls(tuple(good_layers), tuple(good_alphas), version, wl, ws)
+        return cls(tuple(good_layers), tuple(good_alphas), version, wl, ws, sk)
 
     @staticmethod
     def _stored(config: Any) -> tuple[Any, Any]:
@@ -722,17 +739,23 @@ class HarpBlock:
         """{layer index: window} of the window layers."""
         return dict(zip(self.window_layers, self.windows, strict=True))
 
-    def with_windows(self, windows: Any, num_layers: int) -> HarpBlock:
-        """This block with window layers `windows` ({layer: w}, w a whole number >= 1) instead of its own.
-        Raises ValueError naming the first problem."""
+    @property
+    def sinks_plan(self) -> dict[int, int]:
+        """{layer index: sink tokens} of the window layers (0 where none)."""
+        return dict(zip(self.window_layers, self.sinks or (0,) * len(self.window_layers), strict=True))
+
+    def with_windows(self, windows: Any, num_layers: int, sinks: Any = 0) -> HarpBlock:
+        """This block with window layers `windows` ({layer: w}, w a whole number >= 1) instead of its own,
+        each also seeing the first `sinks` positions (a number for all, or {layer: s}). Raises ValueError
+        naming the first problem."""
+        windows = dict(windows)
+        per = dict(sinks) if isinstance(sinks, dict) else {i: sinks for i in windows}
         problems: list[str] = []
-        wl, ws = _read_windows({"window_layers": list(dict(windows)), "windows": list(dict(windows).values())},
-                               num_layers, set(self.layers), problems)
+        wl, ws, sk = _read_windows({"window_layers": list(windows), "windows": list(windows.values()),
+                                    "sinks": [per.get(i, 0) for i in windows]}, num_layers, set(self.layers), problems)
         if problems:
             raise ValueError(problems[0][0].upper() + problems[0][1:] + ".")
-        pairs = sorted(zip(wl, ws, strict=True))
-        return HarpBlock(self.layers, self.alphas, self.format_version, tuple(i for i, _ in pairs),
-                         tuple(w for _, w in pairs))
+        return HarpBlock(self.layers, self.alphas, self.format_version, *_sorted_windows(wl, ws, sk))
 
     def merged(self, other: HarpBlock) -> HarpBlock:
         """This block plus the layers of `other` (none in common), sorted by layer."""
@@ -741,17 +764,22 @@ class HarpBlock:
         if again:
             raise ValueError(f"Layers {again} are already pruned in this model; prune each layer once.")
         pairs = sorted(zip(self.layers + other.layers, self.alphas + other.alphas, strict=True))
-        wins = sorted(zip(self.window_layers + other.window_layers, self.windows + other.windows, strict=True))
+        sinks = tuple(self.sinks_plan.values()) + tuple(other.sinks_plan.values())
         return HarpBlock(tuple(i for i, _ in pairs), tuple(a for _, a in pairs), FORMAT_VERSION,
-                         tuple(i for i, _ in wins), tuple(w for _, w in wins))
+                         *_sorted_windows(self.window_layers + other.window_layers, self.windows + other.windows,
+                                          sinks))
 
     def to_dict(self) -> dict[str, Any]:
         """The block as config.json stores it: format version 1 without window layers (what every harp
-        release reads), 2 with them (a release that cannot build them refuses the checkpoint)."""
+        release reads), 2 with them (a release that cannot build them refuses the checkpoint); `sinks`
+        only when a window layer has some."""
         if not self.window_layers:
             return {"format_version": 1, "layers": list(self.layers), "alphas": list(self.alphas)}
-        return {"format_version": 2, "layers": list(self.layers), "alphas": list(self.alphas),
-                "window_layers": list(self.window_layers), "windows": list(self.windows)}
+        out = {"format_version": 2, "layers": list(self.layers), "alphas": list(self.alphas),
+               "window_layers": list(self.window_layers), "windows": list(self.windows)}
+        if any(self.sinks):
+            out["sinks"] = list(self.sinks)
+        return out
 
     def top_first(self) -> list[tuple[int, float]]:
         """(layer, alpha) pairs, top layer first: the order harp prints them in."""
@@ -766,8 +794,10 @@ class HarpBlock:
         return ", ".join(f"{a:g}" for _, a in self.top_first())
 
     def windows_text(self) -> str:
-        """'12:256, 11:256': the window layers and their windows, top first."""
-        return ", ".join(f"{i}:{w}" for i, w in sorted(self.windows_plan.items(), reverse=True))
+        """'12:256, 11:256+4': the window layers and their windows (+ sink tokens), top first."""
+        sinks = self.sinks_plan
+        return ", ".join(f"{i}:{w}" + (f"+{sinks[i]}" if sinks[i] else "")
+                         for i, w in sorted(self.windows_plan.items(), reverse=True))
 
     def describe(self) -> str:
         """'layers (top first) 29, 28, alphas 1, 0.5' (and ', windows 12:256' when there are window layers)."""
@@ -775,21 +805,32 @@ class HarpBlock:
         return text + (f", windows {self.windows_text()}" if self.window_layers else "")
 
 
+def _sorted_windows(layers: tuple[int, ...], windows: tuple[int, ...],
+                    sinks: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    rows = sorted(zip(layers, windows, sinks or (0,) * len(layers), strict=True))
+    if not any(s for _, _, s in rows):
+        return tuple(r[0] for r in rows), tuple(r[1] for r in rows), ()
+    return tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows)
+
+
 def _read_windows(block: dict[str, Any], num_layers: int | None, bypassed: set[int],
-                  problems: list[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The window layers of a stored block (`window_layers`, `windows`: parallel lists), checked; problems
-    are appended to `problems`, one clause each."""
+                  problems: list[str]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The window layers of a stored block (`window_layers`, `windows` and optionally `sinks`: parallel
+    lists), checked; problems are appended to `problems`, one clause each."""
     layers, windows = block.get("window_layers", []), block.get("windows", [])
-    if not isinstance(layers, list) or not isinstance(windows, list):
-        problems.append("harp 'window_layers' and 'windows' must be lists (a window per layer)")
-        return (), ()
-    if len(layers) != len(windows):
-        problems.append(f"harp block has {len(layers)} window layers but {len(windows)} windows (one per layer)")
-        return (), ()
+    sinks = block.get("sinks", [0] * len(layers) if isinstance(layers, list) else [])
+    if not isinstance(layers, list) or not isinstance(windows, list) or not isinstance(sinks, list):
+        problems.append("harp 'window_layers', 'windows' and 'sinks' must be lists (one per window layer)")
+        return (), (), ()
+    if not len(layers) == len(windows) == len(sinks):
+        problems.append(f"harp block has {len(layers)} window layers, {len(windows)} windows and {len(sinks)} "
+                        "sink counts (one of each per layer)")
+        return (), (), ()
     good_l: list[int] = []
     good_w: list[int] = []
-    for i, w in zip(layers, windows, strict=True):
-        idx, win = _as_index(i), _as_index(w)
+    good_s: list[int] = []
+    for i, w, sk in zip(layers, windows, sinks, strict=True):
+        idx, win, sink = _as_index(i), _as_index(w), _as_index(sk)
         if idx is None:
             problems.append(f"harp window layer index {i!r} is not an integer")
         elif num_layers is not None and not 0 <= idx < num_layers:
@@ -798,13 +839,16 @@ def _read_windows(block: dict[str, Any], num_layers: int | None, bypassed: set[i
             problems.append(f"harp layer {idx} is both bypassed and a window layer")
         elif win is None or win < 1:
             problems.append(f"harp window {w!r} of layer {idx} is not a whole number of tokens >= 1")
+        elif sink is None or sink < 0:
+            problems.append(f"harp sink count {sk!r} of layer {idx} is not a whole number >= 0")
         else:
             good_l.append(idx)
             good_w.append(win)
+            good_s.append(sink)
     dup = sorted({i for i in good_l if good_l.count(i) > 1})
     if dup:
         problems.append(f"harp window layers repeat {dup}")
-    return tuple(good_l), tuple(good_w)
+    return _sorted_windows(tuple(good_l), tuple(good_w), tuple(good_s))
 
 
 def harp_model_class(base_cls: type) -> type:

@@ -121,7 +121,8 @@ def _block(config: Any, harp: Mapping[str, Any] | None) -> HarpBlock:
     if not harp:
         return HarpBlock()
     block = {**harp, "layers": list(harp.get("layers", [])), "alphas": list(harp.get("alphas", [])),
-             "window_layers": list(harp.get("window_layers", [])), "windows": list(harp.get("windows", []))}
+             "window_layers": list(harp.get("window_layers", [])), "windows": list(harp.get("windows", [])),
+             **({"sinks": list(harp["sinks"])} if harp.get("sinks") else {})}
     return HarpBlock.from_dict(block, config.num_hidden_layers)
 
 
@@ -161,6 +162,20 @@ def attention_windows(config: Any, harp: Mapping[str, Any] | None = {}) -> list[
     return own
 
 
+def attention_sinks(config: Any, harp: Mapping[str, Any] | None = {}) -> list[int]:  # noqa: B006
+    """Per layer, how many first positions a window layer of `harp` also sees (0 elsewhere)."""
+    sinks = [0] * config.num_hidden_layers
+    for i, s in _block(config, harp).sinks_plan.items():
+        sinks[i] = s
+    return sinks
+
+
+def _layers(config: Any, harp: Mapping[str, Any] | None) -> list[tuple[str, int | None, int]]:
+    """(kind, window, sinks) per decoder layer."""
+    return list(zip(layer_kinds(config, harp), attention_windows(config, harp), attention_sinks(config, harp),
+                    strict=True))
+
+
 def _mlp_parameters(config: Any) -> int:
     hidden, inter = config.hidden_size, config.intermediate_size
     bias = bool(getattr(config, "mlp_bias", False))
@@ -197,11 +212,19 @@ def parameter_count(config: Any, harp: Mapping[str, Any] | None = None) -> int:
     return total
 
 
-def _keys_prefill(n: int, window: int | None) -> int:
-    """Σ_{i=1..n} min(i, window): keys seen by all queries of a causal prefill of n tokens."""
+def _keys_prefill(n: int, window: int | None, sinks: int = 0) -> int:
+    """Σ_{i=1..n} keys(i): keys seen by all queries of a causal prefill of n tokens, where query i sees
+    min(i, window) keys and, past the window, also the first min(sinks, i - window) positions."""
     if window is None or n <= window:
         return n * (n + 1) // 2
-    return window * (window + 1) // 2 + (n - window) * window
+    past = n - window  # queries whose window has moved past position 0
+    extra = past * (past + 1) // 2 if past <= sinks else sinks * (sinks + 1) // 2 + (past - sinks) * sinks
+    return window * (window + 1) // 2 + past * window + extra
+
+
+def _keys(n: int, window: int | None, sinks: int = 0) -> int:
+    """Keys the n-th token attends to (and holds after it, with `held`: one fewer in the window)."""
+    return n if window is None else min(n, window + sinks)
 
 
 def _check_context(n: int) -> int:
@@ -222,10 +245,10 @@ def prefill_flops(
     g = attention_geometry(config)
     d = g["heads"] * g["head_dim"]
     linear = attention = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
+    for kind, window, sinks in _layers(config, harp):
         linear += 2 * n * _layer_linear_parameters(config, kind)
         if kind == ATTENTION:
-            attention += 4 * d * _keys_prefill(n, window)
+            attention += 4 * d * _keys_prefill(n, window, sinks)
     lm_head = 2 * config.hidden_size * config.vocab_size * min(int(logits_tokens), n)
     return {
         "linear": linear,
@@ -242,11 +265,10 @@ def decode_flops(config: Any, past: int, harp: Mapping[str, Any] | None = None) 
     g = attention_geometry(config)
     d = g["heads"] * g["head_dim"]
     linear = attention = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
+    for kind, window, sinks in _layers(config, harp):
         linear += 2 * _layer_linear_parameters(config, kind)
         if kind == ATTENTION:
-            keys = past + 1 if window is None else min(past + 1, window)
-            attention += 4 * d * keys
+            attention += 4 * d * _keys(past + 1, window, sinks)
     lm_head = 2 * config.hidden_size * config.vocab_size
     return {
         "linear": linear,
@@ -271,9 +293,10 @@ def kv_cache_bytes_expected(
     g = attention_geometry(config)
     per_token = 2 * g["kv_heads"] * g["head_dim"] * b
     total = 0
-    for kind, window in zip(layer_kinds(config, harp), attention_windows(config, harp), strict=True):
+    for kind, window, sinks in _layers(config, harp):
         if kind == ATTENTION:
-            total += per_token * (n if window is None else min(n, window if attended else window - 1))
+            total += per_token * (_keys(n, window, sinks) if attended or window is None
+                                  else min(n, window - 1 + sinks))
     return total
 
 

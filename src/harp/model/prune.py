@@ -50,7 +50,8 @@ def refuse_pruned(model_or_config: Any, message: str | Callable[[HarpBlock], str
         raise ValueError(message(HarpBlock.from_config(model_or_config)) if callable(message) else message)
 
 
-def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: Any = ()) -> dict[int, int]:
+def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: Any = (),
+                      sinks: int = 0) -> dict[int, int]:
     """{layer: window} checked against `config`: whole numbers >= 1, layers in range, distinct and not among
     `bypassed`, and not a layer that is already local with a window no larger (Gemma 2/3 local layers,
     Mistral/Qwen sliding layers): that would save nothing. Raises ValueError naming the first problem."""
@@ -61,10 +62,17 @@ def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: 
     for w in windows.values():
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
             raise ValueError(f"Window {w!r}: a window is a whole number of tokens, at least 1 (the token itself).")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"`sinks={sinks!r}`: the number of first tokens a window layer also sees is a whole "
+                         "number >= 0.")
     block = HarpBlock.from_lists(list(bypassed), [1.0] * len(list(bypassed)), config.num_hidden_layers)
     plan = block.with_windows(windows, config.num_hidden_layers).windows_plan
     own = attention_windows(config)
     for i, w in plan.items():
+        if own[i] is not None and sinks:
+            raise ValueError(f"Layer {i} is already a sliding-window layer of {own[i]} tokens: its own mask hides "
+                             "the first tokens, so it cannot keep sink tokens. Use `sinks=0`, or window layers "
+                             "that have full attention now.")
         if own[i] is not None and w >= own[i]:
             raise ValueError(f"Layer {i} is already a sliding-window layer of {own[i]} tokens: a window of {w} "
                              f"saves nothing there. Choose a window below {own[i]}, or another layer.")
@@ -73,7 +81,7 @@ def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: 
 
 def prune(
     model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
-    *, windows: Mapping[int, int] | None = None,
+    *, windows: Mapping[int, int] | None = None, sinks: int = 0,
 ) -> nn.Module:
     """Apply HARP to `model` in place and return it.
 
@@ -92,11 +100,13 @@ def prune(
         windows: optional `{layer: w}`: these layers become window layers instead (other layers than
             `layers`): they keep their attention, each token sees itself and the w - 1 tokens before it,
             and their KV cache holds at most w - 1 past tokens.
+        sinks: window layers also see the first `sinks` positions (attention sinks, as StreamingLLM's), and
+            keep them in their cache.
     """
     arch_for(model.config)  # clear error for unsupported families first
     layers, alphas = validate_plan(model.config, layers, alphas)
-    window_plan = check_window_plan(model.config, windows, layers)
-    added = HarpBlock(tuple(layers), tuple(alphas)).with_windows(window_plan, model.config.num_hidden_layers)
+    window_plan = check_window_plan(model.config, windows, layers, sinks)
+    added = HarpBlock(tuple(layers), tuple(alphas)).with_windows(window_plan, model.config.num_hidden_layers, sinks)
     merged = HarpBlock.from_config(model).merged(added)
     maps = dict(maps or {})
     stray = sorted(set(maps) - set(layers))
@@ -105,7 +115,7 @@ def prune(
     for idx, alpha in zip(layers, alphas, strict=True):
         prune_layer(model, idx, alpha, maps.get(idx))
     for idx, w in window_plan.items():
-        window_layer(model, idx, w)
+        window_layer(model, idx, w, sinks)
     model.config.harp = merged.to_dict()
     return model
 
@@ -113,7 +123,7 @@ def prune(
 @contextmanager
 def temporarily_pruned(
     model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
-    *, windows: Mapping[int, int] | None = None,
+    *, windows: Mapping[int, int] | None = None, sinks: int = 0,
 ) -> Iterator[nn.Module]:
     """Prune like `prune`, then put the original modules and weights back on exit.
 
@@ -133,7 +143,8 @@ def temporarily_pruned(
         saved.append((layer, mods, weights))
     old_harp = getattr(model.config, "harp", None)
     try:
-        prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers}, windows=windows)
+        prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers}, windows=windows,
+              sinks=sinks)
         yield model
     finally:
         for idx in windows or {}:
