@@ -63,12 +63,12 @@ def vllm_python() -> Path:
 
 def run_vllm(python: Path, tmp: Path, model: Path, prompts: list[list[int]], *, tp: int = 1,
              max_tokens: int = NEW_TOKENS, max_model_len: int = 256, hf_overrides: dict | None = None,
-             **env: str) -> dict:
+             max_num_batched_tokens: int | None = None, **env: str) -> dict:
     spec = tmp / f"spec-{model.name}-tp{tp}.json"
     out = tmp / f"out-{model.name}-tp{tp}.json"
     spec.write_text(json.dumps(
         {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "tp": tp, "max_model_len": max_model_len,
-         "hf_overrides": hf_overrides}
+         "hf_overrides": hf_overrides, "max_num_batched_tokens": max_num_batched_tokens}
     ))
     proc = subprocess.run([str(python), str(DRIVER), str(spec), str(out)], capture_output=True, text=True,
                           env=_vllm_env(**env), timeout=900)
@@ -124,7 +124,7 @@ GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], fit: bool = False,
-                    **overrides) -> Path:
+                    windows: dict[int, int] | None = None, **overrides) -> Path:
     from tiny import VOCAB, byte_tokenizer, tiny_model
 
     kw = {**TINY, **overrides}
@@ -147,7 +147,7 @@ def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[flo
     if fit:  # the least-squares refit: arbitrary maps of the same shapes (and an o bias where o_proj has one)
         calib = torch.randint(0, VOCAB, (6, 48), generator=torch.Generator().manual_seed(1))
         maps = harp.fit_layers(model, calib, layers).maps
-    harp.prune(model, layers=layers, alphas=alphas, maps=maps)
+    harp.prune(model, layers=layers, alphas=alphas, maps=maps, windows=windows)
     harp.save(model, path, tokenizer=byte_tokenizer())
     return path
 
@@ -195,6 +195,79 @@ def test_tiny_refit_matches_harp(vllm_python: Path, tmp_path: Path, family: str)
     assert got["tokens"] == want_tokens
     diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
     assert diff < LOGPROB_TOL, diff
+
+
+# window layers (format version 2): vLLM's own layer with a per-layer sliding window. Layer 0, a middle and
+# the top layer, plus one bypassed layer; windows shorter than the prompts. Gemma 2's local layers are 0, 2, 4
+# and Gemma 3's 0-4 (window 8, RoPE base 10k; its global layer 5 has base 1M and keeps it when windowed).
+WINDOW_PLANS = {
+    "llama": ({2: 0.5}, {0: 4, 3: 6, 5: 5}),
+    "qwen2": ({1: 0.0}, {0: 5, 3: 4, 5: 8}),
+    "gemma2": ({2: 0.6}, {0: 4, 3: 6, 5: 5}),  # a local layer narrowed (0), global layers made local (3, 5)
+    "gemma3": ({1: 0.0}, {0: 4, 3: 6, 5: 5}),  # local layers narrowed (0, 3), the global layer windowed (5)
+}
+WINDOW_PROMPTS = [[(7 * i + 3) % 120 + 1 for i in range(30)], [(11 * i + 5) % 110 + 2 for i in range(23)]]
+WINDOW_NEW_TOKENS = 16
+WINDOW_CONTEXT = 1024  # max_model_len: long enough that a window layer's KV need is below a full layer's
+WINDOW_BATCH = 64  # max_num_batched_tokens: a window layer holds w - 1 + this many tokens at most
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _expected_windows(config: dict, windows: dict[int, int], bypassed: dict[int, float]) -> dict[int, int | None]:
+    """Per attention layer, the window vLLM must use: the family's own (Gemma's local layers), capped by the
+    harp window; None for full attention."""
+    types = config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    out: dict[int, int | None] = {}
+    for i, t in enumerate(types):
+        if i in bypassed:
+            continue
+        own = config["sliding_window"] if t == "sliding_attention" else None
+        w = windows.get(i)
+        out[i] = w if own is None else own if w is None else min(own, w)
+    return out
+
+
+@pytest.mark.parametrize("family", list(WINDOW_PLANS))
+def test_tiny_window_layers_match_harp(vllm_python: Path, tmp_path: Path, family: str) -> None:
+    """Past the window, vLLM's greedy tokens and prompt logprobs equal harp's (transformers); each window
+    layer's KV cache is vLLM's sliding-window spec with the layer's window, needing the blocks computed."""
+    bypassed, windows = WINDOW_PLANS[family]
+    assert all(len(p) > max(windows.values()) + 10 for p in WINDOW_PROMPTS)
+    kw = dict(max_position_embeddings=WINDOW_CONTEXT)
+    path = tiny_checkpoint(tmp_path / family, family, list(bypassed), list(bypassed.values()), windows=windows, **kw)
+    config = json.loads((path / "config.json").read_text())
+    assert config["harp"]["format_version"] == 2 and config["harp"]["window_layers"] == sorted(windows)
+    got = run_vllm(vllm_python, tmp_path, path, WINDOW_PROMPTS, max_tokens=WINDOW_NEW_TOKENS,
+                   max_model_len=WINDOW_CONTEXT, max_num_batched_tokens=WINDOW_BATCH)
+    want_tokens, want_lp = reference(path, WINDOW_PROMPTS, new_tokens=WINDOW_NEW_TOKENS)
+    # the windows matter here: the same weights without them give other logprobs
+    full = tiny_checkpoint(tmp_path / f"{family}-full", family, list(bypassed), list(bypassed.values()), **kw)
+    assert max_logprob_diff(reference(full, WINDOW_PROMPTS, new_tokens=1)[1], want_lp) > 1e-2
+    assert got["model_class"].startswith("Harp"), got["model_class"]
+    assert got["attention_modules"] == 6 - len(bypassed)
+    assert got["tokens"] == want_tokens
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
+
+    expected = _expected_windows(config, windows, bypassed)
+    kv = {int(i): spec for i, spec in got["kv_layers"].items()}
+    assert sorted(kv) == sorted(expected)  # bypassed layers have no KV cache
+    ctx, in_flight = got["max_model_len"], got["max_in_flight_tokens"]
+    assert ctx == WINDOW_CONTEXT
+    for i, w in expected.items():
+        spec = kv[i]
+        blocks = spec["max_memory_usage_bytes"] // spec["page_size_bytes"]
+        if w is None:
+            assert spec["spec"] == "FullAttentionSpec", (i, spec)
+            assert blocks == _cdiv(ctx, spec["block_size"]), (i, spec)
+        else:  # the last w - 1 tokens plus those in flight, +1 block for a window that starts mid-block
+            assert (spec["spec"], spec["sliding_window"]) == ("SlidingWindowSpec", w), (i, spec)
+            assert blocks == _cdiv(min(w - 1 + in_flight, ctx), spec["block_size"]) + 1, (i, spec)
+            assert blocks * spec["block_size"] < ctx, (i, spec)  # less than a full layer holds
+    print(f"\ntiny {family} windows {windows}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
 
 
 def test_explicit_architecture_without_overriding_builtins(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:

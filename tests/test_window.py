@@ -292,7 +292,8 @@ def test_window_methods_are_registered_and_applied_exactly():
     before = _logits(model, ids)
     sel = Selector(model, ids[:, :32])
     plan = sel.select("window-256", 2)
-    assert plan.kind == "window" and plan.windows == {5: 256, 4: 256} and plan.describe() == "window 256 on layers 5,4"
+    assert plan.kind == "window" and plan.windows == {5: 256, 4: 256} and plan.sinks == 4
+    assert plan.describe() == "window 256+4 on layers 5,4"
     with applied(model, plan):  # longer than the prompt: the original model
         torch.testing.assert_close(_logits(model, ids), before, rtol=1e-5, atol=1e-5)
         assert accounting.attention_windows(model.config, None)[4:] == [256, 256]
@@ -327,7 +328,8 @@ def gemma_folder(tmp_path_factory):
 
 def test_prune_window_end_to_end(gemma_folder, tmp_path):
     out = tmp_path / "win"
-    r = _cli("prune", "--model", gemma_folder, "--out", out, "--layers", "2", "--window", "4", *SMALL,
+    # layer 4 is local in Gemma 2: it can be windowed smaller, but cannot keep sink tokens (--sinks 0)
+    r = _cli("prune", "--model", gemma_folder, "--out", out, "--layers", "2", "--window", "4", "--sinks", "0", *SMALL,
              "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
@@ -339,7 +341,7 @@ def test_prune_window_end_to_end(gemma_folder, tmp_path):
     assert cfg["harp"] == {"format_version": 2, "layers": [], "alphas": [], "window_layers": [4, 5],
                            "windows": [4, 4]}
     recipe = json.loads((out / "harp_recipe.json").read_text())
-    assert recipe["method"] == "window" and recipe["window"] == 4
+    assert recipe["method"] == "window" and recipe["window"] == 4 and recipe["sinks"] == 0
     # the saved model is what was measured: reload and compare perplexity on the same windows
     loaded = harp.load(out)
     assert HarpBlock.from_config(loaded).windows_plan == {4: 4, 5: 4}
@@ -420,3 +422,17 @@ def test_plan_states_the_window_saving(gemma_folder):
     assert bad.exit_code != 0 and "--window 0" in str(bad.exception)
     local = _cli("plan", "--model", gemma_folder, "--layers", "2", "--window", "8")  # layer 4 is local (8)
     assert local.exit_code != 0 and "already a sliding-window layer" in str(local.exception), local.output
+
+
+def test_prune_window_keeps_four_sinks_by_default(tmp_path):
+    from tiny import tiny_folder
+
+    src = tiny_folder(tmp_path / "llama", "llama", max_position_embeddings=512)
+    out = tmp_path / "w"
+    r = _cli("prune", "--model", src, "--out", out, "--layers", "2", "--window", "16", "--no-reference", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "attention over the last 16 tokens and the first 4" in " ".join(r.output.split())
+    block = json.loads((out / "config.json").read_text())["harp"]
+    assert block["windows"] == [16, 16] and block["sinks"] == [4, 4]
+    bad = _cli("prune", "--model", src, "--out", tmp_path / "x", "--sinks", "2", *SMALL)
+    assert bad.exit_code != 0 and "--sinks 2 applies to window layers" in str(bad.exception)

@@ -3,9 +3,12 @@
     python tests/vllm_driver.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "prompts": [[token ids], ...], "max_tokens": 32, "tp": 1, "max_model_len": 512,
-       "hf_overrides": {...} (optional)}
+       "hf_overrides": {...} (optional), "max_num_batched_tokens": int (optional)}
 OUT:  {"ok": true, "tokens": [[...]], "prompt_logprobs": [[float per prompt token after the first]],
-       "num_gpu_blocks": int, "block_size": int, "model_class": str, "attention_modules": int}
+       "num_gpu_blocks": int, "block_size": int, "model_class": str, "attention_modules": int,
+       "kv_layers": {layer index: {"spec": KV cache spec class, "sliding_window": int | None,
+                     "block_size": int, "page_size_bytes": int, "max_memory_usage_bytes": int}},
+       "max_model_len": int, "max_in_flight_tokens": int}
    or {"ok": false, "error": "ExceptionType: message"} when the engine refuses the model.
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a load error arrives
@@ -31,6 +34,26 @@ def _inspect(model) -> dict:
     }
 
 
+def _kv_layers(llm) -> dict:
+    """The KV cache spec vLLM's scheduler holds for each attention layer (by layer index): what it
+    allocates per request (`max_memory_usage_bytes`: vLLM's own figure for one max_model_len request)."""
+    vllm_config = llm.llm_engine.vllm_config
+    kv = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    layers = {}
+    for group in kv.kv_cache_groups:
+        spec = group.kv_cache_spec
+        for name in group.layer_names:
+            idx = int(name.split("layers.")[1].split(".")[0])
+            layers[idx] = {
+                "spec": type(spec).__name__,
+                "sliding_window": getattr(spec, "sliding_window", None),
+                "block_size": spec.block_size,
+                "page_size_bytes": spec.page_size_bytes,
+                "max_memory_usage_bytes": spec.max_memory_usage_bytes(vllm_config),
+            }
+    return layers
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -47,6 +70,8 @@ def main(spec_path: str, out_path: str) -> None:
         tensor_parallel_size=spec.get("tp", 1),
         seed=0,
     )
+    if spec.get("max_num_batched_tokens"):
+        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec.get("hf_overrides"):
         kwargs["hf_overrides"] = spec["hf_overrides"]
     if spec.get("tp", 1) > 1:
@@ -82,6 +107,9 @@ def main(spec_path: str, out_path: str) -> None:
     }
     if spec.get("tp", 1) == 1:
         out.update(llm.apply_model(_inspect)[0])
+        vllm_config = llm.llm_engine.vllm_config
+        out.update(kv_layers=_kv_layers(llm), max_model_len=vllm_config.model_config.max_model_len,
+                   max_in_flight_tokens=vllm_config.max_in_flight_tokens)
     open(out_path, "w").write(json.dumps(out))
 
 

@@ -23,7 +23,7 @@ FLAGS = {
 PARAMS = {
     "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "context", "data_dir", "device",
     "eval", "eval_seq_len", "eval_tokens", "filler", "grid", "limit", "max_k", "max_ppl_increase", "method",
-    "model", "out", "overwrite", "plot", "select", "seq_len", "streamed", "tasks", "text", "threads",
+    "model", "out", "overwrite", "plot", "select", "seq_len", "sinks", "streamed", "tasks", "text", "threads",
     "tokenizer_gguf", "window", "windows",
 }
 

@@ -70,7 +70,8 @@ def summary_table(r: PruneReport) -> Table:
     given = r.search.get("method") == "given"
     refit = r.method == "harp-ls"
     if r.window is not None:
-        t.add_row("kind", f"window layers: attention over the last {r.window} tokens")
+        t.add_row("kind", f"window layers: attention over the last {r.window} tokens"
+                  + (f" and the first {r.sinks}" if r.sinks else ""))
     else:
         t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
                   ", ".join(f"{a:g}" for a in r.alphas) + (" (given)" if given else ""))
@@ -126,6 +127,9 @@ def prune_cmd(
                                help="Window layers: the chosen layers keep their attention over their last W "
                                     "tokens instead of being bypassed (KV cache capped at W tokens each; exact "
                                     "below W tokens). No search or refit."),
+    sinks: int = typer.Option(PruneSettings.sinks, "--sinks",
+                              help="With --window: window layers also see (and cache) the first S tokens "
+                                   "(attention sinks)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
     calib_windows: int = typer.Option(PruneSettings.calib_windows, "--calib-windows",
@@ -161,7 +165,7 @@ def prune_cmd(
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
         model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
-        fit_prior=fit_prior, alphas=_floats(alphas), window=window, calib=calib, eval=eval_,
+        fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=sinks, calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

@@ -305,7 +305,7 @@ class _RowMeasurer:
             params = count_parameters(model)
             kv = kv_bytes_after_prefill(model)
             # a window layer saves KV only past its window: state it at the model's maximum context
-            window = {"window": plan.window, "kv_at_max": kv_savings(model.config, None, contexts=[
+            window = {"window": plan.window, "sinks": plan.sinks, "kv_at_max": kv_savings(model.config, None, contexts=[
                 kv_contexts(model.config)[-1]])[0]} if plan.kind == "window" else {}
         dt = time.perf_counter() - t0
         self.seconds += dt

@@ -71,6 +71,7 @@ class PruneSettings:
     # the chosen layers keep their attention over their last `window` tokens (window layers) instead of being
     # bypassed: no search, no refit; their KV cache is capped at window - 1 tokens
     window: int | None = None
+    sinks: int = 4  # window layers also see (and cache) the first `sinks` tokens (attention sinks)
     calib: str | None = None
     eval: str | None = None
     calib_windows: int = 8
@@ -112,6 +113,7 @@ class PruneReport:
     fit: dict[str, Any] = field(default_factory=dict)
     method: str = "harp"  # what the saved model is: "harp" (searched alphas), "harp-ls" (refit) or "window"
     window: int | None = None  # window layers: `layers` keep attention over their last `window` tokens
+    sinks: int = 0  # ... and over the first `sinks`
     # KV bytes before/after at the contexts every command states (2,048 tokens and the model's maximum),
     # from the config: a sliding-window model's saving depends on the context
     kv_at_contexts: list[dict[str, Any]] = field(default_factory=list)
@@ -420,7 +422,7 @@ def _candidate(run: _Run, backend: _Backend, win: Windows, layers: list[int],
     perplexity on `held`."""
     res: FitResult | SearchResult
     if run.s.window is not None:
-        with temporarily_pruned(backend.resident(), [], [], windows=_windows(run, layers)):
+        with temporarily_pruned(backend.resident(), [], [], windows=_windows(run, layers), sinks=run.s.sinks):
             return None, perplexity(backend.resident(), held, batch_size=run.s.batch_size).ppl
     if run.fit == "lstsq":
         res = backend.fit(win.calib, layers)
@@ -457,7 +459,8 @@ def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Ma
     if s.window is not None:
         fitted = backend.fit(win.calib, layers) if s.references else None
         refs = {"harp-ls": ([1.0] * k, fitted.maps)} if fitted is not None else {}
-        return _Made([], None, {"method": "window", "window": s.window}, fitted, refs, _windows(run, layers))
+        return _Made([], None, {"method": "window", "window": s.window, "sinks": s.sinks}, fitted, refs,
+                     _windows(run, layers))
     searched, fitted = choice.searched, choice.fitted
     alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
     search_info: dict[str, Any] = {"method": "given", "alphas": alphas} if s.alphas is not None else {}
@@ -503,7 +506,7 @@ def _prune_and_measure(run: _Run, model: nn.Module, layers: list[int], made: _Ma
             for name, (ref_alphas, ref_maps) in refs.items():
                 with temporarily_pruned(model, layers, ref_alphas, ref_maps):
                     ppl[name] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-        prune(model, [] if made.windows else layers, made.alphas, made.maps, windows=made.windows)
+        prune(model, [] if made.windows else layers, made.alphas, made.maps, windows=made.windows, sinks=s.sinks)
         ppl[run.method] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {run.method}").ppl
     return _Measured(ppl, before.params_before, before.kv_before, count_parameters(model),
                      kv_bytes_after_prefill(model))
@@ -517,7 +520,7 @@ def _report(run: _Run, model: nn.Module, win: Windows, choice: _Choice, made: _M
                         used=run.fit == "lstsq" and not made.windows)
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
-        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl, window=s.window,
+        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl, window=s.window, sinks=s.sinks,
         eval_tokens=int(win.eval.shape[0] * (win.eval.shape[1] - 1)),
         calib_tokens=int(win.calib.shape[0] * (win.calib.shape[1] - 1)),
         params_before=m.params_before, params_after=m.params_after,
@@ -537,7 +540,7 @@ def _save(run: _Run, out: Path, model: nn.Module, tok: Any, win: Windows, report
     s, t = run.s, time.perf_counter()
     log_entries = report.search.get("log", [])
     recipe = {
-        "method": run.method, **({"window": s.window} if s.window is not None else {}),
+        "method": run.method, **({"window": s.window, "sinks": s.sinks} if s.window is not None else {}),
         "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
         "selection": report.selection, "search": {k: v for k, v in report.search.items() if k != "log"},
         "calibration": {"source": win.calib_text.name, "description": win.calib_text.description,
@@ -585,6 +588,8 @@ def check_prune(s: Any) -> ModelInfo | None:
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
     if getattr(s, "window", None) is not None:
         _check_window(s, info, count, out)
+    elif getattr(s, "sinks", 4) not in (0, PruneSettings.sinks):
+        out.add(f"`sinks={s.sinks}` applies to window layers: add `window` (or drop `sinks`).")
     grid = check_grid(s.grid, out)
     check_windows(out, s.calib_windows, s.seq_len)
     if s.eval_seq_len < 2:
@@ -620,6 +625,9 @@ def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collec
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         out.add(f"`window={w!r}`: a window is a whole number of tokens, at least 1 (the token itself).")
         return
+    if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
+        out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0.")
+        return
     if s.alphas is not None:
         out.add("`alphas` rescale bypassed layers; `window` keeps the chosen layers' attention: give one of them.")
     if s.fit == "none":
@@ -632,4 +640,4 @@ def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collec
         if all(0 <= i < info.num_layers for i in layers):
             cfg = out.run(config_from_dict, info.config)
             if cfg is not None:
-                out.run(check_window_plan, cfg, {i: w for i in layers})
+                out.run(check_window_plan, cfg, {i: w for i in layers}, (), s.sinks)

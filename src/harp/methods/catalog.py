@@ -105,20 +105,32 @@ def _attention_drop_method(sel: Selector, k: int) -> Selection:
                      {"scores": evidence["scores"], "score": evidence["score"]})
 
 
-def _window(method: str, layers: list[int], window: int) -> Selection:
-    return Selection(method, "window", layers, None, window=window, info={"window": window})
+SINKS = 4  # the first tokens window methods keep visible (harp prune --window's default --sinks)
 
 
-# Window layers keep their attention over the last w tokens: at long context their KV cache and attention
-# cost approach those of a removed layer (k/L x (1 - w/n)); below w tokens they are the original layer.
+def _window(method: str, layers: list[int], window: int, sinks: int = SINKS) -> Selection:
+    return Selection(method, "window", layers, None, window=window, sinks=sinks,
+                     info={"window": window, "sinks": sinks})
+
+
+# Window layers keep their attention over the last w tokens and the first SINKS (attention sinks): at long
+# context their KV cache and attention cost approach those of a removed layer (k/L x (1 - (w + s)/n));
+# below w tokens they are the original layer.
 for _w in (64, 256, 1024):
-    register(MethodSpec(f"window-{_w}", "window", f"top k layers keep attention over their last {_w} tokens",
-                        "ours (issue 23; sliding-window attention as in Mistral / Gemma)"))(
+    register(MethodSpec(f"window-{_w}", "window", f"top k layers keep attention over their last {_w} tokens "
+                        f"and the first {SINKS}", "ours (issue 23; sliding windows as Mistral / Gemma, sinks "
+                        "as StreamingLLM)"))(
         lambda sel, k, _w=_w: _window(f"window-{_w}", top_layers(sel.num_layers, k), _w))
 
 
+@register(MethodSpec("window-256-nosink", "window", "top k layers keep attention over their last 256 tokens "
+                     "only (no sink tokens)", "ablation of window-256"))
+def _window_nosink(sel: Selector, k: int) -> Selection:
+    return _window("window-256-nosink", top_layers(sel.num_layers, k), 256, sinks=0)
+
+
 @register(MethodSpec("window-any-256", "window", "k layers at any depth picked by Attention Drop's score keep "
-                     "attention over their last 256 tokens", "ours"))
+                     f"attention over their last 256 tokens and the first {SINKS}", "ours"))
 def _window_any(sel: Selector, k: int) -> Selection:
     layers, evidence = _attention_drop(sel, k)
     chosen = _window("window-any-256", layers, 256)

@@ -29,6 +29,7 @@ class Selection:
     info: dict[str, Any] = field(default_factory=dict)
     maps: dict[int, LinearMap] | None = None  # refit methods: each layer's fitted map (alpha scales it)
     window: int | None = None  # window methods: the layers keep attention over their last `window` positions
+    sinks: int = 0  # ... and over the first `sinks`
 
     @property
     def k(self) -> int:
@@ -37,7 +38,7 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "kind": self.kind, "layers": self.layers, "alphas": self.alphas,
                 "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info,
-                **({"window": self.window} if self.window is not None else {})}
+                **({"window": self.window, "sinks": self.sinks} if self.window is not None else {})}
 
     @property
     def windows(self) -> dict[int, int]:
@@ -51,7 +52,8 @@ class Selection:
         if self.kind == "blocks":
             return "layers " + ",".join(str(i) for i, _ in pairs) + " removed"
         if self.kind == "window":
-            return f"window {self.window} on layers " + ",".join(str(i) for i, _ in pairs)
+            sinks = f"+{self.sinks}" if self.sinks else ""
+            return f"window {self.window}{sinks} on layers " + ",".join(str(i) for i, _ in pairs)
         return ", ".join(f"{i}:{a:g}" for i, a in pairs)
 
 

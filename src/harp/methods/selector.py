@@ -42,7 +42,7 @@ def applied(model: nn.Module, plan: Selection) -> Iterator[nn.Module]:
         with temporarily_pruned(model, plan.layers, list(plan.alphas or []), plan.maps):
             yield model
     elif plan.kind == "window":
-        with temporarily_pruned(model, [], [], windows=plan.windows):
+        with temporarily_pruned(model, [], [], windows=plan.windows, sinks=plan.sinks):
             yield model
     elif plan.kind == "blocks":
         with layers_removed(model, plan.layers):

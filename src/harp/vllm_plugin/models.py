@@ -8,9 +8,16 @@
   row-parallel linear (kv_dim -> hidden) — each rank holds a slice of kv_dim, one all-reduce per
   layer, exact under any tensor-parallel size that divides kv_dim. It has no ``Attention`` module.
 - A pruned layer with alpha = 0 has no attention sub-layer and no input norm at all.
+- A window layer (format version 2) is vLLM's own decoder layer of the family whose ``Attention`` has a
+  sliding window of w positions (the token itself and the w - 1 before it; a layer the family already
+  makes local keeps the smaller of the two windows), built from the family's own code: a copy of the HF
+  config whose ``sliding_window`` (and, for LLaMA / Mistral, ``layer_types``) says so, or, where the
+  family's layer takes the model-wide window, a copy of the cache config with ``sliding_window = w``. So
+  Gemma 3 keeps each layer's own RoPE base (a windowed global layer keeps the global one).
 
 vLLM sizes its KV cache from the ``Attention`` modules it finds, so pruned layers get no KV cache:
-the number of cache blocks at a given KV memory grows by L / (L - k).
+the number of cache blocks at a given KV memory grows by L / (L - k). A window layer's cache is vLLM's
+sliding-window spec: per sequence it holds the last w - 1 tokens plus those being computed (whole blocks).
 
 The checkpoint is the one ``harp.save`` writes (see harp/modeling.py for what each tensor is); a
 refit layer is just another folded ``o_proj`` of the same shape.
@@ -18,6 +25,7 @@ refit layer is just another folded ``o_proj`` of the same shape.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -28,6 +36,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -49,7 +58,7 @@ from harp.modeling import FORMAT_VERSION, HarpBlock, HarpBlockError
 
 # The HARP checkpoint formats this plugin knows how to build. Its own list, not modeling.FORMAT_VERSION: a
 # new checkpoint format must be taught to the plugin before it serves it (the test suite checks they agree).
-SERVED_FORMAT_VERSIONS = (1,)
+SERVED_FORMAT_VERSIONS = (1, 2)
 
 # --------------------------------------------------------------------------------------------
 # The checkpoint's HARP block
@@ -63,14 +72,20 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     harp_class: str
-    # (vllm_config, hf_config, prefix) -> vLLM's own decoder layer
-    decoder_layer: Callable[[VllmConfig, Any, str], nn.Module]
+    # (vllm_config, hf_config, prefix, cache_config) -> vLLM's own decoder layer (cache_config None: the
+    # engine's; LLaMA / Mistral ignore it, their window comes through the HF config's layer_types)
+    decoder_layer: Callable[[VllmConfig, Any, str, Any], nn.Module]
     # (hf_config, quant_config, prefix) -> vLLM's own MLP of that family
     mlp: Callable[[Any, Any, str], nn.Module]
     v_bias: Callable[[Any], bool]
     o_bias: Callable[[Any], bool]
     gemma: bool = False  # Gemma: (1 + w) RMS norms, embeddings scaled by sqrt(hidden)
     sandwich: bool = False  # Gemma 2/3: attention output norm, and pre/post-MLP norms
+    # how vLLM's layer of the family picks its sliding window: "layer_types" (config.layer_types[i] ==
+    # "sliding_attention" -> config.sliding_window, LLaMA / Mistral: a window layer is marked so in a copy of
+    # the config), "local" (the same for the family's own local layers, the cache config's window for the
+    # others, Gemma 2/3) or "cache" (the cache config's model-wide window: Qwen2, Qwen3, Gemma)
+    window_by: str = "cache"
 
 
 def _llama_qkv_bias(c: Any) -> bool:
@@ -109,10 +124,10 @@ def _attention_bias(c: Any) -> bool:
     return bool(getattr(c, "attention_bias", False))
 
 
-def _qwen_layer(cls: type) -> Callable[[VllmConfig, Any, str], nn.Module]:
-    def build(vllm_config: VllmConfig, config: Any, prefix: str) -> nn.Module:
-        return cls(config=config, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
-                   prefix=prefix)
+def _qwen_layer(cls: type) -> Callable[[VllmConfig, Any, str, Any], nn.Module]:
+    def build(vllm_config: VllmConfig, config: Any, prefix: str, cache_config: Any = None) -> nn.Module:
+        return cls(config=config, cache_config=cache_config or vllm_config.cache_config,
+                   quant_config=vllm_config.quant_config, prefix=prefix)
 
     return build
 
@@ -122,19 +137,21 @@ FAMILIES: dict[str, Family] = {
         "LLaMA",
         ("llama",),
         "HarpLlamaForCausalLM",
-        lambda v, c, p: llama.LlamaDecoderLayer(vllm_config=v, prefix=p, config=c),
+        lambda v, c, p, _=None: llama.LlamaDecoderLayer(vllm_config=v, prefix=p, config=c),
         _mlp(llama.LlamaMLP, bias=True),
         _llama_qkv_bias,
         _llama_o_bias,
+        window_by="layer_types",
     ),
     "mistral": Family(
         "Mistral",
         ("mistral",),
         "HarpMistralForCausalLM",
-        lambda v, c, p: mistral.MistralDecoderLayer(vllm_config=v, prefix=p, config=c),
+        lambda v, c, p, _=None: mistral.MistralDecoderLayer(vllm_config=v, prefix=p, config=c),
         _mlp(llama.LlamaMLP, bias=True),
         _llama_qkv_bias,
         _llama_o_bias,
+        window_by="layer_types",
     ),
     "qwen2": Family(
         "Qwen2",
@@ -161,10 +178,12 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(
         "Gemma2", ("gemma2",), "HarpGemma2ForCausalLM", _qwen_layer(gemma2.Gemma2DecoderLayer),
         _gemma_mlp(gemma2.Gemma2MLP), _attention_bias, _attention_bias, gemma=True, sandwich=True,
+        window_by="local",
     ),
     "gemma3": Family(
         "Gemma3", ("gemma3_text",), "HarpGemma3ForCausalLM", _qwen_layer(gemma3.Gemma3DecoderLayer),
         _gemma_mlp(gemma3.Gemma3MLP), _attention_bias, _attention_bias, gemma=True, sandwich=True,
+        window_by="local",
     ),
 }
 
@@ -181,22 +200,23 @@ def _family_of(config: Any) -> Family | None:
     return None
 
 
-def _harp_block(config: Any) -> dict[str, Any] | None:
+def _stored_block(config: Any) -> dict[str, Any] | None:
     harp = getattr(config, "harp", None)
     if harp is None and hasattr(config, "to_dict"):
         harp = config.to_dict().get("harp")
     return harp or None
 
 
-def harp_plan(config: Any) -> dict[int, float]:
-    """layer index -> alpha of the pruned layers in `config.harp` ({} for an unpruned model).
+def harp_block(config: Any) -> HarpBlock:
+    """The pruned layers (`plan`: layer -> alpha) and window layers (`windows_plan`: layer -> w) of
+    `config.harp` (an empty, falsy block for an unpruned model).
 
     Raises ValueError for a HARP block this plugin cannot serve: an unknown format version, an
     unsupported family, or a malformed plan — before vLLM builds anything.
     """
-    harp = _harp_block(config)
+    harp = _stored_block(config)
     if not harp:
-        return {}
+        return HarpBlock()
     if not isinstance(harp, dict):
         raise ValueError(f"harp vLLM plugin: config.json's 'harp' block must be an object, got {type(harp).__name__}.")
     try:
@@ -215,8 +235,10 @@ def harp_plan(config: Any) -> dict[int, float]:
     alphas = list(harp.get("alphas") or [])
     if len(layers) != len(alphas):
         raise ValueError(f"harp vLLM plugin: the 'harp' block has {len(layers)} layers but {len(alphas)} alphas.")
-    if not layers:
-        return {}
+    # window layers as harp.load reads them (HarpBlock), whatever the version says
+    stored = {"layers": layers, "alphas": alphas, **{k: harp[k] for k in ("window_layers", "windows") if k in harp}}
+    if not layers and not stored.get("window_layers"):
+        return HarpBlock()
     mt = getattr(config, "model_type", None)
     if _family_of(config) is None:
         raise ValueError(
@@ -227,14 +249,21 @@ def harp_plan(config: Any) -> dict[int, float]:
         )
     n = int(config.num_hidden_layers)
     try:  # the format version was checked above, against the versions this plugin serves
-        return HarpBlock.from_dict({"layers": layers, "alphas": alphas}, n).plan
+        return HarpBlock.from_dict(stored, n)
     except HarpBlockError as e:
         problems = "; ".join(e.problems)
         raise ValueError(f"harp vLLM plugin: bad 'harp' block ({problems}; model has {n} layers).") from None
 
 
+def harp_plan(config: Any) -> dict[int, float]:
+    """layer index -> alpha of the bypassed layers in `config.harp` ({} for an unpruned model; window
+    layers are in `harp_block(config).windows_plan`). Raises ValueError as `harp_block`."""
+    return harp_block(config).plan
+
+
 def has_pruned_layers(vllm_config: VllmConfig) -> bool:
-    return bool(harp_plan(vllm_config.model_config.hf_config))
+    """Whether the config has bypassed or window layers (the HARP model serves it, not vLLM's own)."""
+    return bool(harp_block(vllm_config.model_config.hf_config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +348,46 @@ class HarpDecoderLayer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Window layers: the family's own layer, its attention limited to the last w positions
+# --------------------------------------------------------------------------------------------
+
+
+def _is_local(config: Any, idx: int) -> bool:
+    types = getattr(config, "layer_types", None) or []
+    return idx < len(types) and types[idx] == "sliding_attention"
+
+
+def window_decoder_layer(vllm_config: VllmConfig, config: Any, family: Family, window: int, prefix: str) -> nn.Module:
+    """vLLM's own decoder layer of `family` for window layer `prefix`: its attention sees the token and the
+    `window` - 1 before it (or fewer, where the family already makes the layer local with a smaller window)."""
+    idx = extract_layer_index(prefix)
+    cache_config = vllm_config.cache_config
+    per_layer = family.window_by != "cache" and _is_local(config, idx)  # the family's own per-layer window
+    own = config.sliding_window if per_layer else cache_config.sliding_window
+    w = min(window, own) if own else window
+    if per_layer or family.window_by == "layer_types":
+        # a copy of the HF config that makes this layer local with window w (Gemma 2/3: only their own local
+        # layers come here, so each keeps its own RoPE base)
+        config = copy.copy(config)
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+        types[idx] = "sliding_attention"
+        config.layer_types, config.sliding_window = types, w
+        layer = family.decoder_layer(vllm_config, config, prefix, None)
+    else:  # the layer takes the model-wide window from its cache config (Gemma 2/3: a global layer)
+        cache_config = copy.copy(cache_config)
+        cache_config.sliding_window = w
+        layer = family.decoder_layer(vllm_config, config, prefix, cache_config)
+    got = [m.sliding_window for m in layer.modules() if isinstance(m, Attention)]
+    if got != [w]:  # a vLLM whose layer picks its window another way: refuse rather than attend past w
+        raise ValueError(
+            f"harp vLLM plugin: window layer {idx} should attend over {w} positions, but this vLLM's "
+            f"{type(layer).__name__} built attention with sliding windows {got}; serve the checkpoint with "
+            "transformers (harp.load) instead."
+        )
+    return layer
+
+
+# --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
 
@@ -338,9 +407,11 @@ class HarpModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         family = FAMILIES[self.family_key]
-        plan = harp_plan(config)
+        block = harp_block(config)
+        plan, windows = block.plan, block.windows_plan
         self.config = config
         self.plan = plan
+        self.windows = windows
         self.vocab_size = config.vocab_size
         if get_pp_group().is_first_rank or (config.tie_word_embeddings and get_pp_group().is_last_rank):
             self.embed_tokens = VocabParallelEmbedding(
@@ -354,7 +425,9 @@ class HarpModel(nn.Module):
             idx = extract_layer_index(prefix)
             if idx in plan:
                 return HarpDecoderLayer(vllm_config, config, family, plan[idx], prefix)
-            return family.decoder_layer(vllm_config, config, prefix)
+            if idx in windows:
+                return window_decoder_layer(vllm_config, config, family, windows[idx], prefix)
+            return family.decoder_layer(vllm_config, config, prefix, None)
 
         self.start_layer, self.end_layer, self.layers = make_layers(
             config.num_hidden_layers, build, prefix=f"{prefix}.layers"
@@ -421,7 +494,7 @@ class _HarpForCausalLM(nn.Module, SupportsPP):
                 f"harp vLLM plugin: {type(self).__name__} serves {family.name} checkpoints, but this config has "
                 f"model_type {config.model_type!r}. Supported: {supported_summary()}."
             )
-        harp_plan(config)  # validate before allocating anything
+        harp_block(config)  # validate before allocating anything
         self.config = config
         self.model = self.model_class(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
