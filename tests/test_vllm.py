@@ -318,6 +318,18 @@ def test_unknown_format_version_is_refused(vllm_python: Path, tiny_dir: Path, tm
     assert "HARP format version 99" in err and "Upgrade harp-prune" in err, err
 
 
+def test_window_layers_with_sinks_are_refused(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """vLLM's sliding window has no sink tokens: a checkpoint whose window layers keep some is refused by
+    name (never served as a plain window, which would drop the first tokens)."""
+    path = tmp_path / "sinks"
+    shutil.copytree(tiny_dir / "llama", path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["harp"] = {**cfg["harp"], "format_version": 2, "window_layers": [4], "windows": [8], "sinks": [4]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    err = _refusal(vllm_python, tmp_path, path)
+    assert "keep sink tokens" in err and "4:8+4" in err and "--sinks 0" in err, err
+
+
 def test_plugin_serves_the_format_harp_writes(vllm_python: Path) -> None:
     proc = subprocess.run(
         [str(vllm_python), "-c", "from harp.modeling import FORMAT_VERSION as v; "

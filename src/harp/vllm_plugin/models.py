@@ -236,7 +236,8 @@ def harp_block(config: Any) -> HarpBlock:
     if len(layers) != len(alphas):
         raise ValueError(f"harp vLLM plugin: the 'harp' block has {len(layers)} layers but {len(alphas)} alphas.")
     # window layers as harp.load reads them (HarpBlock), whatever the version says
-    stored = {"layers": layers, "alphas": alphas, **{k: harp[k] for k in ("window_layers", "windows") if k in harp}}
+    stored = {"layers": layers, "alphas": alphas,
+              **{k: harp[k] for k in ("window_layers", "windows", "sinks") if k in harp}}
     if not layers and not stored.get("window_layers"):
         return HarpBlock()
     mt = getattr(config, "model_type", None)
@@ -249,10 +250,17 @@ def harp_block(config: Any) -> HarpBlock:
         )
     n = int(config.num_hidden_layers)
     try:  # the format version was checked above, against the versions this plugin serves
-        return HarpBlock.from_dict(stored, n)
+        block = HarpBlock.from_dict(stored, n)
     except HarpBlockError as e:
         problems = "; ".join(e.problems)
         raise ValueError(f"harp vLLM plugin: bad 'harp' block ({problems}; model has {n} layers).") from None
+    if any(block.sinks):
+        raise ValueError(
+            f"harp vLLM plugin: window layers {block.windows_text()} (layer:window+sinks) keep sink tokens, which "
+            "vLLM's sliding-window attention cannot (it would drop the first tokens). Prune with `--sinks 0` to "
+            "serve the windows in vLLM, or serve this checkpoint with transformers (harp.load(DIR))."
+        )
+    return block
 
 
 def harp_plan(config: Any) -> dict[int, float]:
