@@ -327,7 +327,7 @@ def test_window_layers_with_sinks_are_refused(vllm_python: Path, tiny_dir: Path,
     cfg["harp"] = {**cfg["harp"], "format_version": 2, "window_layers": [4], "windows": [8], "sinks": [4]}
     (path / "config.json").write_text(json.dumps(cfg))
     err = _refusal(vllm_python, tmp_path, path)
-    assert "keep sink tokens" in err and "4:8+4" in err and "--sinks 0" in err, err
+    assert "keep sink tokens" in err and "4:8+4" in err and "sinks=0" in err, err
 
 
 def test_plugin_serves_the_format_harp_writes(vllm_python: Path) -> None:

@@ -257,7 +257,7 @@ def harp_block(config: Any) -> HarpBlock:
     if any(block.sinks):
         raise ValueError(
             f"harp vLLM plugin: window layers {block.windows_text()} (layer:window+sinks) keep sink tokens, which "
-            "vLLM's sliding-window attention cannot (it would drop the first tokens). Prune with `--sinks 0` to "
+            "vLLM's sliding-window attention cannot (it would drop the first tokens). Prune with `sinks=0` to "
             "serve the windows in vLLM, or serve this checkpoint with transformers (harp.load(DIR))."
         )
     return block
