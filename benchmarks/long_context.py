@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256, help="calibration window length")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="measure nothing: write OUT/summary.md and the PNGs from the cells already there")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/long_context_<model>_k<k>)")
     a = ap.parse_args()
 
@@ -107,6 +109,8 @@ def main() -> None:
     todo = [(c, t, m) for c in contexts for t in tasks for m in methods if not done(cell_path(m, f"{t}@{c}"))]
     top = a.ppl_context or max(contexts)
     todo_ppl = [(x, m) for x in texts for m in methods if not done(cell_path(m, f"loss_{x}@{top}"))]
+    if a.summary_only:
+        todo, todo_ppl = [], []
     log(f"{out}: {len(todo)} retrieval cell(s) and {len(todo_ppl)} loss-by-position cell(s) to measure")
     if todo or todo_ppl:
         t0 = time.perf_counter()
