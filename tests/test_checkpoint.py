@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, HIDE_HARP, tiny_model
 
 import harp
 from harp.model.checkpoint import ENTRY_FILE, RECIPE_FILE, RUNTIME_FILE
@@ -49,17 +49,8 @@ def test_save_load_harp_is_bit_exact(tmp_path, family):
         assert torch.equal(a(ids).logits, loaded(ids).logits)
 
 
-_PLAIN = textwrap.dedent(
+_PLAIN = HIDE_HARP + textwrap.dedent(
     """
-    import sys
-
-    class _BlockHarp:  # make `import harp` fail, as on a machine without harp
-        def find_spec(self, name, path=None, target=None):
-            if name == "harp" or name.startswith("harp."):
-                raise ImportError("harp is hidden in this test")
-            return None
-
-    sys.meta_path.insert(0, _BlockHarp())
     try:
         import harp  # noqa: F401
         raise SystemExit("harp was importable")

@@ -94,3 +94,17 @@ def byte_tokenizer():
 
 
 VOCAB = 258  # len(byte_tokenizer())
+
+
+# The start of a script run in a subprocess where `import harp` fails, as on a machine without harp.
+HIDE_HARP = """
+import sys
+
+class _BlockHarp:  # make `import harp` fail, as on a machine without harp
+    def find_spec(self, name, path=None, target=None):
+        if name == "harp" or name.startswith("harp."):
+            raise ImportError("harp is hidden in this test")
+        return None
+
+sys.meta_path.insert(0, _BlockHarp())
+"""

@@ -425,10 +425,6 @@ def _windowed_class(base: type) -> type:
     return _WINDOWED_CLASSES[base]
 
 
-def is_window_attention(module: Any) -> bool:
-    return isinstance(module, _WindowedAttention)
-
-
 def window_layer(model: nn.Module, layer_idx: int, window: int, sinks: int = 0) -> None:
     """Make decoder layer `layer_idx` a window layer of `window` positions, plus the first `sinks` ones
     (its weights untouched)."""
