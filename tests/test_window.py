@@ -190,6 +190,126 @@ def test_plain_transformers_reload_is_exact(tmp_path):
     assert len(lines) == len(paths) and all(line.endswith("EQUAL") for line in lines), r.stdout
 
 
+# window plans the family's own config can say (one w, no sinks; Gemma 2: w = its own window 8, on global
+# layers) and those it cannot; each with a bypassed layer, which stays harp's alone
+NATIVE = {
+    "qwen2": ([1], {0: 4, 3: 4, 5: 4}),
+    "qwen3": ([2], {4: 4, 5: 4}),
+    "gemma2": ([2], {1: 8, 5: 8}),
+}
+NOT_NATIVE = {
+    "sinks": ("qwen2", {3: 4, 5: 4}, 2),
+    "mixed w": ("qwen2", {3: 4, 5: 5}, 0),
+    "gemma2 w != its own": ("gemma2", {1: 4, 5: 4}, 0),
+    "gemma3 local RoPE": ("gemma3", {5: 8}, 0),  # a local layer would take the local RoPE base (10k, not 1M)
+    "mistral": ("mistral", {3: 4, 5: 4}, 0),  # one model-wide sliding_window, no per-layer types
+    "llama": ("llama", {3: 4, 5: 4}, 0),
+}
+FAMILY_FIELDS = ("layer_types", "sliding_window", "use_sliding_window", "max_window_layers")
+
+
+def _saved_config(model, path):
+    return json.loads((harp.save(model, path) / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family", list(NATIVE))
+def test_checkpoint_says_the_windows_in_the_family_config(tmp_path, family):
+    """config.json marks exactly the window layers (and the family's own local layers) "sliding_attention"
+    with sliding_window = w; harp reloads it exactly (logits, cached decoding, KV bytes = the accounting),
+    its KV figures from config.json are the pruned model's, and saving the reloaded model writes the same."""
+    bypassed, windows = NATIVE[family]
+    attn = "eager" if family == "gemma2" else "sdpa"
+    model = harp.prune(tiny_model(family, attn=attn), bypassed, [0.5], windows=windows)
+    own = accounting.attention_windows(model.config)  # the family's own local layers (Gemma 2: 0, 2, 4)
+    cfg = _saved_config(model, tmp_path / "ck")
+    w = set(windows.values()).pop()
+    assert cfg["layer_types"] == ["sliding_attention" if i in windows or own[i] else "full_attention"
+                                  for i in range(6)]
+    assert cfg["sliding_window"] == w and cfg["harp"]["window_layers"] == sorted(windows)
+    if family.startswith("qwen"):  # without use_sliding_window transformers drops the window
+        assert cfg["use_sliding_window"] is True and cfg["max_window_layers"] == min(windows)
+    loaded = harp.load(tmp_path / "ck", attn_implementation=attn)
+    assert loaded.config.layer_types == cfg["layer_types"]
+    ids = torch.randint(1, 128, (2, 19))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    gen = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids[:1, :5], **gen), model.generate(ids[:1, :5], **gen))
+        cache = output_cache(loaded(ids[:1], use_cache=True))  # batch 1, as the accounting counts
+    assert kv_cache_bytes(cache) == accounting.kv_cache_bytes_expected(loaded.config, 19, dtype=torch.float32)
+    from harp.model.configs import config_from_dict
+
+    assert accounting.kv_savings(config_from_dict(cfg), None) == accounting.kv_savings(model.config, None)
+    assert accounting.attention_windows(loaded.config, {}) == own  # the original, for "before" figures
+    again = _saved_config(loaded, tmp_path / "again")
+    assert {k: again.get(k) for k in FAMILY_FIELDS} == {k: cfg.get(k) for k in FAMILY_FIELDS}
+
+
+@pytest.mark.parametrize("case", list(NOT_NATIVE))
+def test_family_config_unchanged_where_it_cannot_say_the_windows(tmp_path, case):
+    family, windows, sinks = NOT_NATIVE[case]
+    model = harp.prune(tiny_model(family), [2], [0.5], windows=windows, sinks=sinks)
+    cfg = _saved_config(model, tmp_path / "pruned")
+    plain = _saved_config(tiny_model(family), tmp_path / "plain")
+    drop = ("harp",)  # the harp block alone carries the plan
+    assert {k: v for k, v in cfg.items() if k not in drop} == {k: v for k, v in plain.items() if k not in drop}
+    assert HarpBlock.from_dict(cfg["harp"]).windows_plan == windows
+
+
+_NATIVE_PLAIN = HIDE_HARP + textwrap.dedent(
+    """
+    import torch, transformers
+    for path in sys.argv[1:]:
+        ids, ref = torch.load(path + "/ref.pt")
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=ref["attn"])
+        with torch.no_grad():
+            full = m(ids, use_cache=False).logits
+            gen = m.generate(ids[:1, :4], max_new_tokens=14, do_sample=False, pad_token_id=0)
+        ok = torch.equal(full, ref["logits"]) and torch.equal(gen, ref["gen"])
+        print(path, type(m).__name__, "EQUAL" if ok else "DIFFERENT")
+    """
+)
+
+
+def test_plain_transformers_without_remote_code_runs_a_window_checkpoint(tmp_path):
+    """A window-only checkpoint whose family config says the windows is an ordinary checkpoint of the family:
+    plain transformers (harp not installed, no trust_remote_code) builds its own sliding-window attention and
+    cache and gives harp's logits and greedy tokens past the window."""
+    paths = []
+    for family, attn, windows in (("qwen2", "sdpa", {0: 4, 3: 4, 5: 4}), ("qwen3", "eager", {4: 4, 5: 4}),
+                                  ("gemma2", "eager", {1: 8, 5: 8})):
+        model = harp.prune(tiny_model(family, attn=attn), [], [], windows=windows)
+        ids = torch.randint(1, 128, (2, 19))
+        out = harp.save(model, tmp_path / family)
+        with torch.no_grad():
+            ref = {"attn": attn, "logits": model(ids, use_cache=False).logits,
+                   "gen": model.generate(ids[:1, :4], max_new_tokens=14, do_sample=False, pad_token_id=0)}
+        plain = tiny_model(family, attn=attn)  # the windows matter: the original differs past them
+        assert (_logits(plain, ids) - ref["logits"]).abs().max() > 1e-3
+        torch.save((ids, ref), out / "ref.pt")
+        paths.append(str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    r = subprocess.run([sys.executable, "-c", _NATIVE_PLAIN, *paths], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == len(paths) and all(line.endswith("EQUAL") for line in lines), r.stdout
+    assert not any(" Harp" in line for line in lines), r.stdout  # the family's own class, not harp's runtime
+    assert not (tmp_path / "hf_modules").exists() or not any((tmp_path / "hf_modules").rglob("harp_modeling.py"))
+
+
+def test_temporarily_windowed_restores_the_config_exactly():
+    """The family's fields are written only into the saved config.json, never into the live model's config
+    (transformers reads layer_types at every forward): pruning and restoring leave it as it was."""
+    model = tiny_model("qwen2", attn="sdpa")
+    before = model.config.to_dict()
+    ids = torch.randint(1, 128, (1, 15))
+    with harp.temporarily_pruned(model, [1], [0.5], windows={3: 4, 5: 4}):
+        assert {k: getattr(model.config, k) for k in FAMILY_FIELDS} == {k: before[k] for k in FAMILY_FIELDS}
+        _logits(model, ids)
+    assert model.config.to_dict() == before
+
+
 def test_temporarily_windowed_restores_the_model():
     model = tiny_model("qwen3")
     ids = torch.randint(1, 128, (1, 15))

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.modeling import HarpBlock, arch_for, attention_geometry
+from harp.modeling import HarpBlock, HarpBlockError, arch_for, attention_geometry
 from harp.util.dtypes import dtype_bytes
 
 ATTENTION = "attention"  # an original attention sub-layer
@@ -146,8 +146,8 @@ def layer_kinds(config: Any, harp: Mapping[str, Any] | None = None) -> list[str]
 
 def attention_windows(config: Any, harp: Mapping[str, Any] | None = {}) -> list[int | None]:  # noqa: B006
     """Per layer, the sliding window (max keys a query sees), or None for full attention: the model's own
-    (`sliding_window`, `layer_types`), capped by the window layers of `harp` (None: the config's own
-    block; the default `{}`: the model as its family defines it, without harp window layers)."""
+    (`sliding_window`, `layer_types`, as before harp), capped by the window layers of `harp` (None: the
+    config's own block; the default `{}`: the model as its family defines it, without harp window layers)."""
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None) or None
     types = getattr(config, "layer_types", None)
@@ -157,6 +157,16 @@ def attention_windows(config: Any, harp: Mapping[str, Any] | None = {}) -> list[
         own = [window] * n
     else:
         own = [None] * n
+    # A saved checkpoint may say its window layers in the family's own layer_types too
+    # (checkpoint.family_window_fields): a window layer whose own window equals harp's was full attention
+    # before harp (harp only ever narrows a layer that is already local), so the original is counted so.
+    try:
+        stored = HarpBlock.from_config(config)
+    except HarpBlockError:  # a damaged block: the caller that reads it says so; the family's own windows stand
+        stored = HarpBlock()
+    for i, w in stored.windows_plan.items():
+        if own[i] == w and not stored.sinks_plan[i]:
+            own[i] = None
     for i, w in _block(config, harp).windows_plan.items():
         own[i] = w if own[i] is None else min(w, own[i])
     return own

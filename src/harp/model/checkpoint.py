@@ -16,6 +16,7 @@ from torch import nn
 
 from harp import modeling
 from harp._version import __version__
+from harp.model.accounting import attention_windows
 from harp.model.files import check_weight_files, read_json_config
 from harp.model.prune import pruned_plan
 from harp.modeling import HarpBlock, HarpBlockError
@@ -39,6 +40,47 @@ from .harp_modeling import harp_model_class
 
 HarpForCausalLM = harp_model_class({base})
 '''
+
+
+# model_type -> whether the family's config says `use_sliding_window` / `max_window_layers` (Qwen2, Qwen3):
+# the families whose config gives each layer its type (`layer_types`) and all sliding layers one window
+FAMILY_WINDOW_TYPES = {"qwen2": True, "qwen3": True, "gemma2": False, "gemma3_text": False}
+
+
+def family_window_fields(config: Any, block: HarpBlock) -> dict[str, Any]:
+    """The fields of the family's own config that say the window layers of `block` (a model of `config`'s),
+    for config.json: `layer_types` with "sliding_attention" exactly on the window layers and the family's
+    own local layers, `sliding_window` = w, and for Qwen2/3 `use_sliding_window` (without it transformers
+    drops the window) and `max_window_layers` (the first sliding layer: every layer below it is full, as
+    the field says). So plain transformers builds its own sliding-window attention and cache there.
+
+    {} (harp's block alone carries the windows) unless the family's config can say them: a family with
+    per-layer `layer_types` (Qwen2, Qwen3, Gemma 2, Gemma 3; not LLaMA, Gemma or Mistral, whose one
+    `sliding_window` is model-wide), no sink tokens (a native sliding mask has none), one window w, every
+    layer the family already makes local of that same window (Gemma 2/3: w equals its `sliding_window`),
+    and for Gemma 3 the same RoPE on local and global layers (a local layer takes the local RoPE)."""
+    qwen = FAMILY_WINDOW_TYPES.get(getattr(config, "model_type", None))
+    n = config.num_hidden_layers
+    types = list(getattr(config, "layer_types", None) or [])
+    if qwen is None or not block.window_layers or any(block.sinks) or len(set(block.windows)) != 1:
+        return {}
+    if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+        return {}
+    rope = getattr(config, "rope_parameters", None)
+    if getattr(config, "use_bidirectional_attention", False) or (
+            isinstance(rope, dict) and "sliding_attention" in rope
+            and rope["sliding_attention"] != rope.get("full_attention")):
+        return {}
+    w = block.windows[0]
+    original = attention_windows(config, {})  # the family's own windows, before harp's
+    if any(own is not None and own != w for own in original):
+        return {}
+    windowed = attention_windows(config, block.to_dict())
+    types = ["full_attention" if win is None else "sliding_attention" for win in windowed]
+    fields: dict[str, Any] = {"layer_types": types, "sliding_window": w}
+    if qwen:
+        fields.update(use_sliding_window=True, max_window_layers=types.index("sliding_attention"))
+    return fields
 
 
 def prepare_for_save(model: nn.Module) -> None:
@@ -69,7 +111,8 @@ def save(
 
     Writes safetensors weights, `config.json` with the `harp` block and an `auto_map` for plain
     transformers, the modeling code for `trust_remote_code`, `harp_recipe.json` (provenance) and the
-    tokenizer if given. Refuses a non-empty existing `path` unless `overwrite=True`.
+    tokenizer if given. Window layers are also written in the family's own config fields where it can say
+    them (`family_window_fields`). Refuses a non-empty existing `path` unless `overwrite=True`.
     """
     modeling.arch_for(model.config)
     plan = pruned_plan(model)
@@ -103,6 +146,9 @@ def save(
             cfg_file = tmp / "config.json"
             cfg = json.loads(cfg_file.read_text())
             cfg["architectures"] = [base]  # a reloaded model's class is Harp<Base>: record the base
+            # window layers in the family's own terms where it has them (the live model's config is left
+            # alone: its modules were built from it, and transformers reads layer_types at every forward)
+            cfg.update(family_window_fields(model.config, HarpBlock.from_dict(plan)))
             cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             shutil.copyfile(Path(modeling.__file__), tmp / RUNTIME_FILE)
             (tmp / ENTRY_FILE).write_text(_ENTRY_TEMPLATE.format(version=__version__, base=base))
