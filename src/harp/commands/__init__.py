@@ -22,7 +22,8 @@ FLAGS = {
 # The parameters whose flag is the rule's. A backticked name in neither table is left as it is.
 PARAMS = {
     "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "context", "data_dir", "device",
-    "eval", "eval_seq_len", "eval_tokens", "filler", "grid", "limit", "max_k", "max_ppl_increase", "method",
+    "eval", "eval_seq_len", "eval_tokens", "filler", "fit", "grid", "kind", "kv_saving", "limit", "max_k",
+    "max_ppl_increase", "method",
     "model", "out", "overwrite", "plot", "select", "seq_len", "sinks", "streamed", "tasks", "text", "threads",
     "tokenizer_gguf", "window", "windows",
 }

@@ -62,14 +62,19 @@ def summary_table(r: PruneReport) -> Table:
     t.add_column("value", justify="right")
     rule = r.selection.get("rule", "top")
     t.add_row("layers pruned (top first)", ", ".join(map(str, r.layers))
-              + ("" if rule == "top" else f" (chosen by --select {rule})"))
+              + ("" if rule == "top" else " (chosen by --kind auto)" if r.kinds else f" (chosen by --select {rule})"))
     if r.selection.get("picked"):
         t.add_row("--select auto", ", ".join(f"{k} {c['calib_ppl']:.2f}" for k, c in r.selection["candidates"].items())
                   + f" (ppl on {r.selection.get('judged_on', 'calibration windows')}): picked "
                   f"{r.selection['picked']}")
     given = r.search.get("method") == "given"
     refit = r.method == "harp-ls"
-    if r.window is not None:
+    if r.kinds:
+        t.add_row("kinds (top first; --kind auto)", ", ".join(
+            f"{i} {k}" + (f" {r.window}" if k == "window" else "") for i, k in r.kinds.items()))
+        t.add_row("--kind auto", f"saves {r.selection.get('budget', '')}; held-out long-context perplexity "
+                  f"{r.selection['objective']['base_ppl']:.2f} -> {r.selection['objective']['ppl']:.2f}")
+    elif r.window is not None:
         t.add_row("kind", f"window layers: attention over the last {r.window} tokens"
                   + (f" and the first {r.sinks}" if r.sinks else ""))
     else:
@@ -83,6 +88,8 @@ def summary_table(r: PruneReport) -> Table:
     t.add_row("perplexity: original", f"{p['original']:.3f}")
     if "window" in p:
         t.add_row(f"perplexity: window layers ({r.window} tokens)" + saved, f"{p['window']:.3f}")
+    if "mixed" in p:
+        t.add_row("perplexity: --kind auto" + saved, f"{p['mixed']:.3f}")
     if "harp-ls" in p:
         t.add_row("perplexity: HARP + least-squares refit (harp-ls)" + (saved if refit else ""), f"{p['harp-ls']:.3f}")
     if "harp" in p:
@@ -130,6 +137,14 @@ def prune_cmd(
     sinks: int = typer.Option(PruneSettings.sinks, "--sinks",
                               help="With --window: window layers also see (and cache) the first S tokens "
                                    "(attention sinks)."),
+    kind: str = typer.Option(None, "--kind",
+                             help="'auto': choose the layers (any depth) and per layer a window (--window, default "
+                                  "1024), refit or drop, greedily on held-out long-context loss, under a KV budget: "
+                                  "the saving of the top K bypassed layers, or --kv-saving, at --context tokens."),
+    kv_saving: str = typer.Option(None, "--kv-saving", help="With --kind auto: the KV saving to reach (25%% or 0.25)."),
+    context: int = typer.Option(None, "--context",
+                                help="With --kind auto: the context the KV budget is stated at (default: the model's "
+                                     "maximum)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
     calib_windows: int = typer.Option(PruneSettings.calib_windows, "--calib-windows",
@@ -165,7 +180,8 @@ def prune_cmd(
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
         model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
-        fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=sinks, calib=calib, eval=eval_,
+        fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=sinks, kind=kind, kv_saving=kv_saving,
+        context=context, calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

@@ -152,6 +152,14 @@ def calibration_windows(
     tokens, as the model sees a real prompt; the BOS position itself is never a prediction target.
     `skip` passes over the first windows of the permutation: `skip=n` with the same seed gives windows
     disjoint from the default ones (held-out calibration text, e.g. to choose between pruned models)."""
+    spans = calibration_spans(ids, n, seq_len, seed, bos=bos, skip=skip)
+    return _with_bos(torch.stack([ids[a:b] for a, b in spans]), bos)
+
+
+def calibration_spans(
+    ids: torch.Tensor, n: int, seq_len: int, seed: int = 0, *, bos: int | None = None, skip: int = 0
+) -> list[tuple[int, int]]:
+    """The text token spans [start, end) `calibration_windows` takes with the same arguments, in order."""
     available, per = _need(ids, n, seq_len, "calibration", bos)
     if n + skip > available:
         raise ValueError(
@@ -160,7 +168,30 @@ def calibration_windows(
         )
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(available, generator=g)[skip : skip + n].sort().values
-    return _with_bos(torch.stack([ids[i * per : (i + 1) * per] for i in pick.tolist()]), bos)
+    return [(i * per, (i + 1) * per) for i in pick.tolist()]
+
+
+def windows_outside(
+    ids: torch.Tensor, n: int, seq_len: int, taken: list[tuple[int, int]], *, bos: int | None = None,
+    what: str = "held-out",
+) -> torch.Tensor:
+    """`n` windows of `seq_len` tokens that overlap none of the `taken` spans (e.g. the calibration windows),
+    the last ones of the text first: text a fit never saw, long enough for long-context losses."""
+    _, per = _need(ids, n, seq_len, what, bos)
+    starts: list[int] = []
+    end = ids.numel()
+    for a, b in sorted(taken, reverse=True) + [(-1, -1)]:
+        while len(starts) < n and end - per >= max(b, 0):  # room for a window between this span and `end`
+            starts.append(end - per)
+            end -= per
+        end = min(end, a)
+    if len(starts) < n:
+        raise ValueError(
+            f"The calibration text has {ids.numel()} tokens: room for only {len(starts)} {what} windows of "
+            f"{seq_len} tokens beside the calibration windows, but {n} were asked for. Give a longer text, "
+            "fewer or shorter windows."
+        )
+    return _with_bos(torch.stack([ids[s : s + per] for s in sorted(starts)]), bos)
 
 
 def evaluation_windows(

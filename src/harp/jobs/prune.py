@@ -18,13 +18,16 @@ from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
 from harp.engine.text import (
     DEFAULT_CALIB,
     DEFAULT_EVAL,
+    calibration_spans,
     calibration_windows,
     check_disjoint_sources,
     check_text,
     tokenize,
+    windows_outside,
 )
 from harp.jobs.preamble import Windows, claimed, host_info, load_windows, output_dir, set_threads, state_path
 from harp.methods.fit import FitResult, check_fit_settings, fit_layers
+from harp.methods.kinds import KindPlan, choose_kinds, saving_of_bypass
 from harp.methods.scores import ATTENTION_DROP_SCORE, attention_drop_scores, pick
 from harp.methods.search import (
     SearchResult,
@@ -53,6 +56,8 @@ from harp.util.fsio import check_output, write_json_atomic
 from harp.util.problems import Collector, check_positive, check_windows
 
 SELECTIONS = ("top", "attention-drop", "auto")
+LAYER_KINDS = ("bypass", "window", "auto")
+DEFAULT_AUTO_WINDOW = 1024  # kind="auto" without `window`: capped at a quarter of the budget's context
 
 
 @dataclass
@@ -72,6 +77,13 @@ class PruneSettings:
     # bypassed: no search, no refit; their KV cache is capped at window - 1 tokens
     window: int | None = None
     sinks: int = 4  # window layers also see (and cache) the first `sinks` tokens (attention sinks)
+    # "auto": choose the layers and, per layer, window / refit / drop greedily on a held-out long-context loss,
+    # under a KV budget: the saving of the top `k` bypassed layers, or `kv_saving`, at `context` tokens
+    kind: str | None = None
+    kv_saving: float | str | None = None  # with kind="auto": fraction (0.25) or percentage ("25%") to save
+    context: int | None = None  # with kind="auto": the KV budget's context (default: the model's maximum)
+    objective_windows: int = 2  # with kind="auto": held-out windows the kinds are judged on
+    objective_seq_len: int | None = None  # their length (default: 2 x window, at least 1,024, at most `context`)
     calib: str | None = None
     eval: str | None = None
     calib_windows: int = 8
@@ -114,6 +126,7 @@ class PruneReport:
     method: str = "harp"  # what the saved model is: "harp" (searched alphas), "harp-ls" (refit) or "window"
     window: int | None = None  # window layers: `layers` keep attention over their last `window` tokens
     sinks: int = 0  # ... and over the first `sinks`
+    kinds: dict[str, str] = field(default_factory=dict)  # kind="auto": layer -> "window" | "refit" | "drop"
     # KV bytes before/after at the contexts every command states (2,048 tokens and the model's maximum),
     # from the config: a sliding-window model's saving depends on the context
     kv_at_contexts: list[dict[str, Any]] = field(default_factory=list)
@@ -202,7 +215,8 @@ def _prepare(s: PruneSettings, log: Callable[[str], None]) -> _Run:
     set_threads(s.threads)
     out = output_dir(s.out, s.overwrite)
     fit = check_fit_settings(s.fit, s.ridge, s.fit_prior)
-    method = "window" if s.window is not None else "harp-ls" if fit == "lstsq" else "harp"
+    method = "mixed" if s.kind == "auto" else "window" if s.window is not None else \
+        "harp-ls" if fit == "lstsq" else "harp"
     return _Run(s, log, out, parse_grid(s.grid), fit, method, state_file_for(out) if out else None, t_start)
 
 
@@ -330,7 +344,9 @@ def _requested_layers(run: _Run, backend: _Backend) -> list[int]:
         raise ValueError(f"`alphas` gives {len(s.alphas)} values for {len(layers)} layers (top layer first).")
     what = f"pruning layers {sorted(layers)}" if s.select == "top" else \
         f"pruning {len(layers)} layers chosen by `select={s.select}`"
-    if s.window is not None:
+    if s.kind == "auto":
+        what = "choosing the layers and their kinds (window, refit, drop) under a KV budget"
+    elif s.window is not None:
         what = what.replace("pruning", f"window layers ({s.window} tokens):", 1)
         top = getattr(backend.config, "max_position_embeddings", None)
         if isinstance(top, int) and s.window >= top:
@@ -360,6 +376,8 @@ class _Choice:
     selection: dict[str, Any]
     fitted: FitResult | None = None
     searched: SearchResult | None = None
+    kinds: KindPlan | None = None  # kind="auto": what each chosen layer became
+    budget_layers: list[int] = field(default_factory=list)  # kind="auto" with `k`: the top k its budget is of
 
 
 _ATTENTION_DROP_SCORE = f"{ATTENTION_DROP_SCORE} per layer (He et al. 2024)"
@@ -367,6 +385,8 @@ _ATTENTION_DROP_SCORE = f"{ATTENTION_DROP_SCORE} per layer (He et al. 2024)"
 
 def _choose_layers(run: _Run, backend: _Backend, win: Windows, layers: list[int]) -> _Choice:
     s = run.s
+    if s.kind == "auto":
+        return _choose_kinds(run, backend, win, layers)
     if s.select == "top":
         return _Choice(layers, {"rule": s.select})
     with _timed(run.seconds, "select"):
@@ -435,6 +455,53 @@ def _candidate(run: _Run, backend: _Backend, win: Windows, layers: list[int],
         return res, perplexity(model, held, batch_size=run.s.batch_size).ppl
 
 
+def _choose_kinds(run: _Run, backend: _Backend, win: Windows, top: list[int]) -> _Choice:
+    """`kind=auto`: the layers and their kinds under the KV budget, judged on long held-out windows."""
+    s, model = run.s, backend.resident()
+    context, window, target, seq = auto_kind_settings(s, model.config)
+    budget = f"{100 * target:.1f} % of the KV cache at {context:,} tokens" + \
+        ("" if s.kv_saving is not None else f" (what the top {len(top)} bypassed layers save)")
+    ids = tokenize(backend.tokenizer, win.calib_text)
+    taken = calibration_spans(ids, s.calib_windows, s.seq_len, s.seed, bos=win.bos)
+    objective = windows_outside(ids, s.objective_windows, seq, taken, bos=win.bos, what="objective")
+    run.log(f"`kind=auto`: saving {budget}; window layers of {window} tokens (+{s.sinks} sinks); judged on "
+            f"{objective.shape[0]} x {seq} held-out calibration tokens, positions from {seq // 2}")
+    with _timed(run.seconds, "select"):
+        plan = choose_kinds(model, win.calib, objective, target, context=context, window=window, sinks=s.sinks,
+                            ridge=s.ridge, prior=s.fit_prior, batch_size=1, progress=s.progress)
+    run.log(f"`kind=auto` chose {len(plan.kinds)} layers: {plan.describe()}; saves {100 * plan.saving:.1f} % at "
+            f"{context:,} tokens; objective perplexity {plan.objective['base_ppl']:.2f} -> {plan.objective['ppl']:.2f} "
+            f"({plan.evaluations} evaluations, {plan.seconds:.0f} s)")
+    selection = {"rule": "kind=auto", "budget": budget, **plan.to_dict()}
+    return _Choice(sorted(plan.kinds, reverse=True), selection, kinds=plan,
+                   budget_layers=[] if s.kv_saving is not None else top)
+
+
+def auto_kind_settings(s: Any, config: Any) -> tuple[int, int, float, int]:
+    """(context, window, target saving, objective window length) of `kind=auto` settings on this model."""
+    top = getattr(config, "max_position_embeddings", None) or 2048
+    context = int(s.context or top)
+    window = int(s.window) if s.window is not None else min(DEFAULT_AUTO_WINDOW, max(1, context // 4))
+    if s.kv_saving is not None:
+        target = parse_fraction(s.kv_saving)
+    else:
+        target = saving_of_bypass(config, len(s.layers) if s.layers else (s.k or 8), context)
+    seq = int(s.objective_seq_len or min(context, top, max(1024, 2 * window)))
+    return context, window, target, seq
+
+
+def parse_fraction(spec: float | str) -> float:
+    """0.25, '0.25', '25%' -> 0.25 (a KV saving)."""
+    text = str(spec).strip()
+    try:
+        v = float(text.rstrip("%")) / (100.0 if text.endswith("%") else 1.0)
+    except ValueError:
+        raise ValueError(f"`kv_saving={spec!r}`: give a fraction (0.25) or a percentage (25%).") from None
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"`kv_saving={spec!r}`: the saving must be above 0 and at most 100 %.")
+    return v
+
+
 @dataclass
 class _Made:
     """What the pruned layers get (alphas, and the refit maps with `fit=lstsq`), and the references."""
@@ -443,8 +510,9 @@ class _Made:
     maps: dict[int, LinearMap] | None
     search_info: dict[str, Any]
     fitted: FitResult | None
-    references: dict[str, tuple[list[float], dict[int, LinearMap] | None]]
-    windows: dict[int, int] | None = None  # window layers instead of bypassed ones
+    references: dict[str, tuple[list[int], list[float], dict[int, LinearMap] | None]]  # name -> layers, alphas, maps
+    bypassed: list[int]  # the layers `alphas` and `maps` are for (top first)
+    windows: dict[int, int] | None = None  # window layers
 
 
 def _windows(run: _Run, layers: list[int]) -> dict[int, int]:
@@ -456,10 +524,12 @@ def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Ma
     """Fitted maps or searched alphas for the chosen layers; and the other as a reference row. Window layers
     need neither: the refit of the same layers is their reference row."""
     s, k, layers = run.s, len(choice.layers), choice.layers
+    if choice.kinds is not None:
+        return _made_of_kinds(run, backend, win, choice.kinds, choice.budget_layers)
     if s.window is not None:
         fitted = backend.fit(win.calib, layers) if s.references else None
-        refs = {"harp-ls": ([1.0] * k, fitted.maps)} if fitted is not None else {}
-        return _Made([], None, {"method": "window", "window": s.window, "sinks": s.sinks}, fitted, refs,
+        refs = {"harp-ls": (layers, [1.0] * k, fitted.maps)} if fitted is not None else {}
+        return _Made([], None, {"method": "window", "window": s.window, "sinks": s.sinks}, fitted, refs, [],
                      _windows(run, layers))
     searched, fitted = choice.searched, choice.fitted
     alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
@@ -471,13 +541,27 @@ def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Ma
         fitted = fitted or backend.fit(win.calib, layers)
     if run.fit == "lstsq":
         assert fitted is not None
-        refs = {"harp": (searched.alphas, None)} if searched is not None else {}
-        return _Made(alphas, fitted.maps, search_info, fitted, refs)
+        refs = {"harp": (layers, searched.alphas, None)} if searched is not None else {}
+        return _Made(alphas, fitted.maps, search_info, fitted, refs, layers)
     if s.alphas is None:
         assert searched is not None
         alphas = list(searched.alphas)
-    refs = {"harp-ls": ([1.0] * k, fitted.maps)} if fitted is not None else {}
-    return _Made(alphas, None, search_info, fitted, refs)
+    refs = {"harp-ls": (layers, [1.0] * k, fitted.maps)} if fitted is not None else {}
+    return _Made(alphas, None, search_info, fitted, refs, layers)
+
+
+def _made_of_kinds(run: _Run, backend: _Backend, win: Windows, plan: KindPlan, budget_layers: list[int]) -> _Made:
+    """`kind=auto`'s plan as the layers to bypass (refit or drop) and to window; the reference row is the refit
+    of the top k layers its budget was stated as (same KV saving)."""
+    bypassed, alphas, maps = plan.bypassed
+    refs: dict[str, tuple[list[int], list[float], dict[int, LinearMap] | None]] = {}
+    fitted = None
+    if run.s.references and budget_layers:
+        fitted = backend.fit(win.calib, budget_layers)
+        refs["harp-ls"] = (budget_layers, [1.0] * len(budget_layers), fitted.maps)
+    info = {"method": "kind=auto", "window": plan.window, "sinks": plan.sinks,
+            "kinds": {str(i): k for i, k in sorted(plan.kinds.items(), reverse=True)}}
+    return _Made(alphas, maps, info, fitted, refs, bypassed, plan.window_layers)
 
 
 @dataclass
@@ -502,11 +586,12 @@ def _prune_and_measure(run: _Run, model: nn.Module, layers: list[int], made: _Ma
     s, k, ppl = run.s, len(layers), dict(before.ppl)
     with _timed(run.seconds, "eval"):
         if s.references:
-            refs = {**made.references, "alpha=1": ([1.0] * k, None), "alpha=0": ([0.0] * k, None)}
-            for name, (ref_alphas, ref_maps) in refs.items():
-                with temporarily_pruned(model, layers, ref_alphas, ref_maps):
+            same = {} if s.kind == "auto" else {"alpha=1": (layers, [1.0] * k, None),
+                                                 "alpha=0": (layers, [0.0] * k, None)}
+            for name, (ref_layers, ref_alphas, ref_maps) in {**made.references, **same}.items():
+                with temporarily_pruned(model, ref_layers, ref_alphas, ref_maps):
                     ppl[name] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-        prune(model, [] if made.windows else layers, made.alphas, made.maps, windows=made.windows, sinks=s.sinks)
+        prune(model, made.bypassed, made.alphas, made.maps, windows=made.windows, sinks=s.sinks)
         ppl[run.method] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {run.method}").ppl
     return _Measured(ppl, before.params_before, before.kv_before, count_parameters(model),
                      kv_bytes_after_prefill(model))
@@ -517,15 +602,16 @@ def _report(run: _Run, model: nn.Module, win: Windows, choice: _Choice, made: _M
     fit_info: dict[str, Any] = {"method": run.fit}
     if made.fitted is not None:
         fit_info.update(made.fitted.to_dict(), method=run.fit, ridge_setting=s.ridge, prior_setting=s.fit_prior,
-                        used=run.fit == "lstsq" and not made.windows)
+                        used=run.method == "harp-ls")
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
-        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl, window=s.window, sinks=s.sinks,
+        layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl,
+        window=choice.kinds.window if choice.kinds is not None else s.window, sinks=s.sinks,
+        kinds={str(i): k for i, k in sorted(choice.kinds.kinds.items(), reverse=True)} if choice.kinds else {},
         eval_tokens=int(win.eval.shape[0] * (win.eval.shape[1] - 1)),
         calib_tokens=int(win.calib.shape[0] * (win.calib.shape[1] - 1)),
         params_before=m.params_before, params_after=m.params_after,
-        params_removed_predicted=removed_parameters(model.config, [] if made.windows else choice.layers,
-                                                    made.alphas),
+        params_removed_predicted=removed_parameters(model.config, made.bypassed, made.alphas),
         kv_bytes_before=m.kv_before, kv_bytes_after=m.kv_after, seconds=run.seconds, search=made.search_info,
         selection=choice.selection, fit=fit_info, method=run.method,
         kv_at_contexts=kv_savings(model.config, None, dtype=s.dtype),
@@ -540,7 +626,9 @@ def _save(run: _Run, out: Path, model: nn.Module, tok: Any, win: Windows, report
     s, t = run.s, time.perf_counter()
     log_entries = report.search.get("log", [])
     recipe = {
-        "method": run.method, **({"window": s.window, "sinks": s.sinks} if s.window is not None else {}),
+        "method": run.method,
+        **({"window": report.window, "sinks": s.sinks} if report.window is not None else {}),
+        **({"kinds": report.kinds} if report.kinds else {}),
         "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
         "selection": report.selection, "search": {k: v for k, v in report.search.items() if k != "log"},
         "calibration": {"source": win.calib_text.name, "description": win.calib_text.description,
@@ -586,7 +674,10 @@ def check_prune(s: Any) -> ModelInfo | None:
     if s.streamed and s.method != "cached":
         out.add("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
-    if getattr(s, "window", None) is not None:
+    kind = getattr(s, "kind", None)
+    if kind is not None or any(getattr(s, f, None) is not None for f in ("kv_saving", "context", "objective_seq_len")):
+        _check_kind(s, info, out)
+    elif getattr(s, "window", None) is not None:
         _check_window(s, info, count, out)
     elif getattr(s, "sinks", 4) not in (0, PruneSettings.sinks):
         out.add(f"`sinks={s.sinks}` applies to window layers: add `window` (or drop `sinks`).")
@@ -609,13 +700,56 @@ def check_prune(s: Any) -> ModelInfo | None:
     e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
     outp = check_output(s.out, s.overwrite, [info.path if info else None], out)
-    searches = s.alphas is None and getattr(s, "window", None) is None
+    searches = s.alphas is None and getattr(s, "window", None) is None and getattr(s, "kind", None) != "auto"
     if outp is not None and info is not None and info.num_layers and count and s.select == "top" and searches:
 
         order = sorted(set(s.layers), reverse=True) if s.layers else top_layers(info.num_layers, count)
         check_search_state(state_file_for(outp), order, grid, out)
     out.raise_if_any()
     return info
+
+
+def _check_kind(s: Any, info: ModelInfo | None, out: Collector) -> None:
+    """`kind` and the settings only `kind=auto` takes."""
+    kind = s.kind
+    if kind not in (None, *LAYER_KINDS):
+        out.add(f"Unknown `kind={kind!r}`: use one of {', '.join(LAYER_KINDS)}.")
+        return
+    if kind != "auto":
+        for f in ("kv_saving", "context", "objective_seq_len"):
+            if getattr(s, f, None) is not None:
+                out.add(f"`{f}` applies to `kind=auto` (the layers and kinds chosen under a KV budget): add it or drop "
+                        f"`{f}`.")
+        if kind == "window" and s.window is None:
+            out.add("`kind=window` needs the window size: add `window`.")
+        if kind == "bypass" and s.window is not None:
+            out.add("`kind=bypass` bypasses the chosen layers; `window` keeps their attention: give one of them.")
+        if kind != "bypass" and s.window is not None:
+            _check_window(s, info, check_layer_choice(info, s.k, s.layers, s.alphas, Collector()), out)
+        return
+    if s.layers:
+        out.add("`kind=auto` chooses the layers: state the KV budget with `k` (the saving of the top k bypassed "
+                "layers) or `kv_saving`, not `layers`.")
+    if s.select != "top":
+        out.add(f"`kind=auto` chooses the layers at any depth itself; drop `select={s.select}`.")
+    for bad, why in ((s.alphas is not None, "`alphas`"), (s.fit == "none", "`fit=none`"),
+                     (s.streamed, "`streamed`")):
+        if bad:
+            out.add(f"`kind=auto` picks refit maps, drops and window layers on held-out loss; {why} does not apply.")
+    if s.kv_saving is not None:
+        out.run(parse_fraction, s.kv_saving)
+    if s.window is not None and (isinstance(s.window, bool) or not isinstance(s.window, int) or s.window < 1):
+        out.add(f"`window={s.window!r}`: a window is a whole number of tokens, at least 1 (the token itself).")
+    if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
+        out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0.")
+    check_positive(out, objective_windows=s.objective_windows)
+    top = info.max_positions if info is not None else None
+    for f in ("context", "objective_seq_len"):
+        v = getattr(s, f)
+        if v is not None and (not isinstance(v, int) or v < 2):
+            out.add(f"`{f}={v!r}`: a number of tokens, at least 2.")
+        elif v is not None and top and v > top:
+            out.add(f"`{f}={v}` is longer than the model's maximum context ({top} tokens).")
 
 
 def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collector) -> None:
