@@ -16,7 +16,7 @@ from harp.model.prune import temporarily_pruned
 from harp.modeling import HarpBlock
 
 
-def _attn(model, family="sdpa"):
+def _attn(family):
     return "eager" if family.startswith("gemma") else "sdpa"
 
 
@@ -32,7 +32,7 @@ def _direct_tail_nll(model, ids, tail):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_plan_meets_the_budget_and_its_loss_is_the_pruned_models(family):
-    model = tiny_model(family, attn=_attn(None, family))
+    model = tiny_model(family, attn=_attn(family))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     classes = [type(m) for m in model.modules()]
     calib, obj = _data()

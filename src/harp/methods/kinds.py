@@ -148,10 +148,7 @@ class _Scorer:
     def loss(self, kinds: dict[int, str]) -> float:
         """Mean NLL (nats) over the positions >= tail_from of the objective windows, with `kinds` applied."""
         self.evaluations += 1
-        if not kinds:
-            start = self.num - 1
-        else:
-            start = min(kinds)
+        start = min(kinds, default=self.num - 1)  # the original: only the top layer to replay
         block = plan_block(kinds, self.window, self.sinks)
         wins = dict(zip(block["window_layers"], block["windows"], strict=True))
         total = 0.0
