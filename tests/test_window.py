@@ -14,6 +14,7 @@ import transformers
 from tiny import FAMILIES, HIDE_HARP, tiny_model
 
 import harp
+from harp import modeling
 from harp.model import accounting
 from harp.model.accounting import kv_cache_bytes, output_cache
 from harp.modeling import HarpBlock, HarpBlockError, window_mask
@@ -96,6 +97,30 @@ def test_cached_decode_past_the_window_equals_a_full_forward(family, sinks):
             cache = output_cache(out)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_long_forward_runs_in_chunks_and_equals_one_pass(family, monkeypatch):
+    """Over more new tokens than max(w, WINDOW_CHUNK), a window layer attends chunk by chunk through its cache
+    slot (O(n w)): the logits equal one masked pass, without a cache and with left padding, and a chunked
+    prefill then cached greedy decoding gives the same tokens."""
+    attn = "eager" if family == "gemma2" else "sdpa"
+    sinks = 0 if family.startswith("gemma") else 1  # Gemma's local layers cannot keep sinks
+    model = harp.prune(tiny_model(family, attn=attn), [1], [0.5], windows=WINDOWS, sinks=sinks)
+    ids = torch.randint(1, 128, (2, 29))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    one_pass = _logits(model, ids, attention_mask=mask)
+    tokens = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    chunks = []
+    real = modeling._chunk_kwargs
+    monkeypatch.setattr(modeling, "_chunk_kwargs", lambda *a: chunks.append(a[1:]) or real(*a))
+    monkeypatch.setattr(modeling, "WINDOW_CHUNK", 6)
+    chunked = _logits(model, ids, attention_mask=mask)
+    assert (0, 6, 29) in chunks and (24, 30, 29) in chunks  # the chunked path ran, last chunk short
+    torch.testing.assert_close(chunked[0], one_pass[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked[1, 6:], one_pass[1, 6:], rtol=1e-5, atol=1e-5)  # padding rows are noise
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), tokens)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])

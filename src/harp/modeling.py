@@ -388,21 +388,71 @@ def window_mask(mask: torch.Tensor | None, queries: torch.Tensor, keys: torch.Te
     return picked.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
+WINDOW_CHUNK = 512  # a window layer's forward over more new tokens than max(w, this) runs in chunks of that size
+
+
+class _ChunkCache:
+    """The cache of one chunked window forward run without a model cache: the layer's slot alone,
+    discarded when the forward returns."""
+
+    def __init__(self, window: int, sinks: int) -> None:
+        self.slot = _WindowCacheLayer(window, sinks, None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.slot.update(key_states, value_states)
+
+
+def _chunk_kwargs(kwargs: dict[str, Any], start: int, end: int, n: int) -> dict[str, Any]:
+    """The attention kwargs of new tokens start..end-1 of n: the model's mask keeps those query rows and the
+    key columns up to the last of them; rotary embeddings and positions keep those positions."""
+    def cut(x: Any) -> Any:
+        return x[..., start:end, :] if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-2] == n else x
+
+    out = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        rows = mask[..., start:end, :] if mask.shape[-2] == n else mask
+        out["attention_mask"] = rows[..., : mask.shape[-1] - n + end]
+    if isinstance(kwargs.get("position_embeddings"), tuple):
+        out["position_embeddings"] = tuple(cut(x) for x in kwargs["position_embeddings"])
+    for name in ("position_ids", "cache_position"):
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and x.shape[-1] == n:
+            out[name] = x[..., start:end]
+    return out
+
+
 class _WindowedAttention:
     """Mixed into a family's own attention class (so the parameters and their names stay): the module
-    attends over the last `harp_window` positions only and caches at most `harp_window - 1` past ones."""
+    attends over the last `harp_window` positions only and caches at most `harp_window - 1` past ones.
+
+    A long forward (a prefill, a perplexity window) runs in chunks of max(w, WINDOW_CHUNK) tokens through
+    the layer's window cache slot, so its attention costs O(n * w), not O(n^2) behind a mask."""
 
     harp_window: int
     harp_sinks: int = 0
     layer_idx: int
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        n = hidden_states.shape[-2]
+        size = max(self.harp_window, WINDOW_CHUNK)
+        if args or n <= size:
+            return self._window_forward(hidden_states, *args, **kwargs)
+        if _cache_from(kwargs) is None:  # a forward without a model cache: the chunks share a throw-away one
+            key = "cache" if "cache" in kwargs else "past_key_values"
+            kwargs[key] = _ChunkCache(self.harp_window, self.harp_sinks)
+        parts = [self._window_forward(hidden_states[..., s:s + size, :], **_chunk_kwargs(kwargs, s, s + size, n))[0]
+                 for s in range(0, n, size)]
+        return torch.cat(parts, dim=-2), None
+
+    def _window_forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         window, sinks = self.harp_window, self.harp_sinks
         cache = _cache_from(kwargs)
         held = torch.zeros(0, dtype=torch.long)
         past = 0
         if cache is not None:
-            slot = _window_cache_slot(cache, self.layer_idx, window, sinks)
+            slot = cache.slot if isinstance(cache, _ChunkCache) else _window_cache_slot(cache, self.layer_idx,
+                                                                                          window, sinks)
             held, past = slot.positions, slot.get_seq_length()
         queries = torch.arange(past, past + hidden_states.shape[-2])
         keys = torch.cat([held, queries])  # what the cache slot returns with the new keys
