@@ -207,6 +207,19 @@ def test_cli_unsupported_is_one_clean_error(tmp_path: Path) -> None:
     assert "v_proj bias" in str(res.exception) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("fmt", ["deci", "gguf"])
+def test_a_window_checkpoint_is_refused_in_one_line(tmp_path: Path, fmt) -> None:
+    """llama.cpp's `deci` and the DeciLM layout have only full attention: a window checkpoint would run
+    unwindowed, so export refuses it, naming the layers and the flag that makes an exportable plan."""
+    ckpt = harp.save(harp.prune(tiny_model("llama"), [5], [0.5], windows={2: 4}), tmp_path / "ckpt")
+    out = tmp_path / ("o" if fmt == "deci" else "o.gguf")
+    res = CliRunner().invoke(get_app(), ["export", str(ckpt), "--format", fmt, "--out", str(out)])
+    assert res.exit_code != 0 and isinstance(res.exception, ValueError)  # refused before any weight loads
+    text = str(res.exception)
+    assert "\n" not in text and "window layers (2:4" in text and "--kind bypass" in text and "`" not in text, text
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------------------
 # GGUF layout (no llama.cpp needed)
 # --------------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def window_problems(config: Any) -> list[str]:
         return []
     return [f"harp window layers ({block.windows_text()}, layer:window): the DeciLM format has only full causal "
             "attention, so the exported model would attend past the window and differ from this one. "
-            "Alternative: " + _USE_TRANSFORMERS + ", or prune without --window to export."]
+            "Alternative: " + _USE_TRANSFORMERS + ", or prune with `kind=bypass` (no window layers) to export."]
 
 
 def _config_problems(config: Any) -> list[str]:
