@@ -388,7 +388,7 @@ def window_mask(mask: torch.Tensor | None, queries: torch.Tensor, keys: torch.Te
     return picked.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
-WINDOW_CHUNK = 512  # a window layer's forward over more new tokens than max(w, this) runs in chunks of that size
+WINDOW_CHUNK = 512  # a window layer's forward over more new tokens than this runs in chunks of this size
 
 
 class _ChunkCache:
@@ -426,16 +426,16 @@ class _WindowedAttention:
     """Mixed into a family's own attention class (so the parameters and their names stay): the module
     attends over the last `harp_window` positions only and caches at most `harp_window - 1` past ones.
 
-    A long forward (a prefill, a perplexity window) runs in chunks of max(w, WINDOW_CHUNK) tokens through
-    the layer's window cache slot, so its attention costs O(n * w), not O(n^2) behind a mask."""
+    A long forward (a prefill, a perplexity window) runs in chunks of WINDOW_CHUNK tokens through the
+    layer's window cache slot, so its attention costs O(n * (w + WINDOW_CHUNK)), not O(n^2) behind a mask;
+    tokens that all see each other (the first w of a sequence) keep the model's own (causal) mask."""
 
     harp_window: int
     harp_sinks: int = 0
     layer_idx: int
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        n = hidden_states.shape[-2]
-        size = max(self.harp_window, WINDOW_CHUNK)
+        n, size = hidden_states.shape[-2], WINDOW_CHUNK
         if args or n <= size:
             return self._window_forward(hidden_states, *args, **kwargs)
         if _cache_from(kwargs) is None:  # a forward without a model cache: the chunks share a throw-away one
@@ -454,6 +454,8 @@ class _WindowedAttention:
             slot = cache.slot if isinstance(cache, _ChunkCache) else _window_cache_slot(cache, self.layer_idx,
                                                                                           window, sinks)
             held, past = slot.positions, slot.get_seq_length()
+        if past == 0 and hidden_states.shape[-2] <= window:  # the band is the causal mask the model built
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         queries = torch.arange(past, past + hidden_states.shape[-2])
         keys = torch.cat([held, queries])  # what the cache slot returns with the new keys
         eager = getattr(getattr(self, "config", None), "_attn_implementation", None) == "eager"
