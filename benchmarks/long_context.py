@@ -212,9 +212,56 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
         png = harp.plot_position_losses(res, out / f"loss_{x}@{top}.png",
                                         title=f"{TEXT_NAMES.get(x, x)}: loss by position, k = {a.k}")
         lines += [f"![loss by position]({png.name})", ""]
+    ppl = {x: {m: d["ppl"] for m in methods if (d := load(m, f"loss_{x}@{top}")) is not None} for x in texts}
+    if plans and any(ppl.values()):
+        png = plot_quality_vs_kv(out / f"quality_vs_kv@{top}.png", ppl, plans, top, a)
+        lines += [f"## Perplexity against KV saving at {top} tokens", "", f"![quality vs KV saving]({png.name})", ""]
     (out / "summary.md").write_text("\n".join(lines))
     log(f"wrote {out / 'summary.md'}")
     print("\n".join(lines))
+
+
+def kv_saving_of(plan: dict[str, Any], config: Any, context: int) -> float:
+    """The KV saving of a saved plan at `context` tokens (exact accounting: a window layer holds w - 1 + sinks)."""
+    from harp.methods.kinds import kv_saving
+
+    kind = "window" if plan["kind"] == "window" else "refit"  # any bypass frees the layer's whole cache
+    return kv_saving(config, {i: kind for i in plan["layers"]}, plan.get("window") or 1, plan.get("sinks") or 0,
+                     context)
+
+
+def plot_quality_vs_kv(path: Path, ppl: dict[str, dict[str, float]], plans: dict[str, Any], top: int,
+                       a: argparse.Namespace) -> Path:
+    """Perplexity at `top` tokens (relative to the original, one series per text) against the KV saving at `top`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harp.model.source import load_config
+
+    config = load_config(a.model)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for j, (x, marker) in enumerate(zip(ppl, "os^D", strict=False)):
+        base = ppl[x].get("original")
+        pts = [(100 * kv_saving_of(plans[m], config, top), v / base, m)
+               for m, v in ppl[x].items() if m in plans and base]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=TEXT_NAMES.get(x, x))
+        if j == 0:  # one label per method, beside its first text's point
+            for kv, rel, m in pts:
+                ax.annotate(m, (kv, rel), fontsize=7, xytext=(-6, 0), textcoords="offset points", ha="right",
+                            va="center")
+    ax.axhline(1.05, color="grey", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.margins(x=0.15)
+    ax.set_xlabel(f"KV-cache saving at {top} tokens (%)")
+    ax.set_ylabel(f"perplexity at {top} tokens / original's")
+    ax.set_title(f"k = {a.k}: quality against KV saving (dashed: +5 %)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
