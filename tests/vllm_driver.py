@@ -8,7 +8,7 @@ OUT:  {"ok": true, "tokens": [[...]], "prompt_logprobs": [[float per prompt toke
        "num_gpu_blocks": int, "block_size": int, "model_class": str, "attention_modules": int,
        "kv_layers": {layer index: {"spec": KV cache spec class, "sliding_window": int | None,
                      "block_size": int, "page_size_bytes": int, "max_memory_usage_bytes": int}},
-       "max_model_len": int, "max_in_flight_tokens": int}
+       "max_model_len": int, "max_in_flight_tokens": int, "max_concurrency": float}
    or {"ok": false, "error": "ExceptionType: message"} when the engine refuses the model.
 
 The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a load error arrives
@@ -52,6 +52,14 @@ def _kv_layers(llm) -> dict:
                 "max_memory_usage_bytes": spec.max_memory_usage_bytes(vllm_config),
             }
     return layers
+
+
+def _max_concurrency(llm) -> float:
+    """vLLM's own figure (the one it logs): how many max_model_len requests its KV cache holds at once."""
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    kv = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config
+    return float(get_max_concurrency_for_kv_cache_config(llm.llm_engine.vllm_config, kv))
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -109,7 +117,7 @@ def main(spec_path: str, out_path: str) -> None:
         out.update(llm.apply_model(_inspect)[0])
         vllm_config = llm.llm_engine.vllm_config
         out.update(kv_layers=_kv_layers(llm), max_model_len=vllm_config.model_config.max_model_len,
-                   max_in_flight_tokens=vllm_config.max_in_flight_tokens)
+                   max_in_flight_tokens=vllm_config.max_in_flight_tokens, max_concurrency=_max_concurrency(llm))
     open(out_path, "w").write(json.dumps(out))
 
 
