@@ -1,4 +1,6 @@
-"""A HARP checkpoint saved by main at commit e2209cf (before the package restructure) keeps loading bit-exactly.
+"""A HARP checkpoint saved by main at commit e2209cf (before the package restructure) keeps loading exactly: the
+same weights bit for bit, the same greedy tokens, and the same logits up to float32 round-off (the reference
+logits were recorded on another CPU, whose matmul kernels may round the last bit differently: 6e-8 seen).
 
 tests/data/legacy_e2209cf/ holds a tiny random LLaMA (4 layers: layer 0 pruned with alpha 0.7, layer 1 with
 a closed-form refit map, layer 2 unpruned, layer 3 with alpha 0, i.e. attention removed), saved by
@@ -74,14 +76,14 @@ def test_vendored_checkpoint_is_the_one_e2209cf_saved():
     assert json.loads((DATA / "checkpoint" / "harp_recipe.json").read_text())["harp_commit"] == "e2209cf"
 
 
-def test_harp_load_reproduces_logits_and_cached_greedy_bit_exactly(checkpoint):
+def test_harp_load_reproduces_logits_and_cached_greedy_exactly(checkpoint):
     ids, ref_logits, ref_greedy = _reference()
     before = _digest(checkpoint)
     model = harp.load(checkpoint)
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     assert logits.dtype == torch.float32
-    assert torch.equal(logits, ref_logits), f"max |diff| {(logits - ref_logits).abs().max().item():.3g}"
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6)  # round-off only: a wrong map is >> 1e-3
 
     assert dict(model.config.harp) == HARP_BLOCK  # the harp block reads back as it was written
     names = {n for n, _ in model.named_parameters()}
@@ -142,5 +144,5 @@ def test_plain_transformers_trust_remote_code_gives_the_same_logits(checkpoint, 
     assert r.returncode == 0, r.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt")
     assert out["cls"] == "HarpLlamaForCausalLM"  # the checkpoint's own modeling_harp.py, not installed harp
-    assert torch.equal(out["logits"], ref_logits)
+    torch.testing.assert_close(out["logits"], ref_logits, rtol=0, atol=1e-6)
     assert out["greedy"] == ref_greedy

@@ -120,10 +120,12 @@ def main(argv: Sequence[str]) -> None:
     contexts = sorted(int(n) for n in a.contexts.split(","))  # written by probe_memory from checked contexts
     model, _ = load_model(a.probe, dtype=a.dtype, attn_implementation=a.attn, with_tokenizer=False)
     kw = cache_kwarg(model)
+    rss = _status_bytes("VmRSS")
     out: dict[str, Any] = {
-        "rss_after_load_bytes": _status_bytes("VmRSS"),
-        # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS at fork time
-        "peak_during_load_bytes": _status_bytes("VmHWM") or peak_rss_bytes(),
+        "rss_after_load_bytes": rss,
+        # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss starts at its parent's RSS at fork time. The kernel
+        # updates VmHWM lazily, so it can lag the current VmRSS by a page or two: the peak is at least the RSS.
+        "peak_during_load_bytes": max(_status_bytes("VmHWM") or peak_rss_bytes(), rss or 0),
         "weights_bytes": weights_bytes(model),
         "peak_rss_bytes": {},
     }
