@@ -143,6 +143,8 @@ def test_prune_kind_auto_end_to_end(llama_folder, tmp_path):
     # the budget is the KV saving of the top 2 bypassed layers at the model's maximum (512 tokens)
     assert summary["selection"]["target_saving"] == pytest.approx(2 / 6)
     assert summary["kv_at_contexts"][-1]["saving"] >= 2 / 6 - 1e-9
+    # the wall-time row counts the kind choice (the slow part of --kind auto), not "search 0 s" alone
+    assert summary["seconds"]["select"] > 0 and f"select {summary['seconds']['select']:.0f} s" in flat
     # the checkpoint holds exactly the chosen kinds and reloads to the measured model
     block = HarpBlock.from_config(json.loads((out / "config.json").read_text()))
     assert block.windows_plan == {i: 32 for i, k in kinds.items() if k == "window"}

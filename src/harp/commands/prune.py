@@ -104,8 +104,8 @@ def summary_table(r: PruneReport) -> Table:
     t.add_row("parameters", f"{r.params_before:,} -> {r.params_after:,}")
     t.add_row("KV cache", kv_row(r))
     sec = r.seconds
-    t.add_row("wall time", f"{sec['total']:.0f} s (search {sec.get('search', 0):.0f} s, "
-              f"fit {sec.get('fit', 0):.0f} s, eval {sec.get('eval', 0):.0f} s)")
+    parts = [f"{k} {sec[k]:.0f} s" for k in ("select", "search", "fit", "eval") if sec.get(k) or k != "select"]
+    t.add_row("wall time", f"{sec['total']:.0f} s ({', '.join(parts)})")  # select: layer/kind choice
     if r.out:
         t.add_row("saved to", r.out)
     return t
