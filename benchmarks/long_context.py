@@ -23,17 +23,26 @@ summarise whatever cells exist (every context found on disk). The loss-by-positi
 retrieval smallest context first, so a run cut short still compares every method at the contexts it reached.
 The plans do not depend on --n, so a later run at another context and n (e.g. `--contexts 8192 --n 20`)
 reuses them and adds its cells to the same summary.
+
+A saved checkpoint joins the comparison as a method of its own with `--checkpoint NAME=DIR` (repeatable): its
+cells run on the checkpoint as loaded (`harp.load_model(DIR)`) with the same prompts and windows, e.g. what
+`harp prune --kind auto` chose, which no `harp compare` method reproduces:
+
+    harp prune --kind auto -k 8 --context 8192 --out runs/smollm2-auto-k8
+    python benchmarks/long_context.py --methods original --checkpoint kind-auto=runs/smollm2-auto-k8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +86,8 @@ def main() -> None:
     ap.add_argument("--summary-only", action="store_true",
                     help="measure nothing: write OUT/summary.md and the PNGs from the cells already there")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results/long_context_<model>_k<k>)")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                    help="also measure a saved (pruned) checkpoint as method NAME (repeatable)")
     a = ap.parse_args()
 
     import torch
@@ -89,7 +100,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     tag = "smollm2" if a.model is None else Path(str(a.model)).stem.split("-instruct")[0].lower()
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"long_context_{tag}_k{a.k}"
+    checkpoints = dict(parse_checkpoint(x) for x in a.checkpoint)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    methods += [m for m in checkpoints if m not in methods]
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     contexts = harp.parse_contexts(a.contexts)
     texts = [t.strip() for t in a.ppl_texts.split(",") if t.strip()]
@@ -129,11 +142,16 @@ def main() -> None:
         if saved.pop("settings", None) != plan_settings:  # plans do not depend on n or the windows
             saved = {}
         plans: dict[str, Plan] = {}
+        loaded: dict[str, Any] = {}
 
         def plan_for(method: str) -> Plan:
             if method in plans:
                 return plans[method]
-            if method == "original":
+            if method in checkpoints:  # measured on the checkpoint itself: its plan is only described
+                plan = checkpoint_plan(method, checkpoints[method])
+                saved[method] = {**plan.to_dict(), "block": plan.info["block"], "describe": plan.info["describe"]}
+                write_json(plans_file, {**saved, "settings": plan_settings})
+            elif method == "original":
                 plan = ORIGINAL
             elif method in saved and not method.endswith("-ls") and METHODS[method].kind != "window":
                 d = saved[method]
@@ -142,11 +160,25 @@ def main() -> None:
                 t = time.perf_counter()
                 log(f"selecting {method} (k = {a.k})")
                 plan = selector.select(method, a.k)
-                log(f"  {method}: {plan.describe()} ({time.perf_counter() - t:.0f} s)")
+                log(f"  {method}: {describe(plan)} ({time.perf_counter() - t:.0f} s)")
                 saved[method] = plan.to_dict()
                 write_json(plans_file, {**saved, "settings": plan_settings})
             plans[method] = plan
             return plan
+
+        @contextlib.contextmanager
+        def pruned(method: str) -> Iterator[Any]:
+            """The model `method` is measured on: the original with the method's plan applied, or its checkpoint."""
+            plan = plan_for(method)
+            if method not in checkpoints:
+                with applied(model, plan):
+                    yield model
+                return
+            if method not in loaded:
+                loaded.clear()  # one checkpoint resident at a time
+                log(f"loading checkpoint {checkpoints[method]} for {method}")
+                loaded[method] = harp.load_model(checkpoints[method], with_tokenizer=False)[0]
+            yield loaded[method]
 
         windows: dict[str, torch.Tensor] = {}
         for x, m in todo_ppl:
@@ -154,22 +186,22 @@ def main() -> None:
                 ids = harp.tokenize(tok, harp.load_text(x))
                 windows[x] = harp.evaluation_windows(ids, top, a.ppl_windows * top, bos=bos)
             plan = plan_for(m)
-            with applied(model, plan):
-                r = harp.position_losses(model, windows[x])
+            with pruned(m) as mm:
+                r = harp.position_losses(mm, windows[x])
             log(f"{m} loss by position on {x}, {r.windows} x {r.seq_len}: ppl {r.ppl:.2f}; "
                 + ", ".join(f"{b['bucket']} {b['nll']:.3f}" for b in r.buckets))
             write_json(cell_path(m, f"loss_{x}@{top}"), {**r.to_dict(curve=True), "method": m, "text": x,
-                                                        "plan": plan.describe(), "settings": settings,
+                                                        "plan": describe(plan), "settings": settings,
                                                         "command": command})
         items: dict[tuple[str, int], list] = {}
         for c, t, m in todo:
             if (t, c) not in items:
                 items[(t, c)] = harp.retrieval_items(t, tok, c, a.n, a.seed, max_context=limit)
             plan = plan_for(m)
-            with applied(model, plan):
-                r = harp.retrieval_score(model, tok, items[(t, c)])
+            with pruned(m) as mm:
+                r = harp.retrieval_score(mm, tok, items[(t, c)])
             log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
-            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": plan.describe(),
+            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": describe(plan),
                                                   "settings": settings, "command": command})
     summarise(out, methods, tasks, contexts, texts, top, command, a)
 
@@ -195,9 +227,10 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
     plans.pop("settings", None)
     if plans:
         lines += ["Plans (layers, top first: alpha; refit maps for the -ls methods):", ""]
-        lines += [f"- {m}: " + ", ".join(f"{i}:{al:g}" if al is not None else str(i) for i, al in
-                                        sorted(zip(p["layers"], p["alphas"] or [None] * len(p["layers"]),
-                                                   strict=True), reverse=True)) for m, p in plans.items()]
+        lines += [f"- {m}: " + (p.get("describe") or ", ".join(
+            f"{i}:{al:g}" if al is not None else str(i)
+            for i, al in sorted(zip(p["layers"], p["alphas"] or [None] * len(p["layers"]), strict=True), reverse=True)))
+            for m, p in plans.items()]
         lines.append("")
     for x in texts:
         res = {m: d for m in methods if (d := load(m, f"loss_{x}@{top}")) is not None}
@@ -221,9 +254,46 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
     print("\n".join(lines))
 
 
+def describe(plan: Any) -> str:
+    """A plan in one line (a checkpoint's own description, else the method's)."""
+    return plan.info.get("describe") or plan.describe()
+
+
+def parse_checkpoint(spec: str) -> tuple[str, str]:
+    """'NAME=DIR' -> (name, dir), refused in one line when DIR is not a harp checkpoint."""
+    from harp.model.checkpoint import is_harp_checkpoint
+
+    name, sep, folder = spec.partition("=")
+    if not sep or not name.strip() or not folder.strip():
+        sys.exit(f"error: --checkpoint {spec!r}: give NAME=DIR, e.g. kind-auto=runs/smollm2-auto-k8")
+    if not is_harp_checkpoint(Path(folder).expanduser()):
+        sys.exit(f"error: --checkpoint {spec!r}: {folder} is not a harp checkpoint folder (harp prune --out ...)")
+    return name.strip(), str(Path(folder).expanduser())
+
+
+def checkpoint_plan(method: str, folder: str) -> Any:
+    """A `Plan` describing a saved checkpoint (its `harp` block in info), for the summary and the KV plot."""
+    from harp.methods.selector import Plan
+    from harp.model.checkpoint import read_config
+
+    block = read_config(folder)["harp"]
+    wins = dict(zip(block.get("window_layers", []), block.get("windows", []), strict=True))
+    parts = [f"{i} window {wins[i]}" for i in wins] + [
+        f"{i} {'drop' if al == 0 else 'refit' if al == 1 else f'alpha {al:g}'}"
+        for i, al in zip(block["layers"], block["alphas"], strict=True)]
+    describe = f"checkpoint {folder}: " + ", ".join(sorted(parts, key=lambda x: -int(x.split()[0])))
+    return Plan(method, "checkpoint", sorted({*block["layers"], *wins}, reverse=True), None,
+                info={"block": block, "describe": describe})
+
+
 def kv_saving_of(plan: dict[str, Any], config: Any, context: int) -> float:
     """The KV saving of a saved plan at `context` tokens (exact accounting: a window layer holds w - 1 + sinks)."""
     from harp.methods.kinds import kv_saving
+    from harp.model.accounting import kv_cache_bytes_expected
+
+    if "block" in plan:  # a checkpoint: its own harp block, mixed kinds included
+        before = kv_cache_bytes_expected(config, context, {"layers": [], "alphas": []})
+        return 1.0 - kv_cache_bytes_expected(config, context, plan["block"]) / before
 
     kind = "window" if plan["kind"] == "window" else "refit"  # any bypass frees the layer's whole cache
     return kv_saving(config, {i: kind for i in plan["layers"]}, plan.get("window") or 1, plan.get("sinks") or 0,
