@@ -308,9 +308,12 @@ def plot_quality_vs_kv(path: Path, ppl: dict[str, dict[str, float]], plans: dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from harp.model.load import converted_gguf
     from harp.model.source import load_config
 
-    config = load_config(a.model)
+    # a GGUF has no config.json: read the one of its converted folder (measuring converted it)
+    gguf = a.model is not None and str(a.model).endswith(".gguf")
+    config = load_config(converted_gguf(a.model) if gguf else a.model)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for j, (x, marker) in enumerate(zip(ppl, "os^D", strict=False)):
         base = ppl[x].get("original")
