@@ -275,15 +275,15 @@ def checkpoint_plan(method: str, folder: str) -> Any:
     """A `Plan` describing a saved checkpoint (its `harp` block in info), for the summary and the KV plot."""
     from harp.methods.selector import Plan
     from harp.model.checkpoint import read_config
+    from harp.modeling import HarpBlock
 
-    block = read_config(folder)["harp"]
-    wins = dict(zip(block.get("window_layers", []), block.get("windows", []), strict=True))
-    parts = [f"{i} window {wins[i]}" for i in wins] + [
-        f"{i} {'drop' if al == 0 else 'refit' if al == 1 else f'alpha {al:g}'}"
-        for i, al in zip(block["layers"], block["alphas"], strict=True)]
-    describe = f"checkpoint {folder}: " + ", ".join(sorted(parts, key=lambda x: -int(x.split()[0])))
-    return Plan(method, "checkpoint", sorted({*block["layers"], *wins}, reverse=True), None,
-                info={"block": block, "describe": describe})
+    cfg = read_config(folder)
+    hb = HarpBlock.from_config(cfg)  # the one parser of a harp block
+    kinds = {i: f"window {w}" for i, w in hb.windows_plan.items()} | {
+        i: "drop" if al == 0 else "refit" if al == 1 else f"alpha {al:g}" for i, al in hb.plan.items()}
+    describe = f"checkpoint {folder}: " + ", ".join(f"{i} {kinds[i]}" for i in sorted(kinds, reverse=True))
+    return Plan(method, "checkpoint", sorted(kinds, reverse=True), None,
+                info={"block": cfg["harp"], "describe": describe})
 
 
 def kv_saving_of(plan: dict[str, Any], config: Any, context: int) -> float:
@@ -311,9 +311,10 @@ def plot_quality_vs_kv(path: Path, ppl: dict[str, dict[str, float]], plans: dict
     from harp.model.load import converted_gguf
     from harp.model.source import load_config
 
-    # a GGUF has no config.json: read the one of its converted folder (measuring converted it)
+    # a GGUF has no config.json: read the one of its converted folder (measuring converted it; if it is not
+    # there, load_config names the problem instead of silently reading the default model's)
     gguf = a.model is not None and str(a.model).endswith(".gguf")
-    config = load_config(converted_gguf(a.model) if gguf else a.model)
+    config = load_config((converted_gguf(a.model) or a.model) if gguf else a.model)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for j, (x, marker) in enumerate(zip(ppl, "os^D", strict=False)):
         base = ppl[x].get("original")

@@ -25,6 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import harp  # noqa: E402
+from harp.util.fsio import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (window, sinks), the question first: does a window of 256 need its sinks? 16 sinks last
@@ -52,9 +53,7 @@ def main() -> None:
     top = list(range(num - k, num))
 
     def save() -> None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, out)
+        write_json_atomic(out, res)
 
     texts = ("wikitext2-raw-test", "tinyshakespeare")
     windows = {x: harp.evaluation_windows(harp.tokenize(tok, harp.load_text(x)), 1024, a.windows * 1024)
