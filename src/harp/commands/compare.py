@@ -10,7 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import harp.methods.catalog  # noqa: F401  (registers every method: the --methods help lists them)
 from harp.commands.eval import TASKS_HELP
+from harp.methods.registry import METHODS
 
 
 def _ks(spec: str | None) -> list[int]:
@@ -59,8 +61,7 @@ def compare_cmd(
                               help="Model: 'smollm2-135m' (bundled default), a folder, a .gguf file, or a hub id."),
     layers: str = typer.Option("8", "--layers", "-k", help="k: attention sub-layers to remove/bypass; '4,8' for both."),
     methods: str = typer.Option("all", "--methods",
-                                help="Comma-separated: harp, harp-refine, no-rescale, attn-drop-top, harp-low, "
-                                     "harp-any, attention-drop, shortgpt, sleb (or 'all')."),
+                                help=f"Comma-separated (or 'all'): {', '.join(METHODS)}."),
     tasks: str = typer.Option(None, "--tasks", "-t", help=TASKS_HELP + " WikiText-2 perplexity is always measured."),
     limit: str = typer.Option(None, "--limit", help="Items per lm-eval task: N, or e.g. '200,gsm8k=30'."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, then ./data)."),
