@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -52,6 +53,36 @@ def test_plan_meets_the_budget_and_its_loss_is_the_pruned_models(family):
         assert _direct_tail_nll(model, obj, 48) == pytest.approx(plan.base_loss, abs=1e-4)
     # every step's measured loss is logged, and the last one is the plan's
     assert plan.steps and plan.steps[-1]["loss"] == plan.loss and plan.evaluations > len(plan.steps)
+
+
+def test_recall_windows_join_the_objective():
+    """With recall windows the objective is the text's tail loss plus the answers' mean NLL, both of the model
+    pruned with the plan; a window layer narrower than the needles' distance is judged on losing them."""
+    model = tiny_model("llama", attn="sdpa")
+    calib, obj = _data()
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randint(0, 128, (2, 80), generator=g)
+    mask = torch.zeros(probe.shape, dtype=torch.bool)
+    mask[:, 60:70] = True
+    target = saving_of_bypass(model.config, 2, 256)
+    plan = choose_kinds(model, calib, obj, target, context=256, window=6, sinks=0, recall=(probe, mask))
+
+    def answers_nll() -> float:
+        logits = model(probe).logits[:, :-1].float()
+        nll = -torch.log_softmax(logits, -1).gather(-1, probe[:, 1:, None])[..., 0]
+        return nll[mask[:, :-1]].mean().item()
+
+    layers, alphas, maps = plan.bypassed
+    with temporarily_pruned(model, layers, alphas, maps, windows=plan.window_layers, sinks=0), torch.no_grad():
+        text, recall = _direct_tail_nll(model, obj, 48), answers_nll()
+    assert plan.loss == pytest.approx(text + recall, abs=1e-4)
+    assert plan.objective["recall_nll"] == pytest.approx(recall, abs=1e-4)
+    assert plan.objective["ppl"] == pytest.approx(math.exp(text), rel=1e-4)
+    with torch.no_grad():
+        assert plan.base_loss == pytest.approx(_direct_tail_nll(model, obj, 48) + answers_nll(), abs=1e-4)
+    assert plan.objective["recall_windows"] == 2 and plan.objective["recall_tokens"] == 20
+    with pytest.raises(ValueError, match="mask must mark some positions"):
+        choose_kinds(model, calib, obj, target, context=256, window=6, recall=(probe, torch.zeros_like(mask)))
 
 
 def test_budget_counts_window_layers_exactly():
@@ -162,6 +193,21 @@ def test_prune_kind_auto_end_to_end(llama_folder, tmp_path):
     assert perplexity(loaded, ids).ppl == pytest.approx(summary["ppl"]["mixed"], rel=1e-4)
 
 
+def test_prune_kind_auto_with_recall_windows(llama_folder, tmp_path):
+    """--recall-windows: the recipe records the answers' NLL beside the text's perplexity, the summary shows
+    both; recall windows too short for needles past the window are refused naming the settings."""
+    r = _cli("prune", "--model", llama_folder, "--out", tmp_path / "auto", "--kind", "auto", "--layers", "2",
+             "--window", "32", "--recall-windows", "1", "--no-reference", *SMALL, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    objective = json.loads((tmp_path / "s.json").read_text())["selection"]["objective"]
+    assert objective["recall_windows"] == 1 and objective["recall_seq_len"] == 512 and objective["recall_tokens"] > 0
+    assert objective["recall_base_nll"] > 0 and "recall NLL" in " ".join(r.output.split())
+    r = _cli("prune", "--model", llama_folder, "--out", tmp_path / "short", "--kind", "auto", "--layers", "2",
+             "--window", "400", "--recall-windows", "1", *SMALL)
+    assert r.exit_code != 0 and "--recall-windows 1: Recall windows of 512 tokens leave no room" in str(r.exception)
+    assert "Here the windows are 512 tokens" in str(r.exception) and "give a smaller --window" in str(r.exception)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--kind", "auto", "--layer-ids", "4,5"], "--kind auto chooses the layers: state the KV budget"),
     (["--kind", "auto", "--alphas", "1,1"], "--alphas does not apply"),
@@ -174,6 +220,8 @@ def test_prune_kind_auto_end_to_end(llama_folder, tmp_path):
     (["--kv-saving", "25%"], "--kv-saving applies to --kind auto"),
     (["--kind", "window"], "--kind window needs the window size: add --window"),
     (["--kind", "bypass", "--window", "8"], "--kind bypass bypasses the chosen layers"),
+    (["--recall-windows", "2"], "--recall-windows applies to --kind auto"),
+    (["--kind", "auto", "--recall-windows", "-1"], "--recall-windows -1: a whole number of windows"),
 ])
 def test_prune_kind_bad_input_refused_before_loading(llama_folder, tmp_path, monkeypatch, args, message):
     import harp.jobs.prune as job

@@ -121,6 +121,34 @@ def test_niah_needles_keys_and_depth(toks):
     assert all(len(re.findall("special magic numbers for", tok.decode(list(i.ids)))) == 1 for i in single)
 
 
+@pytest.mark.parametrize("name", ["bpe", "bpe_bos"])
+def test_recall_probe_marks_the_answers_far_past_their_needles(toks, name):
+    """`recall_probe` (kind=auto's recall objective): windows of exactly the asked length; the mask marks the
+    positions whose next token is an answer, every answer is the value of its key's needle, and every needle
+    ends at least `far` tokens before the first answer."""
+    tok, text = toks[name], load_text("wikitext2-valid")
+    ids, mask = L.recall_probe(tok, text, 900, 400, n=3, needles=3, seed=1)
+    assert ids.shape == mask.shape == (3, 900) and not mask[:, -1].any()
+    again, _ = L.recall_probe(tok, text, 900, 400, n=3, needles=3, seed=1)
+    assert torch.equal(ids, again) and not torch.equal(ids, L.recall_probe(tok, text, 900, 400, n=3, needles=3)[0])
+    for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+        if bos_token(tok) is not None:
+            assert row[0] == bos_token(tok)
+        decoded = tok.decode(row)
+        planted = dict(re.findall(r"One of the special magic numbers for (\w+) is: (\d+)\.", decoded))
+        asked = re.findall(r"The special magic number for (\w+) mentioned in the provided text is (\d+)", decoded)
+        assert len(planted) == 3 and [k for k, _ in asked] == list(planted) and all(planted[k] == v for k, v in asked)
+        marked = tok.decode([row[t + 1] for t in range(900) if m[t]])
+        assert marked.split() == [v for _, v in asked]
+        first_answer = m.index(True) + 1
+        for k, v in planted.items():
+            needle = _enc(tok, " " + L.NIAH_NEEDLE.format(key=k, value=v))
+            end = next(i + len(needle) for i in range(900) if row[i:i + len(needle)] == needle)
+            assert first_answer - end >= 400
+    with pytest.raises(ValueError, match=r"no room for 3 needles 800 tokens before their questions"):
+        L.recall_probe(tok, text, 900, 800, needles=3)
+
+
 def test_filler_overrides_the_haystack(toks, tmp_path):
     tok = toks["bpe"]
     story = " ".join(f"Sentence number {i} of the story goes here." for i in range(400))

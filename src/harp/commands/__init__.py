@@ -24,8 +24,8 @@ PARAMS = {
     "activations", "alphas", "auto_k", "batch_size", "calib", "calib_windows", "context", "data_dir", "device",
     "eval", "eval_seq_len", "eval_tokens", "filler", "fit", "grid", "kind", "kv_saving", "limit", "max_k",
     "max_ppl_increase", "method",
-    "model", "out", "overwrite", "plot", "select", "seq_len", "sinks", "streamed", "tasks", "text", "threads",
-    "tokenizer_gguf", "window", "windows",
+    "model", "out", "overwrite", "plot", "recall_windows", "select", "seq_len", "sinks", "streamed", "tasks", "text",
+    "threads", "tokenizer_gguf", "window", "windows",
 }
 
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")

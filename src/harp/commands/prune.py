@@ -72,8 +72,10 @@ def summary_table(r: PruneReport) -> Table:
     if r.kinds:
         t.add_row("kinds (top first; --kind auto)", ", ".join(
             f"{i} {k}" + (f" {r.window}" if k == "window" else "") for i, k in r.kinds.items()))
+        o = r.selection["objective"]
         t.add_row("--kind auto", f"saves {r.selection.get('budget', '')}; held-out long-context perplexity "
-                  f"{r.selection['objective']['base_ppl']:.2f} -> {r.selection['objective']['ppl']:.2f}")
+                  f"{o['base_ppl']:.2f} -> {o['ppl']:.2f}" + (f"; recall NLL {o['recall_base_nll']:.3f} -> "
+                                                             f"{o['recall_nll']:.3f}" if "recall_nll" in o else ""))
     elif r.window is not None:
         t.add_row("kind", f"window layers: attention over the last {r.window} tokens"
                   + (f" and the first {r.sinks}" if r.sinks else ""))
@@ -145,6 +147,10 @@ def prune_cmd(
     context: int = typer.Option(None, "--context",
                                 help="With --kind auto: the context the KV budget is stated at (default: the model's "
                                      "maximum)."),
+    recall_windows: int = typer.Option(PruneSettings.recall_windows, "--recall-windows",
+                                       help="With --kind auto: also judge plans on N calibration-text windows with "
+                                            "magic numbers planted more than --window tokens before their questions "
+                                            "(the answers' loss joins the objective; 0: text loss only)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),
     calib_windows: int = typer.Option(PruneSettings.calib_windows, "--calib-windows",
@@ -181,7 +187,7 @@ def prune_cmd(
     settings = PruneSettings(
         model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
         fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=sinks, kind=kind, kv_saving=kv_saving,
-        context=context, calib=calib, eval=eval_,
+        context=context, recall_windows=recall_windows, calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,
         device=device, streamed=streamed, activations=activations, threads=threads, out=str(out), overwrite=overwrite,

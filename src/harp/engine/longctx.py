@@ -386,6 +386,58 @@ def _items(task: str, tokenizer: Any, context: int, n: int, seed: int, filler: A
     return out
 
 
+def recall_probe(tokenizer: Any, text: Text, length: int, far: int, *, n: int = 1, needles: int = 4,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` teacher-forced recall windows of exactly `length` tokens for a loss objective: `needles` magic-number
+    sentences (the niah template) in `text`, all of them at least `far` tokens before the end of the haystack,
+    then every question followed by its answer. Returns (ids (n, length), mask (n, length)): mask[i, t] marks
+    the positions whose next token is an answer digit, so a model's NLL there is how well it still recalls
+    what lies `far` tokens and more back (with `far` >= a window layer's w, past its window)."""
+    if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= len(NIAH_KEYS):
+        raise ValueError(f"`needles={needles!r}` must be between 1 and {len(NIAH_KEYS)}.")
+    bos = bos_token(tokenizer)
+    hay = _haystack(tokenizer, text)
+    rng = random.Random(f"harp-recall:{seed}")
+    rows, masks = [], []
+    for _ in range(n):
+        keys = rng.sample(NIAH_KEYS, needles)
+        values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), needles)]
+        head = _encode(tokenizer, NIAH_INTRO + "\n")
+        planted = [_encode(tokenizer, " " + NIAH_NEEDLE.format(key=k, value=v) + "\n")
+                   for k, v in zip(keys, values, strict=True)]
+        asked = [(_encode(tokenizer, "\n" + NIAH_QUESTION.format(key=k)), _encode(tokenizer, " " + v))
+                 for k, v in zip(keys, values, strict=True)]
+        fixed = (bos is not None) + len(head) + sum(map(len, planted)) + sum(len(q) + len(a) for q, a in asked)
+        budget = length - fixed
+        room = budget - far  # the needles go in the filler's first `room` tokens: every answer is `far` past them
+        if room < 4 * needles:
+            raise ValueError(f"Recall windows of {length} tokens leave no room for {needles} needles {far} tokens "
+                             f"before their questions (the fixed parts take {fixed}): use windows of at least "
+                             f"{fixed + far + 4 * needles} tokens or a smaller distance.")
+        fill, bounds = _cut(hay, budget, rng, length)
+        spots = sorted({_closest([b for b in bounds if b <= room], room * (i + 0.5) / needles)
+                        for i in range(needles)})
+        while len(spots) < needles:  # too few boundaries: any token will do
+            spots = sorted(set(spots) | {rng.randrange(room + 1)})
+        ids: list[int] = [] if bos is None else [bos]
+        ids += head
+        prev = 0
+        for b, needle in zip(spots, planted, strict=True):
+            ids += fill[prev:b] + needle
+            prev = b
+        ids += fill[prev:]
+        mask = [False] * length
+        for q, a in asked:
+            ids += q
+            for j in range(len(a)):  # position t predicts token t + 1: the answer's tokens
+                mask[len(ids) - 1 + j] = True
+            ids += a
+        assert len(ids) == length, (len(ids), length)
+        rows.append(ids)
+        masks.append(mask)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
+
+
 def _cycled(sentences: list[list[int]], budget: int) -> tuple[list[int], list[int]]:
     fill: list[int] = []
     bounds = [0]

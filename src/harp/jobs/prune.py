@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from harp.engine.longctx import recall_probe
 from harp.engine.perplexity import perplexity
 from harp.engine.streamed import ACTIVATIONS, StreamedModel, activation_store
 from harp.engine.text import (
@@ -84,6 +85,9 @@ class PruneSettings:
     context: int | None = None  # with kind="auto": the KV budget's context (default: the model's maximum)
     objective_windows: int = 2  # with kind="auto": held-out windows the kinds are judged on
     objective_seq_len: int | None = None  # their length (default: 2 x window, at least 1,024, at most `context`)
+    # with kind="auto": windows of that length in the calibration text with magic numbers planted more than
+    # `window` tokens before their questions; the answers' mean NLL joins the objective (0: text loss only)
+    recall_windows: int = 0
     calib: str | None = None
     eval: str | None = None
     calib_windows: int = 8
@@ -464,11 +468,21 @@ def _choose_kinds(run: _Run, backend: _Backend, win: Windows, top: list[int]) ->
     ids = tokenize(backend.tokenizer, win.calib_text)
     taken = calibration_spans(ids, s.calib_windows, s.seq_len, s.seed, bos=win.bos)
     objective = windows_outside(ids, s.objective_windows, seq, taken, bos=win.bos, what="objective")
+    recall = None
+    if s.recall_windows:
+        try:
+            recall = recall_probe(backend.tokenizer, win.calib_text, seq, window, n=s.recall_windows, seed=s.seed)
+        except ValueError as e:
+            raise ValueError(f"`recall_windows={s.recall_windows}`: {e} Here the windows are {seq} tokens "
+                             f"(2 x `window`, at least 1,024, at most the {context:,}-token `context`): give a smaller "
+                             "`window`.") from None
     run.log(f"`kind=auto`: saving {budget}; window layers of {window} tokens (+{s.sinks} sinks); judged on "
-            f"{objective.shape[0]} x {seq} held-out calibration tokens, positions from {seq // 2}")
+            f"{objective.shape[0]} x {seq} held-out calibration tokens, positions from {seq // 2}"
+            + (f", and on recalling {4 * s.recall_windows} magic numbers more than {window} tokens back "
+               f"({s.recall_windows} x {seq} tokens)" if recall is not None else ""))
     with _timed(run.seconds, "select"):
         plan = choose_kinds(model, win.calib, objective, target, context=context, window=window, sinks=s.sinks,
-                            ridge=s.ridge, prior=s.fit_prior, batch_size=1, progress=s.progress)
+                            recall=recall, ridge=s.ridge, prior=s.fit_prior, batch_size=1, progress=s.progress)
     run.log(f"`kind=auto` chose {len(plan.kinds)} layers: {plan.describe()}; saves {100 * plan.saving:.1f} % at "
             f"{context:,} tokens; objective perplexity {plan.objective['base_ppl']:.2f} -> {plan.objective['ppl']:.2f} "
             f"({plan.evaluations} evaluations, {plan.seconds:.0f} s)")
@@ -675,7 +689,8 @@ def check_prune(s: Any) -> ModelInfo | None:
         out.add("`streamed` runs the cached search; `method=naive` needs the whole model resident.")
     count = check_layer_choice(info, s.k, s.layers, s.alphas, out)
     kind = getattr(s, "kind", None)
-    if kind is not None or any(getattr(s, f, None) is not None for f in ("kv_saving", "context", "objective_seq_len")):
+    if kind is not None or any(getattr(s, f, None) is not None for f in ("kv_saving", "context", "objective_seq_len")) \
+            or getattr(s, "recall_windows", 0):
         _check_kind(s, info, out)
     elif getattr(s, "window", None) is not None:
         _check_window(s, info, count, out)
@@ -716,8 +731,8 @@ def _check_kind(s: Any, info: ModelInfo | None, out: Collector) -> None:
         out.add(f"Unknown `kind={kind!r}`: use one of {', '.join(LAYER_KINDS)}.")
         return
     if kind != "auto":
-        for f in ("kv_saving", "context", "objective_seq_len"):
-            if getattr(s, f, None) is not None:
+        for f in ("kv_saving", "context", "objective_seq_len", "recall_windows"):
+            if getattr(s, f, None) not in (None, 0):
                 out.add(f"`{f}` applies to `kind=auto` (the layers and kinds chosen under a KV budget): add it or drop "
                         f"`{f}`.")
         if kind == "window" and s.window is None:
@@ -743,6 +758,8 @@ def _check_kind(s: Any, info: ModelInfo | None, out: Collector) -> None:
     if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
         out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0.")
     check_positive(out, objective_windows=s.objective_windows)
+    if isinstance(s.recall_windows, bool) or not isinstance(s.recall_windows, int) or s.recall_windows < 0:
+        out.add(f"`recall_windows={s.recall_windows!r}`: a whole number of windows, 0 (off) or more.")
     top = info.max_positions if info is not None else None
     for f in ("context", "objective_seq_len"):
         v = getattr(s, f)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.engine.perplexity import head_nll
+from harp.engine.longctx import token_nll
 from harp.engine.replay import Batch, capture_inputs, run_layers
 from harp.methods.fit import fit_layers
 from harp.model.accounting import kv_cache_bytes_expected
@@ -122,17 +122,24 @@ def _windowable(config: Any, layer: int, window: int, sinks: int) -> bool:
 
 
 class _Scorer:
-    """The objective of any plan, replayed from its lowest changed layer on cached original inputs."""
+    """The objective of any plan, replayed from its lowest changed layer on cached original inputs: the mean
+    next-token loss at the positions `mask` (B, T) marks in `windows` (B, T)."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, lo: int, tail_from: int, batch_size: int,
+    def __init__(self, model: nn.Module, windows: torch.Tensor, mask: torch.Tensor, lo: int, batch_size: int,
                  window: int, sinks: int, maps: dict[int, LinearMap]) -> None:
-        self.model, self.lo, self.tail_from = model, lo, tail_from
+        if mask.shape != windows.shape or bool(mask[:, -1].any()) or not bool(mask.any()):
+            raise ValueError("The objective's mask must mark some positions of its windows, not the last one "
+                             "(it has no next token).")
+        self.model, self.lo = model, lo
         self.window, self.sinks, self.maps = window, sinks, maps
         arch = arch_for(model.config)
         self.num = len(get_module(model, arch.layers))
         self.norm = get_module(model, arch.final_norm)
+        self.first = int(mask.any(0).nonzero()[0])  # the head runs from the first marked position on
         self.batches: list[Batch] = capture_inputs(model, windows, lo, batch_size)
-        self.tokens = sum(int(b.windows[:, tail_from + 1:].numel()) for b in self.batches)
+        step = max(1, batch_size)
+        self.masks = [mask[i:i + step, self.first:-1] for i in range(0, len(windows), step)]
+        self.tokens = int(mask.sum())
         # the original residual stream entering every layer >= lo, per batch: a plan replays from its lowest layer
         self.entering: list[dict[int, torch.Tensor]] = []
         with torch.no_grad():
@@ -146,7 +153,7 @@ class _Scorer:
 
     @torch.no_grad()
     def loss(self, kinds: dict[int, str]) -> float:
-        """Mean NLL (nats) over the positions >= tail_from of the objective windows, with `kinds` applied."""
+        """Mean NLL (nats) over the marked positions, with `kinds` applied."""
         self.evaluations += 1
         start = min(kinds, default=self.num - 1)  # the original: only the top layer to replay
         block = plan_block(kinds, self.window, self.sinks)
@@ -155,11 +162,18 @@ class _Scorer:
         with temporarily_pruned(self.model, block["layers"], block["alphas"],
                                 {i: self.maps[i] for i in block["layers"] if i in self.maps}, windows=wins,
                                 sinks=self.sinks):
-            for b, seen in zip(self.batches, self.entering, strict=True):
+            for b, seen, m in zip(self.batches, self.entering, self.masks, strict=True):
                 h = run_layers(self.model, b, seen[start], start, self.num)
-                h = self.norm(h)[:, self.tail_from:]
-                total += head_nll(self.model, h, b.windows[:, self.tail_from:])
+                nll = token_nll(self.model, self.norm(h)[:, self.first:], b.windows[:, self.first:])
+                total += float(nll[m].double().sum())
         return total / self.tokens
+
+
+def tail_mask(windows: torch.Tensor, tail_from: int) -> torch.Tensor:
+    """(B, T) mask of the positions >= `tail_from` that predict a next token."""
+    mask = torch.zeros(windows.shape, dtype=torch.bool)
+    mask[:, tail_from:-1] = True
+    return mask
 
 
 @torch.no_grad()
@@ -176,6 +190,7 @@ def choose_kinds(
     layers: Sequence[int] | None = None,
     tail_from: int | None = None,
     tries: int = 3,
+    recall: tuple[torch.Tensor, torch.Tensor] | None = None,
     ridge: float | str = "auto",
     prior: str = "auto",
     batch_size: int = 1,
@@ -197,6 +212,9 @@ def choose_kinds(
         layers: the candidate layers (default all).
         tail_from: the objective counts positions >= this (default T // 2).
         tries: moves measured per step (the best by estimated loss per KV saved).
+        recall: (windows, mask) of teacher-forced recall windows (`harp.engine.longctx.recall_probe`): the
+            mean NLL of the answers they mark is added to the objective, so a plan is also judged on
+            recalling what lies past a window layer's window.
     """
     t0 = time.perf_counter()
     refuse_pruned(model, "This model is already HARP-pruned; choose kinds on the original model.")
@@ -224,8 +242,14 @@ def choose_kinds(
     if "refit" in kinds:
         maps = fit_layers(model, calib, pool, ridge=ridge, prior=prior, batch_size=max(1, batch_size),
                           progress=progress).maps
-    scorer = _Scorer(model, objective, pool[-1], tail, batch_size, window, sinks, maps)
-    base = scorer.loss({})
+    parts = {"text": _Scorer(model, objective, tail_mask(objective, tail), pool[-1], batch_size, window, sinks, maps)}
+    if recall is not None:
+        parts["recall"] = _Scorer(model, recall[0], recall[1], pool[-1], batch_size, window, sinks, maps)
+
+    def objective_of(plan: dict[int, str]) -> float:
+        return sum(part.loss(plan) for part in parts.values())
+
+    base = objective_of({})
 
     def saving_of(plan: dict[int, str]) -> float:
         return kv_saving(cfg, plan, window, sinks, context)
@@ -234,7 +258,7 @@ def choose_kinds(
     with Progress(sum(len(allowed[i]) for i in pool), "kinds: scoring each layer alone", enabled=progress) as bar:
         for i in pool:
             for k in allowed[i]:
-                singles[(i, k)] = scorer.loss({i: k}) - base
+                singles[(i, k)] = objective_of({i: k}) - base
                 bar.advance()
     plan: dict[int, str] = {}
     cur_loss, cur_save, steps = base, 0.0, []
@@ -256,20 +280,28 @@ def choose_kinds(
             moves.sort()
             tried = []
             for _, i, k, gain in moves[:max(1, tries)]:
-                new = scorer.loss({**plan, i: k})
+                new = objective_of({**plan, i: k})
                 tried.append({"layer": i, "kind": k, "loss": new, "saving": cur_save + gain})
             pick = min(tried, key=lambda m: (max(m["loss"] - cur_loss, 0.0) / (m["saving"] - cur_save), m["loss"]))
             plan[pick["layer"]] = pick["kind"]
             cur_loss, cur_save = pick["loss"], pick["saving"]
             steps.append({**pick, "tried": tried})
             bar.advance()
+    evaluations = parts["text"].evaluations  # plans scored (each on every part)
+    objective_info: dict[str, Any] = {
+        "windows": int(objective.shape[0]), "seq_len": int(T), "tail_from": tail, "tokens": parts["text"].tokens,
+        "ppl": math.exp(cur_loss), "base_ppl": math.exp(base)}
+    if recall is not None:  # the two terms apart: the text's perplexity and the answers' NLL, before and after
+        text_base, text_now = parts["text"].loss({}), parts["text"].loss(plan)
+        objective_info.update(ppl=math.exp(text_now), base_ppl=math.exp(text_base),
+                              recall_windows=int(recall[0].shape[0]), recall_seq_len=int(recall[0].shape[1]),
+                              recall_tokens=parts["recall"].tokens, recall_base_nll=base - text_base,
+                              recall_nll=cur_loss - text_now)
     return KindPlan(
         kinds=plan, window=window, sinks=sinks, context=context, target_saving=target_saving, saving=cur_save,
         base_loss=base, loss=cur_loss, maps={i: m for i, m in maps.items() if plan.get(i) == "refit"},
         singles=[{"layer": i, "kind": k, "loss": base + d, "saving": saving_of({i: k})}
                  for (i, k), d in singles.items()],
-        steps=steps,
-        objective={"windows": int(objective.shape[0]), "seq_len": int(T), "tail_from": tail, "tokens": scorer.tokens,
-                   "ppl": math.exp(cur_loss), "base_ppl": math.exp(base)},
-        evaluations=scorer.evaluations, seconds=time.perf_counter() - t0,
+        steps=steps, objective=objective_info,
+        evaluations=evaluations, seconds=time.perf_counter() - t0,
     )
