@@ -124,25 +124,31 @@ def test_niah_needles_keys_and_depth(toks):
 @pytest.mark.parametrize("name", ["bpe", "bpe_bos"])
 def test_recall_probe_marks_the_answers_far_past_their_needles(toks, name):
     """`recall_probe` (kind=auto's recall objective): windows of exactly the asked length; the mask marks the
-    positions whose next token is an answer, every answer is the value of its key's needle, and every needle
-    ends at least `far` tokens before the first answer."""
+    positions whose next token is an answer, every answer is the value planted for its key, every needle ends at
+    least `far` tokens before the first answer, and no wording is an evaluation task's (held out)."""
     tok, text = toks[name], load_text("wikitext2-valid")
     ids, mask = L.recall_probe(tok, text, 900, 400, n=3, needles=3, seed=1)
     assert ids.shape == mask.shape == (3, 900) and not mask[:, -1].any()
     again, _ = L.recall_probe(tok, text, 900, 400, n=3, needles=3, seed=1)
     assert torch.equal(ids, again) and not torch.equal(ids, L.recall_probe(tok, text, 900, 400, n=3, needles=3)[0])
+    facts = [(re.compile(re.escape(f).replace(r"\{key\}", r"(\w+)").replace(r"\{value\}", r"(\d+)")),
+              re.compile(re.escape(q).replace(r"\{key\}", r"(\w+)") + r" (\d+)")) for f, q in L.RECALL_FACTS]
     for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
         if bos_token(tok) is not None:
             assert row[0] == bos_token(tok)
         decoded = tok.decode(row)
-        planted = dict(re.findall(r"One of the special magic numbers for (\w+) is: (\d+)\.", decoded))
-        asked = re.findall(r"The special magic number for (\w+) mentioned in the provided text is (\d+)", decoded)
-        assert len(planted) == 3 and [k for k, _ in asked] == list(planted) and all(planted[k] == v for k, v in asked)
-        marked = tok.decode([row[t + 1] for t in range(900) if m[t]])
-        assert marked.split() == [v for _, v in asked]
+        assert "magic number" not in decoded and "pass key" not in decoded
         first_answer = m.index(True) + 1
+        body, tail = tok.decode(row[:first_answer - 40]), tok.decode(row[first_answer - 40:])
+        planted = {k: v for f, _ in facts for k, v in f.findall(body)}
+        asked = [(g[0], g[-1]) for _, q in facts for g in q.findall(tail)]
+        assert len(planted) == 3 and sorted(k for k, _ in asked) == sorted(planted)
+        assert all(planted[k] == v and 5 <= len(v) <= 7 for k, v in asked)
+        marked = tok.decode([row[t + 1] for t in range(900) if m[t]])
+        assert sorted(marked.split()) == sorted(planted.values())
         for k, v in planted.items():
-            needle = _enc(tok, " " + L.NIAH_NEEDLE.format(key=k, value=v))
+            sentence = next(f.format(key=k, value=v) for f, _ in L.RECALL_FACTS if f.format(key=k, value=v) in body)
+            needle = _enc(tok, " " + sentence)
             end = next(i + len(needle) for i in range(900) if row[i:i + len(needle)] == needle)
             assert first_answer - end >= 400
     with pytest.raises(ValueError, match=r"no room for 3 needles 800 tokens before their questions"):

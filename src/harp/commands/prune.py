@@ -149,7 +149,7 @@ def prune_cmd(
                                      "maximum)."),
     recall_windows: int = typer.Option(PruneSettings.recall_windows, "--recall-windows",
                                        help="With --kind auto: also judge plans on N calibration-text windows with "
-                                            "magic numbers planted more than --window tokens before their questions "
+                                            "numbered facts planted more than --window tokens before their questions "
                                             "(the answers' loss joins the objective; 0: text loss only)."),
     calib: str = typer.Option(None, "--calib", help="Calibration text: file, folder, or bundled 'wikitext2-valid'."),
     eval_: str = typer.Option(None, "--eval", help="Evaluation text: file, folder, or bundled 'wikitext2-raw-test'."),

@@ -386,28 +386,47 @@ def _items(task: str, tokenizer: Any, context: int, n: int, seed: int, filler: A
     return out
 
 
+# ---- the recall probe of `kind=auto` (not an evaluation task) -------------------------------------------
+# Facts planted in calibration text and asked for at its end, teacher-forced. Their wording, keys and intro
+# are held out from both evaluation tasks above (no pass key, no magic number, no instructions), so a plan
+# chosen on this probe is judged on passkey and niah without having seen either template.
+RECALL_FACTS = (  # (planted sentence, question the answer follows)
+    ("The {key} code is {value}.", "The {key} code is"),
+    ("Remember that the locker of {key} opens with {value}.", "The locker of {key} opens with"),
+    ("{key} was given the ticket number {value}.", "Which ticket number was {key} given? It was"),
+    ("Write this down: the account of {key} is {value}.", "The account of {key} is"),
+    ("On the back of the photo of {key}, someone wrote {value}.", "On the back of the photo of {key}, someone wrote"),
+)
+RECALL_KEYS = (
+    "Abigail", "Bernard", "Clara", "Desmond", "Elena", "Felix", "Greta", "Hugo", "Ingrid", "Jonas", "Kira",
+    "Leon", "Mira", "Nils", "Olga", "Pavel", "Rosa", "Silas", "Tessa", "Viktor", "Wanda", "Yusuf", "Zora",
+)  # fmt: skip
+
+
 def recall_probe(tokenizer: Any, text: Text, length: int, far: int, *, n: int = 1, needles: int = 4,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` teacher-forced recall windows of exactly `length` tokens for a loss objective: `needles` magic-number
-    sentences (the niah template) in `text`, all of them at least `far` tokens before the end of the haystack,
-    then every question followed by its answer. Returns (ids (n, length), mask (n, length)): mask[i, t] marks
-    the positions whose next token is an answer digit, so a model's NLL there is how well it still recalls
-    what lies `far` tokens and more back (with `far` >= a window layer's w, past its window)."""
-    if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= len(NIAH_KEYS):
-        raise ValueError(f"`needles={needles!r}` must be between 1 and {len(NIAH_KEYS)}.")
+    """`n` teacher-forced recall windows of exactly `length` tokens for a loss objective: `needles` facts
+    ("The Clara code is 48213.", wordings from `RECALL_FACTS`, none of them an evaluation task's) planted in
+    `text`, all at least `far` tokens before the end of the haystack, then every question, in shuffled order,
+    followed by its answer (a 5- to 7-digit number). Returns (ids (n, length), mask (n, length)): mask[i, t]
+    marks the positions whose next token is an answer token, so a model's NLL there is how well it still
+    recalls what lies `far` tokens and more back (with `far` >= a window layer's w, past its window)."""
+    if isinstance(needles, bool) or not isinstance(needles, int) or not 1 <= needles <= len(RECALL_KEYS):
+        raise ValueError(f"`needles={needles!r}` must be between 1 and {len(RECALL_KEYS)}.")
     bos = bos_token(tokenizer)
     hay = _haystack(tokenizer, text)
     rng = random.Random(f"harp-recall:{seed}")
     rows, masks = [], []
     for _ in range(n):
-        keys = rng.sample(NIAH_KEYS, needles)
-        values = [str(v) for v in rng.sample(range(1_000_000, 10_000_000), needles)]
-        head = _encode(tokenizer, NIAH_INTRO + "\n")
-        planted = [_encode(tokenizer, " " + NIAH_NEEDLE.format(key=k, value=v) + "\n")
-                   for k, v in zip(keys, values, strict=True)]
-        asked = [(_encode(tokenizer, "\n" + NIAH_QUESTION.format(key=k)), _encode(tokenizer, " " + v))
-                 for k, v in zip(keys, values, strict=True)]
-        fixed = (bos is not None) + len(head) + sum(map(len, planted)) + sum(len(q) + len(a) for q, a in asked)
+        keys = rng.sample(RECALL_KEYS, needles)
+        facts = [rng.choice(RECALL_FACTS) for _ in keys]
+        values = [str(rng.randrange(10 ** (d - 1), 10 ** d)) for d in (rng.randint(5, 7) for _ in keys)]
+        planted = [_encode(tokenizer, " " + fact.format(key=k, value=v) + "\n")
+                   for (fact, _), k, v in zip(facts, keys, values, strict=True)]
+        order = rng.sample(range(needles), needles)
+        asked = [(_encode(tokenizer, "\n" + facts[j][1].format(key=keys[j])), _encode(tokenizer, " " + values[j]))
+                 for j in order]
+        fixed = (bos is not None) + sum(map(len, planted)) + sum(len(q) + len(a) for q, a in asked)
         budget = length - fixed
         room = budget - far  # the needles go in the filler's first `room` tokens: every answer is `far` past them
         if room < 4 * needles:
@@ -420,7 +439,6 @@ def recall_probe(tokenizer: Any, text: Text, length: int, far: int, *, n: int = 
         while len(spots) < needles:  # too few boundaries: any token will do
             spots = sorted(set(spots) | {rng.randrange(room + 1)})
         ids: list[int] = [] if bos is None else [bos]
-        ids += head
         prev = 0
         for b, needle in zip(spots, planted, strict=True):
             ids += fill[prev:b] + needle

@@ -85,7 +85,7 @@ class PruneSettings:
     context: int | None = None  # with kind="auto": the KV budget's context (default: the model's maximum)
     objective_windows: int = 2  # with kind="auto": held-out windows the kinds are judged on
     objective_seq_len: int | None = None  # their length (default: 2 x window, at least 1,024, at most `context`)
-    # with kind="auto": windows of that length in the calibration text with magic numbers planted more than
+    # with kind="auto": windows of that length in the calibration text with numbered facts planted more than
     # `window` tokens before their questions; the answers' mean NLL joins the objective (0: text loss only)
     recall_windows: int = 0
     calib: str | None = None
@@ -478,7 +478,7 @@ def _choose_kinds(run: _Run, backend: _Backend, win: Windows, top: list[int]) ->
                              "`window`.") from None
     run.log(f"`kind=auto`: saving {budget}; window layers of {window} tokens (+{s.sinks} sinks); judged on "
             f"{objective.shape[0]} x {seq} held-out calibration tokens, positions from {seq // 2}"
-            + (f", and on recalling {4 * s.recall_windows} magic numbers more than {window} tokens back "
+            + (f", and on recalling {4 * s.recall_windows} numbered facts more than {window} tokens back "
                f"({s.recall_windows} x {seq} tokens)" if recall is not None else ""))
     with _timed(run.seconds, "select"):
         plan = choose_kinds(model, win.calib, objective, target, context=context, window=window, sinks=s.sinks,
