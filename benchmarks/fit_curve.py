@@ -52,6 +52,7 @@ def main() -> None:
     from harp.engine.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
     from harp.methods.selector import Selector, applied
     from harp.model.accounting import kv_bytes_after_prefill
+    from harp.util.fsio import write_json_atomic
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -74,9 +75,7 @@ def main() -> None:
     print(f"loaded in {time.perf_counter() - t0:.0f} s; calibration {tuple(calib.shape)}", flush=True)
 
     def save() -> None:
-        tmp = state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, state_path)
+        write_json_atomic(state_path, state)
 
     kv0 = kv_bytes_after_prefill(model)
     if "original" not in rows:

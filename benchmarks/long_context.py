@@ -60,10 +60,10 @@ def log(msg: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
+    from harp.util.fsio import write_json_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def main() -> None:

@@ -143,9 +143,9 @@ def main() -> None:
     rows: dict[str, dict] = state["rows"]
 
     def save() -> None:
-        tmp = state_path.with_suffix(f".json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, state_path)
+        from harp.util.fsio import write_json_atomic
+
+        write_json_atomic(state_path, state)
         out.with_suffix(".md").write_text(markdown(state))
 
     if a.markdown_only:
