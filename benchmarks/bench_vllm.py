@@ -9,11 +9,13 @@ with the `make prune` alphas of benchmarks/default_plan.py, and the same 8 layer
 one process as its own vLLM engine (each engine core in its own process, as `LLM(...)` does by default)
 and measures them in turns — original, pruned, original, ... — after one warm-up round:
 
-- decode tok/s: time(64 new tokens) - time(1 new token) for 63 tokens per sequence, after a prompt of
-  128 tokens at batch 1 and 16 (default), or of 8,000 tokens at batch 1 (`--long`: where attention over
-  the whole prompt dominates a decode step and a window layer attends to w tokens instead);
+- decode tok/s: 63 tokens per sequence from the first generated token to the last, by the engine core's
+  own request timestamps (vLLM's request metrics), after a prompt of 128 tokens at batch 1 and 16
+  (default), or of 8,000 tokens at batch 1 (`--long`: where attention over the whole prompt dominates a
+  decode step and a window layer attends to w tokens instead). (Subtracting the wall time of a 1-token run
+  from a 64-token one, as this script first did, drowns decode in two long prefills' noise at 8k.);
 - prefill tok/s at 512, 1024 and 2047 tokens (default; max_model_len 2048) or 2048, 4096 and 8191
-  (`--long`; max_model_len 8192): one prompt, one new token;
+  (`--long`; max_model_len 8192): one prompt, one new token, from scheduling to the first token;
 - default only: KV-cache capacity in tokens that vLLM allocates at the same VLLM_CPU_KVCACHE_SPACE, and the
   maximum number of concurrent 2048-token sequences (for window layers vLLM's block count is not a token
   count: benchmarks/vllm_capacity.py measures how many long requests each model holds).
@@ -64,20 +66,21 @@ def _engine(spec_path: str, out_path: str) -> None:
     def prompts(n: int, length: int) -> list:
         return [TokensPrompt(prompt_token_ids=[rng.randrange(3, vocab) for _ in range(length)]) for _ in range(n)]
 
-    def timed(llm, batch: int, length: int, new: int) -> float:
+    def timed(llm, batch: int, length: int, new: int) -> tuple[float, float]:
+        """(prefill s, decode s) from the engine core's own timestamps (vLLM's request metrics): prefill from
+        scheduling to the first token of the last request to get it, decode from there to the last token."""
         params = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-        ps = prompts(batch, length)
-        t = time.perf_counter()
-        outs = llm.generate(ps, params, use_tqdm=False)
-        dt = time.perf_counter() - t
+        outs = llm.generate(prompts(batch, length), params, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == new for o in outs)
-        return dt
+        m = [o.metrics for o in outs]
+        first = max(x.first_token_ts for x in m)
+        return first - min(x.scheduled_ts for x in m), max(x.last_token_ts for x in m) - first
 
     engines, info = {}, {}
     for name, path in spec["models"].items():
         t = time.perf_counter()
         llm = LLM(model=path, dtype="float32", max_model_len=spec["max_model_len"], enforce_eager=True,
-                  enable_prefix_caching=False, seed=0)
+                  enable_prefix_caching=False, seed=0, disable_log_stats=False)  # request metrics: timestamps
         cache = llm.llm_engine.vllm_config.cache_config
         engines[name] = llm
         info[name] = {"startup_s": time.perf_counter() - t, "num_gpu_blocks": cache.num_gpu_blocks,
@@ -88,11 +91,9 @@ def _engine(spec_path: str, out_path: str) -> None:
         for name, llm in engines.items():
             r: dict = {}
             for n in spec["prefill"]:
-                r[f"prefill_{n}_s"] = timed(llm, 1, n, 1)
+                r[f"prefill_{n}_s"] = timed(llm, 1, n, 1)[0]
             for b in spec["decode_batches"]:
-                t1 = timed(llm, b, spec["decode_prompt"], 1)
-                tn = timed(llm, b, spec["decode_prompt"], DECODE_NEW)
-                r[f"decode_b{b}_s"] = tn - t1
+                r[f"decode_b{b}_s"] = timed(llm, b, spec["decode_prompt"], DECODE_NEW)[1]
             row[name] = r
         return row
 
