@@ -16,8 +16,10 @@ method, seed --seed), greedy decoding, exact match (`harp.retrieval_score`). Los
 `harp.position_losses` on --ppl-windows windows of the largest context from each of --ppl-texts.
 
 Resumable: every cell (method x task x context, or method x text) is one JSON file under --out, written
-atomically as soon as it is measured; a rerun skips the cells that are there with the same settings
-(model, k, n, seed, calibration, windows) and measures the others again. The searched plans are
+atomically as soon as it is measured (a retrieval cell's items are also kept one by one in OUT/METHOD/partial/
+until the cell is complete, measured in an order that spreads their depths, so a run cut mid-cell resumes at
+the next item and the summary shows the part measured as "n of N"); a rerun skips the cells that are there
+with the same settings (model, k, n, seed, calibration, windows) and measures the others again. The searched plans are
 kept in OUT/plans.json (refit maps and window methods are recomputed: seconds). OUT/summary.md and one PNG per text
 summarise whatever cells exist (every context found on disk). The loss-by-position cells run first, then
 retrieval smallest context first, so a run cut short still compares every method at the contexts it reached.
@@ -198,11 +200,32 @@ def main() -> None:
             if (t, c) not in items:
                 items[(t, c)] = harp.retrieval_items(t, tok, c, a.n, a.seed, max_context=limit)
             plan = plan_for(m)
+            cell = cell_path(m, f"{t}@{c}")
+            part = partial_path(cell)
+            # item by item, depths spread over any prefix, each kept at once: a cut run resumes where it stopped
+            kept = json.loads(part.read_text()) if part.exists() else {}
+            rows = kept.get("rows", []) if kept.get("settings") == settings else []
+            seconds = kept.get("seconds", 0.0) if rows else 0.0
+            if rows:
+                log(f"{m} {t}@{c}: resuming after {len(rows)} of {a.n} items")
+            measured = {row["index"] for row in rows}
             with pruned(m) as mm:
-                r = harp.retrieval_score(mm, tok, items[(t, c)])
+                for i in spread_order(len(items[(t, c)])):
+                    if i in measured:
+                        continue
+                    one = harp.retrieval_score(mm, tok, [items[(t, c)][i]])
+                    rows.append({**one.items[0], "index": i})
+                    seconds += one.seconds
+                    right = sum(bool(row["correct"]) for row in rows)
+                    log(f"  {m} {t}@{c} item {len(rows)}/{a.n} (depth {one.items[0]['depth']:.2f}): "
+                        f"{'right' if one.correct else 'wrong'}, {right}/{len(rows)} so far ({one.seconds:.0f} s)")
+                    write_json(part, {"method": m, "task": t, "context": c, "rows": rows, "seconds": seconds,
+                                      "settings": settings, "command": command})
+            r = harp.RetrievalScore.from_rows(t, c, sorted(rows, key=lambda row: row["index"]), seconds)
             log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
-            write_json(cell_path(m, f"{t}@{c}"), {**r.to_dict(items=True), "method": m, "plan": describe(plan),
-                                                  "settings": settings, "command": command})
+            write_json(cell, {**r.to_dict(items=True), "method": m, "plan": describe(plan),
+                              "settings": settings, "command": command})
+            part.unlink()
     summarise(out, methods, tasks, contexts, texts, top, command, a)
 
 
@@ -214,10 +237,18 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
         p = out / method / f"{name}.json"
         return json.loads(p.read_text()) if p.exists() else None
 
+    def partial(method: str, task: str, context: int) -> dict[str, Any] | None:
+        """A cell measured in part so far, marked as such in the table ('n of N')."""
+        p = partial_path(out / method / f"{task}@{context}.json")
+        if not p.exists() or not (d := json.loads(p.read_text()))["rows"]:
+            return None
+        return {**harp.RetrievalScore.from_rows(task, context, d["rows"]).to_dict(), "planned": d["settings"]["n"]}
+
     # every context measured so far (a run at --contexts 8192 --n 20 adds to one at 1024,4096 --n 50)
-    found = {int(f.stem.split("@")[1]) for m in methods for t in tasks for f in (out / m).glob(f"{t}@*.json")}
+    found = {int(f.stem.split("@")[1]) for m in methods for t in tasks
+             for f in [*(out / m).glob(f"{t}@*.json"), *(out / m / "partial").glob(f"{t}@*.json")]}
     contexts = sorted(set(contexts) | found)
-    table = {m: {f"{t}@{c}": d for t in tasks for c in contexts if (d := load(m, f"{t}@{c}")) is not None}
+    table = {m: {f"{t}@{c}": d for t in tasks for c in contexts if (d := load(m, f"{t}@{c}") or partial(m, t, c))}
              for m in methods}
     lines = [f"# Long-context retrieval and loss by position, k = {a.k}", "",
              f"Command: `{command}`  ", f"Host: Python {platform.python_version()}, {os.cpu_count()} CPUs.", "",
@@ -252,6 +283,31 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
     (out / "summary.md").write_text("\n".join(lines))
     log(f"wrote {out / 'summary.md'}")
     print("\n".join(lines))
+
+
+def partial_path(cell: Path) -> Path:
+    """Where the items of `cell` measured so far are kept until the cell is complete."""
+    return cell.parent / "partial" / cell.name
+
+
+def spread_order(n: int) -> list[int]:
+    """The indices 0..n-1 (items at evenly spread depths) in van der Corput order: 0, the middle, the quarters,
+    ..., so the items measured before a run is cut cover every depth instead of the shallow ones."""
+    order: list[int] = []
+    seen: set[int] = set()
+    j = 0
+    while len(order) < n:
+        x, f, k = 0.0, 0.5, j
+        while k:
+            x, k, f = x + f * (k & 1), k >> 1, f / 2
+        i = min(n - 1, round(x * (n - 1)))
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        j += 1
+        if j > 4 * n + 64:  # every index is reached long before this; guard against a silent endless loop
+            order += [i for i in range(n) if i not in seen]
+    return order
 
 
 def describe(plan: Any) -> str:

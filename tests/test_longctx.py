@@ -337,6 +337,19 @@ def test_loss_plot_and_table(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = retrieval_markdown({"original": {"passkey@1024": {"acc": 0.9, "stderr": 0.04, "n": 50}}, "harp": {}})
     assert "| original | 0.90 ±0.04 (50) |" in md and "| harp | – |" in md
+    part = {"acc": 0.5, "stderr": 0.29, "n": 3, "planned": 30}  # a cell measured in part so far
+    assert "| harp | 0.50 ±0.29 (3 of 30) |" in retrieval_markdown({"harp": {"passkey@4096": part}})
+
+
+def test_score_from_rows_joins_parts_of_a_run():
+    rows = [{"depth": d, "answer": "1", "output": "1" if ok else "2", "correct": ok}
+            for d, ok in [(0.0, True), (0.25, False), (0.5, True), (1.0, True)]]
+    r = L.RetrievalScore.from_rows("passkey", 4096, rows, seconds=3.0)
+    assert (r.acc, r.n, r.correct, r.seconds, r.name) == (0.75, 4, 3, 3.0, "passkey@4096")
+    assert r.stderr == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert [b["n"] for b in r.by_depth] == [1, 1, 1, 1] and r.by_depth[1]["acc"] == 0.0
+    with pytest.raises(ValueError, match="no scored items"):
+        L.RetrievalScore.from_rows("passkey", 4096, [])
 
 
 # ------------------------------------------------------------------------------------------------------

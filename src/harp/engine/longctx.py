@@ -117,6 +117,18 @@ class RetrievalScore:
             d.pop("items")
         return d
 
+    @classmethod
+    def from_rows(cls, task: str, context: int, rows: Sequence[dict[str, Any]], seconds: float = 0.0) -> RetrievalScore:
+        """The score of scored items (`{"depth", "answer", "output", "correct"}` each, as in `items`), e.g. the
+        rows of several runs over parts of one item list joined."""
+        if not rows:
+            raise ValueError(f"{task}@{context}: no scored items to summarise.")
+        n = len(rows)
+        correct = sum(bool(r["correct"]) for r in rows)
+        p = correct / n
+        return cls(task=task, context=context, acc=p, n=n, correct=correct, stderr=math.sqrt(p * (1 - p) / n),
+                   by_depth=depth_bins(rows), items=list(rows), seconds=seconds)
+
 
 @dataclass
 class PositionLosses:
@@ -567,11 +579,7 @@ def retrieval_score(model: nn.Module, tokenizer: Any, items: Sequence[RetrievalI
     finally:
         if was_training:
             model.train()
-    n = len(rows)
-    correct = sum(r["correct"] for r in rows)
-    p = correct / n
-    return RetrievalScore(task=task, context=context, acc=p, n=n, correct=correct, stderr=math.sqrt(p * (1 - p) / n),
-                          by_depth=depth_bins(rows), items=rows, seconds=time.perf_counter() - t0)
+    return RetrievalScore.from_rows(task, context, rows, time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -218,22 +218,9 @@ def choose_kinds(
     """
     t0 = time.perf_counter()
     refuse_pruned(model, "This model is already HARP-pruned; choose kinds on the original model.")
-    kinds = check_kinds(kinds)
     cfg = model.config
-    num = cfg.num_hidden_layers
-    pool = sorted(layer_indices(list(layers) if layers is not None else list(range(num)), num), reverse=True)
-    if not 0.0 < target_saving <= 1.0:
-        raise ValueError(f"`target_saving={target_saving}`: a fraction of the KV cache in (0, 1].")
-    allowed = {i: [k for k in kinds if k != "window" or _windowable(cfg, i, window, sinks)] for i in pool}
-    pool = [i for i in pool if allowed[i]]
-    if not pool:
-        raise ValueError(f"No candidate layer can become a window layer of {window} tokens (they are local already "
-                         "with a window no larger): allow `refit` or `drop`, or a smaller window.")
-    most = {i: ("refit" if "refit" in ks or "drop" in ks else "window") for i, ks in allowed.items() if ks}
-    best = kv_saving(cfg, most, window, sinks, context)
-    if best < target_saving - 1e-12:
-        raise ValueError(f"The candidate layers save at most {100 * best:.1f} % of the KV cache at {context:,} "
-                         f"tokens, less than the {100 * target_saving:.1f} % asked: allow more layers or kinds.")
+    allowed = _candidates(cfg, layers, check_kinds(kinds), window, sinks, context, target_saving)
+    pool = list(allowed)  # top layer first
     T = objective.shape[1]
     tail = T // 2 if tail_from is None else int(tail_from)
     if not 0 <= tail < T - 1:
@@ -249,25 +236,72 @@ def choose_kinds(
     def objective_of(plan: dict[int, str]) -> float:
         return sum(part.loss(plan) for part in parts.values())
 
-    base = objective_of({})
-
     def saving_of(plan: dict[int, str]) -> float:
         return kv_saving(cfg, plan, window, sinks, context)
 
+    base = objective_of({})
     singles: dict[tuple[int, str], float] = {}
-    with Progress(sum(len(allowed[i]) for i in pool), "kinds: scoring each layer alone", enabled=progress) as bar:
-        for i in pool:
-            for k in allowed[i]:
+    with Progress(sum(len(ks) for ks in allowed.values()), "kinds: scoring each layer alone",
+                  enabled=progress) as bar:
+        for i, ks in allowed.items():
+            for k in ks:
                 singles[(i, k)] = objective_of({i: k}) - base
                 bar.advance()
+    plan, loss, saving, steps = _greedy(allowed, singles, objective_of, saving_of, base, target_saving, tries,
+                                        progress)
+    objective_info: dict[str, Any] = {
+        "windows": int(objective.shape[0]), "seq_len": int(T), "tail_from": tail, "tokens": parts["text"].tokens,
+        "ppl": math.exp(loss), "base_ppl": math.exp(base)}
+    if recall is not None:  # the two terms apart: the text's perplexity and the answers' NLL, before and after
+        text_base, text_now = parts["text"].loss({}), parts["text"].loss(plan)
+        objective_info.update(ppl=math.exp(text_now), base_ppl=math.exp(text_base),
+                              recall_windows=int(recall[0].shape[0]), recall_seq_len=int(recall[0].shape[1]),
+                              recall_tokens=parts["recall"].tokens, recall_base_nll=base - text_base,
+                              recall_nll=loss - text_now)
+    return KindPlan(
+        kinds=plan, window=window, sinks=sinks, context=context, target_saving=target_saving, saving=saving,
+        base_loss=base, loss=loss, maps={i: m for i, m in maps.items() if plan.get(i) == "refit"},
+        singles=[{"layer": i, "kind": k, "loss": base + d, "saving": saving_of({i: k})}
+                 for (i, k), d in singles.items()],
+        steps=steps, objective=objective_info,
+        evaluations=parts["text"].evaluations,  # plans scored (each on every part)
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _candidates(cfg: Any, layers: Sequence[int] | None, kinds: Sequence[str], window: int, sinks: int,
+                context: int, target_saving: float) -> dict[int, list[str]]:
+    """The candidate layers (top first) and the kinds each may take, refused in one line when the budget is
+    out of reach."""
+    num = cfg.num_hidden_layers
+    pool = sorted(layer_indices(list(layers) if layers is not None else list(range(num)), num), reverse=True)
+    if not 0.0 < target_saving <= 1.0:
+        raise ValueError(f"`target_saving={target_saving}`: a fraction of the KV cache in (0, 1].")
+    allowed = {i: ks for i in pool if (ks := [k for k in kinds if k != "window" or _windowable(cfg, i, window, sinks)])}
+    if not allowed:
+        raise ValueError(f"No candidate layer can become a window layer of {window} tokens (they are local already "
+                         "with a window no larger): allow `refit` or `drop`, or a smaller window.")
+    most = {i: ("refit" if "refit" in ks or "drop" in ks else "window") for i, ks in allowed.items()}
+    best = kv_saving(cfg, most, window, sinks, context)
+    if best < target_saving - 1e-12:
+        raise ValueError(f"The candidate layers save at most {100 * best:.1f} % of the KV cache at {context:,} "
+                         f"tokens, less than the {100 * target_saving:.1f} % asked: allow more layers or kinds.")
+    return allowed
+
+
+def _greedy(allowed: dict[int, list[str]], singles: dict[tuple[int, str], float],
+            objective_of: Callable[[dict[int, str]], float], saving_of: Callable[[dict[int, str]], float],
+            base: float, target_saving: float, tries: int, progress: bool,
+            ) -> tuple[dict[int, str], float, float, list[dict[str, Any]]]:
+    """Step 2 of the module docstring: (plan, its objective, its saving, the steps with the moves tried)."""
     plan: dict[int, str] = {}
     cur_loss, cur_save, steps = base, 0.0, []
-    with Progress(len(pool), "kinds: greedy plan", enabled=progress) as bar:
+    with Progress(len(allowed), "kinds: greedy plan", enabled=progress) as bar:
         while cur_save < target_saving - 1e-12:
             moves = []
-            for i in pool:
+            for i, ks in allowed.items():
                 have = plan.get(i, "full")
-                for k in allowed[i]:
+                for k in ks:
                     if _RANK[k] <= _RANK[have]:
                         continue
                     gain = saving_of({**plan, i: k}) - cur_save
@@ -287,21 +321,4 @@ def choose_kinds(
             cur_loss, cur_save = pick["loss"], pick["saving"]
             steps.append({**pick, "tried": tried})
             bar.advance()
-    evaluations = parts["text"].evaluations  # plans scored (each on every part)
-    objective_info: dict[str, Any] = {
-        "windows": int(objective.shape[0]), "seq_len": int(T), "tail_from": tail, "tokens": parts["text"].tokens,
-        "ppl": math.exp(cur_loss), "base_ppl": math.exp(base)}
-    if recall is not None:  # the two terms apart: the text's perplexity and the answers' NLL, before and after
-        text_base, text_now = parts["text"].loss({}), parts["text"].loss(plan)
-        objective_info.update(ppl=math.exp(text_now), base_ppl=math.exp(text_base),
-                              recall_windows=int(recall[0].shape[0]), recall_seq_len=int(recall[0].shape[1]),
-                              recall_tokens=parts["recall"].tokens, recall_base_nll=base - text_base,
-                              recall_nll=cur_loss - text_now)
-    return KindPlan(
-        kinds=plan, window=window, sinks=sinks, context=context, target_saving=target_saving, saving=cur_save,
-        base_loss=base, loss=cur_loss, maps={i: m for i, m in maps.items() if plan.get(i) == "refit"},
-        singles=[{"layer": i, "kind": k, "loss": base + d, "saving": saving_of({i: k})}
-                 for (i, k), d in singles.items()],
-        steps=steps, objective=objective_info,
-        evaluations=evaluations, seconds=time.perf_counter() - t0,
-    )
+    return plan, cur_loss, cur_save, steps

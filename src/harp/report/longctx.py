@@ -66,7 +66,8 @@ def plot_position_losses(results: Mapping[str, PositionLosses | Mapping[str, Any
 
 def retrieval_markdown(rows: Mapping[str, Mapping[str, RetrievalScore | Mapping[str, Any]]]) -> str:
     """A Markdown table: one row per model (`rows`: model -> {'passkey@4096': score, ...}), one column
-    per task and context, cells 'acc ±stderr (n)'."""
+    per task and context, cells 'acc ±stderr (n)', or '(n of N)' for a cell whose dict says it has
+    only n of the `planned` N items so far."""
     cols: list[str] = []
     for scores in rows.values():
         for k in scores:
@@ -81,6 +82,8 @@ def retrieval_markdown(rows: Mapping[str, Mapping[str, RetrievalScore | Mapping[
                 cells.append("–")
                 continue
             d = s.to_dict() if isinstance(s, RetrievalScore) else s
-            cells.append(f"{d['acc']:.2f} ±{d['stderr']:.2f} ({d['n']})")
+            of = d.get("planned")  # a cell measured in part so far (a resumable run cut short)
+            n = f"{d['n']} of {of}" if of and of > d["n"] else d["n"]
+            cells.append(f"{d['acc']:.2f} ±{d['stderr']:.2f} ({n})")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
