@@ -12,8 +12,8 @@ and measures them in turns — original, pruned, original, ... — after one war
 - decode tok/s: 63 tokens per sequence from the first generated token to the last, by the engine core's
   own request timestamps (vLLM's request metrics), after a prompt of 128 tokens at batch 1 and 16
   (default), or of 8,000 tokens at batch 1 (`--long`: where attention over the whole prompt dominates a
-  decode step and a window layer attends to w tokens instead). (Subtracting the wall time of a 1-token run
-  from a 64-token one, as this script first did, drowns decode in two long prefills' noise at 8k.);
+  decode step and a window layer attends to w tokens instead). Subtracting the wall time of a 1-token run
+  from a 64-token one, as this script first did, drowns decode in two long prefills' noise at 8k;
 - prefill tok/s at 512, 1024 and 2047 tokens (default; max_model_len 2048) or 2048, 4096 and 8191
   (`--long`; max_model_len 8192): one prompt, one new token, from scheduling to the first token;
 - default only: KV-cache capacity in tokens that vLLM allocates at the same VLLM_CPU_KVCACHE_SPACE, and the
