@@ -64,7 +64,7 @@ prune: setup
 test: setup-test setup-vllm
 	$(PY) -m ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-min: $(VENV_MIN)/.test
 	.ci/clone-test $(VENV_MIN)
