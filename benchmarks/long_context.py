@@ -44,7 +44,7 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = "original,harp,harp-ls,attention-drop,harp-any-ls"
+GROUP = 8  # retrieval items scored together: passkey prompts share their prefix within a group (about 1.6x faster)
 TEXT_NAMES = {"wikitext2-raw-test": "WikiText-2 test", "tinyshakespeare": "Tiny Shakespeare"}
 
 
@@ -203,24 +204,17 @@ def main() -> None:
             cell = cell_path(m, f"{t}@{c}")
             part = partial_path(cell)
             # item by item, depths spread over any prefix, each kept at once: a cut run resumes where it stopped
-            kept = json.loads(part.read_text()) if part.exists() else {}
-            rows = kept.get("rows", []) if kept.get("settings") == settings else []
-            seconds = kept.get("seconds", 0.0) if rows else 0.0
-            if rows:
-                log(f"{m} {t}@{c}: resuming after {len(rows)} of {a.n} items")
-            measured = {row["index"] for row in rows}
+            kept = PartialCell(part, {"method": m, "task": t, "context": c, "settings": settings, "command": command},
+                               a.n)
+            todo_items = [i for i in spread_order(len(items[(t, c)])) if i not in kept.measured]
             with pruned(m) as mm:
-                for i in spread_order(len(items[(t, c)])):
-                    if i in measured:
-                        continue
-                    one = harp.retrieval_score(mm, tok, [items[(t, c)][i]])
-                    rows.append({**one.items[0], "index": i})
-                    seconds += one.seconds
-                    right = sum(bool(row["correct"]) for row in rows)
-                    log(f"  {m} {t}@{c} item {len(rows)}/{a.n} (depth {one.items[0]['depth']:.2f}): "
-                        f"{'right' if one.correct else 'wrong'}, {right}/{len(rows)} so far ({one.seconds:.0f} s)")
-                    write_json(part, {"method": m, "task": t, "context": c, "rows": rows, "seconds": seconds,
-                                      "settings": settings, "command": command})
+                # GROUP items at a time (spread depths first): within a group the passkey prompts share their
+                # filler's computation up to each needle (harp.retrieval_score)
+                for g in range(0, len(todo_items), GROUP):
+                    group = todo_items[g:g + GROUP]
+                    harp.retrieval_score(mm, tok, [items[(t, c)][i] for i in group],
+                                         on_item=kept.keeper(group))
+            rows, seconds = kept.rows, kept.seconds
             r = harp.RetrievalScore.from_rows(t, c, sorted(rows, key=lambda row: row["index"]), seconds)
             log(f"{m} {t}@{c}: acc {r.acc:.3f} ± {r.stderr:.3f} (n = {r.n}, {r.seconds:.0f} s)")
             write_json(cell, {**r.to_dict(items=True), "method": m, "plan": describe(plan),
@@ -283,6 +277,35 @@ def summarise(out: Path, methods: list[str], tasks: list[str], contexts: list[in
     (out / "summary.md").write_text("\n".join(lines))
     log(f"wrote {out / 'summary.md'}")
     print("\n".join(lines))
+
+
+class PartialCell:
+    """The items of one retrieval cell measured so far, kept in its partial file (`partial_path`) as each is
+    scored; rows of a run with other settings are not resumed."""
+
+    def __init__(self, path: Path, head: dict[str, Any], planned: int) -> None:
+        self.path, self.head, self.planned = path, head, planned
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        same = kept.get("settings") == head["settings"]
+        self.rows: list[dict[str, Any]] = kept.get("rows", []) if same else []
+        self.seconds: float = kept.get("seconds", 0.0) if self.rows else 0.0
+        self.measured = {row["index"] for row in self.rows}
+        if self.rows:
+            log(f"{head['method']} {head['task']}@{head['context']}: resuming after {len(self.rows)} of {planned} "
+                "items")
+
+    def keep(self, index: int, row: dict[str, Any], seconds: float) -> None:
+        self.rows.append({**row, "index": index})
+        self.seconds += seconds
+        right = sum(bool(r["correct"]) for r in self.rows)
+        log(f"  {self.head['method']} {self.head['task']}@{self.head['context']} item {len(self.rows)}/{self.planned} "
+            f"(depth {row['depth']:.2f}): {'right' if row['correct'] else 'wrong'}, {right}/{len(self.rows)} so far "
+            f"({seconds:.0f} s)")
+        write_json(self.path, {**self.head, "rows": self.rows, "seconds": self.seconds})
+
+    def keeper(self, indices: list[int]) -> Callable[[int, dict[str, Any], float], None]:
+        """`harp.retrieval_score`'s `on_item` for a call on the items `indices` (its index j is indices[j])."""
+        return lambda j, row, seconds: self.keep(indices[j], row, seconds)
 
 
 def partial_path(cell: Path) -> Path:

@@ -56,6 +56,29 @@ def test_fallback_layer_stores_nothing_and_answers_length_queries(fallback_layer
     assert cache.is_compileable in (True, False)  # the 5.19 AttributeError came from this property
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_copied_cache_answers_for_the_copy(fallback):
+    """`copy.deepcopy(cache)` (a prompt's cache reused for several continuations): the copy's pruned and
+    window slots report what the copy holds as it grows, and the original stays as it was."""
+    import copy
+
+    previous = modeling.use_fallback_cache_layer(fallback)
+    try:
+        model = tiny_model("llama")
+        harp.prune(model, layers=[0, 3], alphas=[0.5, 0.0], windows={4: 6}, sinks=1)
+        ids = torch.randint(1, 128, (1, 15), generator=torch.Generator().manual_seed(0))
+        kw = modeling.cache_kwarg(model)
+        with torch.no_grad():
+            cache = output_cache(model(input_ids=ids[:, :10], use_cache=True))
+            copied = copy.deepcopy(cache)
+            model(input_ids=ids[:, 10:], use_cache=True, **{kw: copied})
+        assert [copied.layers[i].get_seq_length() for i in (0, 1, 3, 4)] == [15] * 4
+        assert [cache.layers[i].get_seq_length() for i in (0, 1, 3, 4)] == [10] * 4
+        assert copied.layers[4].keys.shape[-2] == 1 + 5 and cache.layers[1].keys.shape[-2] == 10  # sink + w - 1
+    finally:
+        modeling.use_fallback_cache_layer(previous)
+
+
 def test_generate_on_the_installed_transformers():
     """What the user runs: whichever cache layer this transformers gives (CI: newest and lowest)."""
     _generate_matches_no_cache("llama", [0, 2, 5])

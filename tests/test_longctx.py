@@ -240,6 +240,41 @@ def test_real_generate_on_tiny_and_pruned_models(toks):
     assert r2.n == 2 and r2.acc == 0.0
 
 
+def _counting(model):
+    """`model` with a count of the tokens its forward passes compute (prefills and decode steps)."""
+    model.tokens_run = 0
+
+    def hook(_module, _args, kwargs):
+        model.tokens_run += kwargs["input_ids"].shape[1]
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2-layer0-pruned", "llama-windows", "gemma3"])
+def test_shared_prefixes_are_computed_once_with_the_same_outputs(toks, case):
+    """Passkey prompts share their filler up to the needle: scored together, that prefix runs once and each
+    item continues from a copy of its cache (bypassed layers' and window layers' slots included: a copied
+    slot answers for the copy, not the original), and every output equals the item's scored alone."""
+    tok = toks["bpe"]
+    family = case.split("-")[0]
+    model = tiny_model(family, vocab_size=len(tok), max_position_embeddings=1024)
+    if case == "qwen2-layer0-pruned":
+        prune(model, [0, 4], [0.5, 0.0])  # layer 0 bypassed: its slot answers the cache's length queries
+    elif case == "llama-windows":
+        prune(model, [], [], windows={0: 40, 3: 100}, sinks=4)  # capped caches: copied, never cropped
+    items = L.passkey_items(tok, 600, 5, seed=3)
+    alone = [L.retrieval_score(model, tok, [it]).items[0]["output"] for it in items]
+    _counting(model)
+    seen: list[int] = []
+    together = L.retrieval_score(model, tok, items, on_item=lambda i, row, s: seen.append(i))
+    assert [row["output"] for row in together.items] == alone  # in the items' order, token for token
+    assert sorted(seen) == list(range(5))  # each item reported once, as it is scored
+    _, shared = L._shared_prefixes(items)
+    reused = sum(x for x in shared if x >= L.SHARED_PREFIX_MIN) - max(shared)  # each shared prefix once
+    assert reused > 600  # of 3,000 prompt tokens
+    assert model.tokens_run <= sum(len(it.ids) + it.max_new_tokens for it in items) - reused
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ only itself and the w - 1 tokens before it; its KV cache holds at most w - 1 pas
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import operator
 import weakref
@@ -133,6 +135,16 @@ except ImportError:  # pragma: no cover - not a transformers 5 release
     _CacheLayerBase = object  # type: ignore[misc, assignment]
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The name `model.forward` (and `generate`) takes its KV cache under: `cache` (transformers >= 5.2x) or
+    `past_key_values` (before)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class _RealLayerLengths:
     """What a pruned layer's cache slot answers when asked for the sequence length or mask sizes: those of
     the first real full-attention layer of the same cache (any real layer if none is full), so the
@@ -147,6 +159,18 @@ class _RealLayerLengths:
 
     def _bind(self, cache: Any) -> None:
         self._cache = weakref.ref(cache) if cache is not None else None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """A copy bound to the copy of its cache (`copy.deepcopy(cache)`, e.g. a prompt's cache reused for
+        several continuations), not to the original: a weak reference is copied as it is."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            if name != "_cache":
+                setattr(new, name, copy.deepcopy(value, memo))
+        cache = self._cache() if self._cache is not None else None
+        new._bind(memo.get(id(cache), cache))
+        return new
 
     def _real(self) -> Any:
         cache = self._cache() if self._cache is not None else None

@@ -49,13 +49,13 @@ from harp.bench.run import (
 )
 from harp.bench.timing import (
     alternating_decode,
-    cache_kwarg,
     lockstep_prefill,
     lockstep_round,
     measure,
     prompt_tokens,
     switch_points,
 )
+from harp.modeling import cache_kwarg
 from harp.report import check_plot_available
 from harp.report.bench import bench_table, plot_bench
 

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.bench.timing import cache_kwarg, measure, prompt_tokens
+from harp.bench.timing import measure, prompt_tokens
 from harp.model.load import load_model
+from harp.modeling import cache_kwarg
 
 _PROBE_MARK = "HARP_BENCH_PROBE "
 

@@ -14,13 +14,13 @@ from torch import nn
 
 from harp.bench.probe import peak_rss_bytes, probe_memory
 from harp.bench.results import context_row, loadavg, result_skeleton
-from harp.bench.timing import Timings, cache_kwarg, lockstep_round, measure, prompt_tokens
+from harp.bench.timing import Timings, lockstep_round, measure, prompt_tokens
 from harp.engine.text import bos_token
 from harp.model.accounting import speedup_bounds
 from harp.model.checkpoint import read_config
 from harp.model.load import load_model, saved_tokenizer
 from harp.model.source import ModelSource, resolve
-from harp.modeling import HarpBlock
+from harp.modeling import HarpBlock, cache_kwarg
 from harp.report import check_plot_available
 from harp.report.bench import bench_table, plot_bench
 from harp.util.fsio import require_output, write_json_atomic, write_text_atomic

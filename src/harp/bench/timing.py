@@ -13,7 +13,6 @@ shared machine whose speed drifts within seconds, both models then see the same 
 from __future__ import annotations
 
 import gc
-import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -26,15 +25,6 @@ from harp.model.accounting import kv_cache_bytes
 from harp.modeling import arch_for, decoder_layers, get_module
 
 Timings = dict[str, float | int]  # prefill_s, decode_s, kv_bytes (+ prefill_cpu_s, decode_cpu_s from `measure`)
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The name `model.forward` takes its KV cache under: `cache` (transformers 5) or `past_key_values`."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def prompt_tokens(vocab_size: int, n: int, seed: int, bos: int | None = None) -> torch.Tensor:

@@ -22,12 +22,13 @@ evenly over [0, 1] across the items. Scoring is greedy decoding of a few tokens 
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import random
 import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 
 from harp.engine.perplexity import model_device
 from harp.engine.text import BUNDLED, TEXT_SUFFIXES, Text, bos_token, load_text
-from harp.modeling import arch_for, get_module
+from harp.modeling import arch_for, cache_kwarg, get_module
 from harp.util.progress import Progress
 
 LONGCTX_TASKS = ("passkey", "niah")
@@ -545,12 +546,40 @@ def depth_bins(items: Sequence[dict[str, Any]], bins: int = 5) -> list[dict[str,
     return out
 
 
+SHARED_PREFIX_MIN = 128  # a prompt prefix shared with the others is computed once from this many tokens on
+
+
+def _shared_prefixes(items: Sequence[RetrievalItem]) -> tuple[tuple[int, ...], list[int]]:
+    """A base prompt (the one whose needle is deepest: passkey prompts share the filler up to their needle)
+    and how many leading tokens each item shares with it and with one other item at least, at least one
+    token short of the item."""
+    top = max(range(len(items)), key=lambda i: items[i].position)
+    base = items[top].ids
+
+    def common(ids: tuple[int, ...]) -> int:
+        n, i = min(len(ids), len(base)) - 1, 0
+        while i < n and ids[i] == base[i]:
+            i += 1
+        return i
+
+    shared = [common(it.ids) for it in items]
+    shared[top] = max((x for i, x in enumerate(shared) if i != top), default=0)  # the base shares what others do
+    return base, shared
+
+
 @torch.no_grad()
 def retrieval_score(model: nn.Module, tokenizer: Any, items: Sequence[RetrievalItem], *,
-                    progress: bool | str = False) -> RetrievalScore:
+                    progress: bool | str = False,
+                    on_item: Callable[[int, dict[str, Any], float], None] | None = None) -> RetrievalScore:
     """Greedy-decode each item's few answer tokens (batch size 1, explicit attention mask, sdpa attention
     where the model has it, no attention weights returned) and score an exact match of the answer in
-    the continuation. All items must be one task at one context. Works with harp-pruned models."""
+    the continuation. All items must be one task at one context. Works with harp-pruned models.
+
+    Prompts that share a prefix of at least SHARED_PREFIX_MIN tokens (passkey's filler before its needle)
+    share its computation: the items run in order of that prefix, one model cache advances along it and
+    each item continues from a copy (window layers' caches included), so a passkey cell costs about half
+    the prefills. `on_item(index, row, seconds)` is called as each item is scored (`index` into `items`);
+    the score lists the items in their given order."""
     if not items:
         raise ValueError("`items` is empty: nothing to score.")
     tasks = {(it.task, it.context) for it in items}
@@ -562,24 +591,45 @@ def retrieval_score(model: nn.Module, tokenizer: Any, items: Sequence[RetrievalI
     was_training = model.training
     model.eval()
     pad = _pad_id(tokenizer, model)
+    base, shared = _shared_prefixes(items)
+    if not isinstance(model, PreTrainedModel):  # a model without transformers' cache: every prompt whole
+        shared = [0] * len(items)
+    order = sorted(range(len(items)), key=lambda i: shared[i])
+    kw = cache_kwarg(model)
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    rows: dict[int, dict[str, Any]] = {}
+    cache, fed = None, 0
     desc = progress if isinstance(progress, str) else f"{task}@{context}"
     try:
         with attention_implementation(model), Progress(len(items), desc, enabled=bool(progress)) as bar:
-            for it in items:
+            for i in order:
+                t1 = time.perf_counter()
+                it = items[i]
+                past = None
+                if shared[i] >= SHARED_PREFIX_MIN:
+                    if cache is None:
+                        cache = DynamicCache(config=model.config)
+                    if shared[i] > fed:  # advance the shared cache to this item's prefix
+                        model(input_ids=torch.tensor([base[fed:shared[i]]], dtype=torch.long, device=dev),
+                              use_cache=True, logits_to_keep=1, **{kw: cache})
+                        fed = shared[i]
+                    past = copy.deepcopy(cache)
                 ids = torch.tensor([it.ids], dtype=torch.long, device=dev)
                 gc = GenerationConfig(max_new_tokens=it.max_new_tokens, do_sample=False, num_beams=1,
                                       pad_token_id=pad, output_attentions=False, output_hidden_states=False)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+                extra = {} if past is None else {kw: past}
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc,
+                                     **extra)
                 text = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-                rows.append({"depth": it.depth, "answer": it.answer, "output": text,
-                             "correct": _answer_in(it.answer, text)})
+                rows[i] = {"depth": it.depth, "answer": it.answer, "output": text,
+                           "correct": _answer_in(it.answer, text)}
+                if on_item is not None:
+                    on_item(i, rows[i], time.perf_counter() - t1)
                 bar.advance()
     finally:
         if was_training:
             model.train()
-    return RetrievalScore.from_rows(task, context, rows, time.perf_counter() - t0)
+    return RetrievalScore.from_rows(task, context, [rows[i] for i in range(len(items))], time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------------
