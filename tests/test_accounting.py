@@ -10,9 +10,9 @@ import transformers
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.bench.timing import cache_kwarg
 from harp.model import accounting
 from harp.model.accounting import count_parameters, kv_cache_bytes
+from harp.modeling import cache_kwarg
 
 # A config small enough to count by hand: hidden 8, 2 query heads, 1 KV head, head_dim 4,
 # MLP 12, 3 layers, vocab 10, untied embeddings, no biases.

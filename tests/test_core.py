@@ -9,7 +9,6 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.bench.timing import cache_kwarg
 from harp.engine.replay import capture_inputs
 from harp.model.accounting import output_cache
 from harp.model.prune import refuse_pruned, temporarily_pruned
@@ -19,6 +18,7 @@ from harp.modeling import (
     HarpLinearAttention,
     HarpNoAttention,
     attention_geometry,
+    cache_kwarg,
     decoder_layers,
 )
 

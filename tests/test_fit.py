@@ -10,12 +10,11 @@ import torch
 from tiny import FAMILIES, tiny_model
 
 import harp
-from harp.bench.timing import cache_kwarg
 from harp.methods.fit import FitStats, check_fit_method, fit_layers, solve_map
 from harp.methods.search import DEFAULT_GRID
 from harp.model.accounting import output_cache
 from harp.model.prune import prune, temporarily_pruned
-from harp.modeling import attention_geometry, decoder_layers, fold_output
+from harp.modeling import attention_geometry, cache_kwarg, decoder_layers, fold_output
 
 WINDOWS = torch.randint(0, 128, (8, 40), generator=torch.Generator().manual_seed(0))
 
