@@ -27,16 +27,18 @@ from harp.engine.text import bos_token, calibration_windows, evaluation_windows,
 from harp.jobs.prune import PruneSettings, run_prune
 from harp.methods.fit import FitResult, LayerFit, fit_layers
 from harp.methods.search import SearchResult, search_alphas
+from harp.methods.sinks import SinkFit, fit_sinks
 from harp.model.accounting import count_parameters, kv_cache_bytes, removed_parameters
 from harp.model.checkpoint import load, save
 from harp.model.load import load_model
 from harp.model.prune import prune, pruned_plan, temporarily_pruned
-from harp.modeling import ARCHITECTURES, LinearMap, supported_families
+from harp.modeling import ARCHITECTURES, FittedSink, LinearMap, supported_families
 from harp.report.longctx import plot_position_losses, retrieval_markdown
 
 __all__ = [
     "ARCHITECTURES",
     "FitResult",
+    "FittedSink",
     "LayerFit",
     "LinearMap",
     "PositionLosses",
@@ -44,6 +46,7 @@ __all__ = [
     "RetrievalItem",
     "RetrievalScore",
     "SearchResult",
+    "SinkFit",
     "__version__",
     "bos_token",
     "calibration_windows",
@@ -51,6 +54,7 @@ __all__ = [
     "count_parameters",
     "evaluation_windows",
     "fit_layers",
+    "fit_sinks",
     "kv_cache_bytes",
     "load",
     "load_model",

@@ -17,7 +17,11 @@ into the output norm, which would cancel any scale of its input). `alpha == 0` r
 attention sub-layer.
 
 A window layer (`harp.prune(..., windows={i: w})`) keeps its attention and weights but each token sees
-only itself and the w - 1 tokens before it; its KV cache holds at most w - 1 past tokens.
+only itself and the w - 1 tokens before it; its KV cache holds at most w - 1 past tokens. It may also see
+the first s positions (sink tokens, cached), or instead carry a fitted sink (`FittedSink`): a per-head
+logit b, one more softmax column with no value (what vLLM's attention calls `sinks`), and a constant added
+to the attention output (`o_proj` of the sinks' mean share of output), standing in for sink tokens
+without caching any.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer as _SlidingWindowLayer
 
-FORMAT_VERSION = 2  # 2 adds window layers; a block without them is still written as 1
+FORMAT_VERSION = 3  # 2 adds window layers, 3 fitted sinks; a block is written with the lowest that holds it
 
 
 @dataclass(frozen=True)
@@ -336,15 +340,19 @@ class _WindowCacheLayer(_RealLayerLengths, _SlidingWindowLayer):  # type: ignore
     sliding-window cache layer keeps only the latter, and for w = 1 its slice `[-0:]` would keep all).
     `update` returns the held keys/values with the new ones; `positions` are the held tokens' positions.
 
+    With `column` (a layer with a fitted sink) `update` also puts one all-zero key and value first, held
+    nowhere: the sink logit's softmax column (the mask gives it its logit; its value adds nothing).
+
     It must not size the masks the model builds for its other layers, so it reports itself not sliding
     and answers mask-size queries with those of the first real attention layer (`_RealLayerLengths`); its
     sequence length is its own (every token seen)."""
 
     is_sliding = False
 
-    def __init__(self, window: int, sinks: int, cache: Any) -> None:
+    def __init__(self, window: int, sinks: int, cache: Any, column: bool = False) -> None:
         _SlidingWindowLayer.__init__(self, window)
         self.sinks = sinks
+        self.column = column
         self.positions = torch.zeros(0, dtype=torch.long)
         self._bind(cache)
 
@@ -363,17 +371,22 @@ class _WindowCacheLayer(_RealLayerLengths, _SlidingWindowLayer):  # type: ignore
         idx = keep.nonzero().flatten().to(keys.device)
         self.keys, self.values = keys.index_select(-2, idx), values.index_select(-2, idx)
         self.positions = positions[keep]
+        if self.column:
+            k0 = keys.new_zeros((*keys.shape[:-2], 1, keys.shape[-1]))
+            v0 = values.new_zeros((*values.shape[:-2], 1, values.shape[-1]))
+            return torch.cat([k0, keys], dim=-2), torch.cat([v0, values], dim=-2)
         return keys, values
 
 
-def _window_cache_slot(cache: Any, layer_idx: int, window: int, sinks: int) -> Any:
+def _window_cache_slot(cache: Any, layer_idx: int, window: int, sinks: int, column: bool = False) -> Any:
     """The cache layer of window layer `layer_idx`, made a `_WindowCacheLayer` the first time it runs."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         raise TypeError(f"Window layer {layer_idx}: harp window layers need a transformers DynamicCache, "
                         f"got {type(cache).__name__}. Use the default cache (no cache_implementation).")
     slot = layers[layer_idx] if layer_idx < len(layers) else None
-    if isinstance(slot, _WindowCacheLayer) and slot.sliding_window == window and slot.sinks == sinks:
+    if (isinstance(slot, _WindowCacheLayer) and slot.sliding_window == window and slot.sinks == sinks
+            and slot.column == column):
         return slot
     if slot is not None and getattr(slot, "is_initialized", False) and slot.get_seq_length() > 0:
         raise RuntimeError(f"Window layer {layer_idx}: its cache slot already holds tokens from another kind of "
@@ -381,7 +394,7 @@ def _window_cache_slot(cache: Any, layer_idx: int, window: int, sinks: int) -> A
     replicate = getattr(cache, "layer_class_to_replicate", None)
     while len(layers) <= layer_idx:
         layers.append(replicate() if replicate is not None else _dummy(cache))
-    layers[layer_idx] = _WindowCacheLayer(window, sinks, cache)
+    layers[layer_idx] = _WindowCacheLayer(window, sinks, cache, column)
     return layers[layer_idx]
 
 
@@ -412,6 +425,18 @@ def window_mask(mask: torch.Tensor | None, queries: torch.Tensor, keys: torch.Te
     return picked.masked_fill(~band, torch.finfo(mask.dtype).min)
 
 
+def sink_column_mask(mask: torch.Tensor, logit: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A window mask (boolean or additive, batch x 1 x queries x keys) as an additive mask of `dtype`
+    with one more column first, per head: the sink logit `logit` (heads,) on the all-zero key the cache
+    slot puts first (q . 0 = 0, so the column's logit is b; its zero value adds nothing to the output)."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    mask = mask.to(dtype)
+    b, _, q, _ = mask.shape
+    column = logit.to(device=mask.device, dtype=dtype).view(1, -1, 1, 1).expand(b, -1, q, 1)
+    return torch.cat([column, mask.expand(b, column.shape[1], q, mask.shape[-1])], dim=-1)
+
+
 WINDOW_CHUNK = 512  # a window layer's forward over more new tokens than this runs in chunks of this size
 
 
@@ -419,8 +444,8 @@ class _ChunkCache:
     """The cache of one chunked window forward run without a model cache: the layer's slot alone,
     discarded when the forward returns."""
 
-    def __init__(self, window: int, sinks: int) -> None:
-        self.slot = _WindowCacheLayer(window, sinks, None)
+    def __init__(self, window: int, sinks: int, column: bool = False) -> None:
+        self.slot = _WindowCacheLayer(window, sinks, None, column)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.slot.update(key_states, value_states)
@@ -452,41 +477,61 @@ class _WindowedAttention:
 
     A long forward (a prefill, a perplexity window) runs in chunks of WINDOW_CHUNK tokens through the
     layer's window cache slot, so its attention costs O(n * (w + WINDOW_CHUNK)), not O(n^2) behind a mask;
-    tokens that all see each other (the first w of a sequence) keep the model's own (causal) mask."""
+    tokens that all see each other (the first w of a sequence) keep the model's own (causal) mask.
+
+    A fitted sink (parameters `harp_sink_logit`, heads, and `harp_sink_bias`, hidden) adds the softmax column
+    b to every query (through a zero key the cache slot puts first) and the bias to the output."""
 
     harp_window: int
     harp_sinks: int = 0
     layer_idx: int
 
+    @property
+    def harp_sink_fitted(self) -> bool:
+        return "harp_sink_logit" in self._parameters
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         n, size = hidden_states.shape[-2], WINDOW_CHUNK
+        if not args and _cache_from(kwargs) is None and (n > size or self.harp_sink_fitted):
+            # a forward without a model cache: its chunks share a throw-away one (so does a fitted sink's
+            # zero key, which the slot adds)
+            key = "cache" if "cache" in kwargs else "past_key_values"
+            kwargs[key] = _ChunkCache(self.harp_window, self.harp_sinks, self.harp_sink_fitted)
         if args or n <= size:
             return self._window_forward(hidden_states, *args, **kwargs)
-        if _cache_from(kwargs) is None:  # a forward without a model cache: the chunks share a throw-away one
-            key = "cache" if "cache" in kwargs else "past_key_values"
-            kwargs[key] = _ChunkCache(self.harp_window, self.harp_sinks)
         parts = [self._window_forward(hidden_states[..., s:s + size, :], **_chunk_kwargs(kwargs, s, s + size, n))[0]
                  for s in range(0, n, size)]
         return torch.cat(parts, dim=-2), None
 
     def _window_forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        window, sinks = self.harp_window, self.harp_sinks
+        window, sinks, fitted = self.harp_window, self.harp_sinks, self.harp_sink_fitted
         cache = _cache_from(kwargs)
         held = torch.zeros(0, dtype=torch.long)
         past = 0
         if cache is not None:
             slot = cache.slot if isinstance(cache, _ChunkCache) else _window_cache_slot(cache, self.layer_idx,
-                                                                                          window, sinks)
+                                                                                          window, sinks, fitted)
             held, past = slot.positions, slot.get_seq_length()
-        if past == 0 and hidden_states.shape[-2] <= window:  # the band is the causal mask the model built
+        elif fitted:
+            raise TypeError(f"Window layer {self.layer_idx}: a fitted sink needs its cache slot; call the "
+                            "attention with keyword arguments.")
+        if past == 0 and hidden_states.shape[-2] <= window and not fitted:  # the band is the model's causal mask
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         queries = torch.arange(past, past + hidden_states.shape[-2])
         keys = torch.cat([held, queries])  # what the cache slot returns with the new keys
         eager = getattr(getattr(self, "config", None), "_attn_implementation", None) == "eager"
         mask = window_mask(kwargs.get("attention_mask"), queries, keys, window, sinks, dtype=hidden_states.dtype,
                            additive=eager)
+        if fitted:
+            mask = sink_column_mask(mask, self.harp_sink_logit, hidden_states.dtype)
         kwargs["attention_mask"] = mask.to(hidden_states.device)
-        return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        probe = self.__dict__.get("harp_probe")
+        if probe is not None:  # harp.methods.sinks: the positions of this call's queries and keys
+            probe.positions = (queries, keys)
+        out = super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        if fitted:
+            out = (out[0] + self.harp_sink_bias.to(out[0].dtype), *out[1:])
+        return out
 
 
 _WINDOWED_CLASSES: dict[type, type] = {}
@@ -501,16 +546,54 @@ def _windowed_class(base: type) -> type:
     return _WINDOWED_CLASSES[base]
 
 
-def window_layer(model: nn.Module, layer_idx: int, window: int, sinks: int = 0) -> None:
+@dataclass(frozen=True)
+class FittedSink:
+    """A window layer's fitted sink: `logit` (heads,) the softmax column each head adds beside its window,
+    `bias` (hidden,) what is added to the attention's output (after o_proj)."""
+
+    logit: torch.Tensor
+    bias: torch.Tensor
+
+
+def check_fitted_sink(config: Any, layer_idx: int, fitted: Any) -> None:
+    """Raise ValueError unless `fitted` is a FittedSink of `config`'s shapes (one logit per head, a bias of
+    the hidden size), finite."""
+    g = attention_geometry(config)
+    if not isinstance(fitted, FittedSink):
+        raise ValueError(f"Layer {layer_idx}: a fitted sink is a harp FittedSink, got {type(fitted).__name__}.")
+    if tuple(fitted.logit.shape) != (g["heads"],) or tuple(fitted.bias.shape) != (g["hidden"],):
+        raise ValueError(f"Layer {layer_idx}: a fitted sink has one logit per head ({g['heads']}) and a bias of "
+                         f"the hidden size ({g['hidden']}); got {tuple(fitted.logit.shape)} and "
+                         f"{tuple(fitted.bias.shape)}.")
+    if not (torch.isfinite(fitted.logit).all() and torch.isfinite(fitted.bias).all()):
+        raise ValueError(f"Layer {layer_idx}: a fitted sink's logits and bias must be finite.")
+
+
+def window_layer(model: nn.Module, layer_idx: int, window: int, sinks: int = 0,
+                 fitted: FittedSink | bool = False) -> None:
     """Make decoder layer `layer_idx` a window layer of `window` positions, plus the first `sinks` ones
-    (its weights untouched)."""
+    (its weights untouched), or with a fitted sink (`fitted`: its values, or True for zeros that a
+    checkpoint's weights fill)."""
     arch = arch_for(model.config)
     attn = getattr(get_module(model, arch.layers)[layer_idx], arch.attn)
     if not hasattr(attn, "q_proj"):
         raise ValueError(f"Layer {layer_idx} has no attention left to window (it is pruned).")
+    if fitted is not False and sinks:
+        raise ValueError(f"Layer {layer_idx}: a fitted sink stands in for sink tokens; give one or the other.")
     attn.__class__ = _windowed_class(type(attn))
     attn.harp_window = int(window)
     attn.harp_sinks = int(sinks)
+    for name in ("harp_sink_logit", "harp_sink_bias"):
+        attn._parameters.pop(name, None)
+    if fitted is not False:
+        g, ref = attention_geometry(model.config), attn.o_proj.weight
+        if fitted is True:  # the structure only (on the meta device while a checkpoint loads)
+            logit, bias = torch.zeros(g["heads"]), torch.zeros(g["hidden"])
+        else:
+            check_fitted_sink(model.config, layer_idx, fitted)
+            logit, bias = fitted.logit, fitted.bias
+        attn.harp_sink_logit = nn.Parameter(logit.detach().to(ref.device, ref.dtype).clone(), requires_grad=False)
+        attn.harp_sink_bias = nn.Parameter(bias.detach().to(ref.device, ref.dtype).clone(), requires_grad=False)
 
 
 def unwindow_layer(model: nn.Module, layer_idx: int) -> None:
@@ -521,6 +604,8 @@ def unwindow_layer(model: nn.Module, layer_idx: int) -> None:
         attn.__class__ = next(b for b in type(attn).__mro__[1:] if not issubclass(b, _WindowedAttention))
         del attn.harp_window
         attn.__dict__.pop("harp_sinks", None)
+        for name in ("harp_sink_logit", "harp_sink_bias"):
+            attn._parameters.pop(name, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,7 +656,7 @@ def apply_structure(model: nn.Module, harp: dict[str, Any]) -> None:
         else:
             setattr(layer, arch.attn, _empty_linear_attention(layer, arch, model.config, idx))
     for idx, window in block.windows_plan.items():
-        window_layer(model, idx, window, block.sinks_plan[idx])
+        window_layer(model, idx, window, block.sinks_plan[idx], idx in block.fitted_sinks)
 
 
 @dataclass(frozen=True)
@@ -698,6 +783,7 @@ class HarpBlock:
     window_layers: tuple[int, ...] = ()  # layers that keep attention over their last `windows` positions
     windows: tuple[int, ...] = ()
     sinks: tuple[int, ...] = ()  # and over the first `sinks` positions (one per window layer; () = none)
+    fitted_sinks: tuple[int, ...] = ()  # window layers with a fitted sink (FittedSink) instead, sorted
 
     def __bool__(self) -> bool:
         return bool(self.layers or self.window_layers)
@@ -750,9 +836,11 @@ class HarpBlock:
         if isinstance(layers, list) and isinstance(alphas, list) and len(layers) != len(alphas):
             problems.append(f"harp block has {len(layers)} layers but {len(alphas)} alphas (one per layer)")
         wl, ws, sk = _read_windows(block, num_layers, set(good_layers), problems)
+        sink_tokens = dict(zip(wl, sk or (0,) * len(wl), strict=True))
+        fitted = _read_fitted_sinks(block.get("fitted_sinks", []), sink_tokens, problems)
         if problems:
             raise HarpBlockError(problems, newer)
-        return cls(tuple(good_layers), tuple(good_alphas), version, wl, ws, sk)
+        return cls(tuple(good_layers), tuple(good_alphas), version, wl, ws, sk, fitted)
 
     @staticmethod
     def _stored(config: Any) -> tuple[Any, Any]:
@@ -816,18 +904,19 @@ class HarpBlock:
         """{layer index: sink tokens} of the window layers (0 where none)."""
         return dict(zip(self.window_layers, self.sinks or (0,) * len(self.window_layers), strict=True))
 
-    def with_windows(self, windows: Any, num_layers: int, sinks: Any = 0) -> HarpBlock:
+    def with_windows(self, windows: Any, num_layers: int, sinks: Any = 0, fitted: Any = ()) -> HarpBlock:
         """This block with window layers `windows` ({layer: w}, w a whole number >= 1) instead of its own,
-        each also seeing the first `sinks` positions (a number for all, or {layer: s}). Raises ValueError
-        naming the first problem."""
+        each also seeing the first `sinks` positions (a number for all, or {layer: s}), the layers in
+        `fitted` with a fitted sink instead. Raises ValueError naming the first problem."""
         windows = dict(windows)
         per = dict(sinks) if isinstance(sinks, dict) else {i: sinks for i in windows}
         problems: list[str] = []
         wl, ws, sk = _read_windows({"window_layers": list(windows), "windows": list(windows.values()),
                                     "sinks": [per.get(i, 0) for i in windows]}, num_layers, set(self.layers), problems)
+        fit = _read_fitted_sinks(list(fitted), dict(zip(wl, sk or (0,) * len(wl), strict=True)), problems)
         if problems:
             raise ValueError(problems[0][0].upper() + problems[0][1:] + ".")
-        return HarpBlock(self.layers, self.alphas, self.format_version, *_sorted_windows(wl, ws, sk))
+        return HarpBlock(self.layers, self.alphas, self.format_version, *_sorted_windows(wl, ws, sk), fit)
 
     def merged(self, other: HarpBlock) -> HarpBlock:
         """This block plus the layers of `other` (none in common), sorted by layer."""
@@ -839,18 +928,20 @@ class HarpBlock:
         sinks = tuple(self.sinks_plan.values()) + tuple(other.sinks_plan.values())
         return HarpBlock(tuple(i for i, _ in pairs), tuple(a for _, a in pairs), FORMAT_VERSION,
                          *_sorted_windows(self.window_layers + other.window_layers, self.windows + other.windows,
-                                          sinks))
+                                          sinks), tuple(sorted(self.fitted_sinks + other.fitted_sinks)))
 
     def to_dict(self) -> dict[str, Any]:
         """The block as config.json stores it: format version 1 without window layers (what every harp
-        release reads), 2 with them (a release that cannot build them refuses the checkpoint); `sinks`
-        only when a window layer has some."""
+        release reads), 2 with them, 3 with fitted sinks (a release that cannot build them refuses the
+        checkpoint); `sinks` only when a window layer has some, `fitted_sinks` only when one has that."""
         if not self.window_layers:
             return {"format_version": 1, "layers": list(self.layers), "alphas": list(self.alphas)}
-        out = {"format_version": 2, "layers": list(self.layers), "alphas": list(self.alphas),
-               "window_layers": list(self.window_layers), "windows": list(self.windows)}
+        out = {"format_version": 3 if self.fitted_sinks else 2, "layers": list(self.layers),
+               "alphas": list(self.alphas), "window_layers": list(self.window_layers), "windows": list(self.windows)}
         if any(self.sinks):
             out["sinks"] = list(self.sinks)
+        if self.fitted_sinks:
+            out["fitted_sinks"] = list(self.fitted_sinks)
         return out
 
     def top_first(self) -> list[tuple[int, float]]:
@@ -866,9 +957,10 @@ class HarpBlock:
         return ", ".join(f"{a:g}" for _, a in self.top_first())
 
     def windows_text(self) -> str:
-        """'12:256, 11:256+4': the window layers and their windows (+ sink tokens), top first."""
+        """'12:256, 11:256+4, 10:256+fit': the window layers and their windows (+ sink tokens, or + a fitted
+        sink), top first."""
         sinks = self.sinks_plan
-        return ", ".join(f"{i}:{w}" + (f"+{sinks[i]}" if sinks[i] else "")
+        return ", ".join(f"{i}:{w}" + (f"+{sinks[i]}" if sinks[i] else "+fit" if i in self.fitted_sinks else "")
                          for i, w in sorted(self.windows_plan.items(), reverse=True))
 
     def describe(self) -> str:
@@ -921,6 +1013,26 @@ def _read_windows(block: dict[str, Any], num_layers: int | None, bypassed: set[i
     if dup:
         problems.append(f"harp window layers repeat {dup}")
     return _sorted_windows(tuple(good_l), tuple(good_w), tuple(good_s))
+
+
+def _read_fitted_sinks(fitted: Any, sinks: dict[int, int], problems: list[str]) -> tuple[int, ...]:
+    """The window layers with a fitted sink (`fitted_sinks`, a list of layer indices), checked against the
+    window layers' sink tokens `sinks` ({layer: s}); problems are appended, one clause each."""
+    if not isinstance(fitted, list):
+        problems.append("harp 'fitted_sinks' must be a list of window layer indices")
+        return ()
+    good: list[int] = []
+    for i in fitted:
+        idx = _as_index(i)
+        if idx is None or idx not in sinks:
+            problems.append(f"harp fitted sink layer {i!r} is not a window layer")
+        elif sinks[idx]:
+            problems.append(f"harp window layer {idx} has both {sinks[idx]} sink tokens and a fitted sink")
+        elif idx in good:
+            problems.append(f"harp fitted sink layers repeat {idx}")
+        else:
+            good.append(idx)
+    return tuple(sorted(good))
 
 
 def harp_model_class(base_cls: type) -> type:

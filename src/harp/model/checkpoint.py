@@ -58,11 +58,13 @@ def family_window_fields(config: Any, block: HarpBlock) -> dict[str, Any]:
     per-layer `layer_types` (Qwen2, Qwen3, Gemma 2, Gemma 3; not LLaMA, Gemma or Mistral, whose one
     `sliding_window` is model-wide), no sink tokens (a native sliding mask has none), one window w, every
     layer the family already makes local of that same window (Gemma 2/3: w equals its `sliding_window`),
+    no fitted sink (a native window has no sink column),
     and for Gemma 3 the same RoPE on local and global layers (a local layer takes the local RoPE)."""
     qwen = FAMILY_WINDOW_TYPES.get(getattr(config, "model_type", None))
     n = config.num_hidden_layers
     types = list(getattr(config, "layer_types", None) or [])
-    if qwen is None or not block.window_layers or any(block.sinks) or len(set(block.windows)) != 1:
+    if (qwen is None or not block.window_layers or any(block.sinks) or block.fitted_sinks
+            or len(set(block.windows)) != 1):
         return {}
     if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
         return {}

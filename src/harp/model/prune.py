@@ -11,9 +11,11 @@ from torch import nn
 
 from harp.model.accounting import attention_windows
 from harp.modeling import (
+    FittedSink,
     HarpBlock,
     LinearMap,
     arch_for,
+    check_fitted_sink,
     get_module,
     prune_layer,
     unwindow_layer,
@@ -82,6 +84,7 @@ def check_window_plan(config: Any, windows: Mapping[int, int] | None, bypassed: 
 def prune(
     model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
     *, windows: Mapping[int, int] | None = None, sinks: int = 0,
+    fitted_sinks: Mapping[int, FittedSink] | None = None,
 ) -> nn.Module:
     """Apply HARP to `model` in place and return it.
 
@@ -102,11 +105,22 @@ def prune(
             and their KV cache holds at most w - 1 past tokens.
         sinks: window layers also see the first `sinks` positions (attention sinks, as StreamingLLM's), and
             keep them in their cache.
+        fitted_sinks: optional `{layer: FittedSink}` for window layers (`harp.fit_sinks`): a per-head sink
+            logit and an output bias standing in for sink tokens (with `sinks=0`), caching nothing more.
     """
     arch_for(model.config)  # clear error for unsupported families first
     layers, alphas = validate_plan(model.config, layers, alphas)
     window_plan = check_window_plan(model.config, windows, layers, sinks)
-    added = HarpBlock(tuple(layers), tuple(alphas)).with_windows(window_plan, model.config.num_hidden_layers, sinks)
+    fitted_sinks = dict(fitted_sinks or {})
+    stray = sorted(set(fitted_sinks) - set(window_plan))
+    if stray:
+        raise ValueError(f"Fitted sinks given for layers {stray}, which are not being made window layers.")
+    if fitted_sinks and sinks:
+        raise ValueError(f"Fitted sinks stand in for sink tokens: pass `sinks=0` with them (got sinks={sinks}).")
+    for idx, fitted in fitted_sinks.items():
+        check_fitted_sink(model.config, idx, fitted)
+    added = HarpBlock(tuple(layers), tuple(alphas)).with_windows(window_plan, model.config.num_hidden_layers, sinks,
+                                                                 fitted=sorted(fitted_sinks))
     merged = HarpBlock.from_config(model).merged(added)
     maps = dict(maps or {})
     stray = sorted(set(maps) - set(layers))
@@ -115,7 +129,7 @@ def prune(
     for idx, alpha in zip(layers, alphas, strict=True):
         prune_layer(model, idx, alpha, maps.get(idx))
     for idx, w in window_plan.items():
-        window_layer(model, idx, w, sinks)
+        window_layer(model, idx, w, sinks, fitted_sinks.get(idx, False))
     model.config.harp = merged.to_dict()
     return model
 
@@ -124,6 +138,7 @@ def prune(
 def temporarily_pruned(
     model: nn.Module, layers: list[int], alphas: list[float], maps: Mapping[int, LinearMap] | None = None,
     *, windows: Mapping[int, int] | None = None, sinks: int = 0,
+    fitted_sinks: Mapping[int, FittedSink] | None = None,
 ) -> Iterator[nn.Module]:
     """Prune like `prune`, then put the original modules and weights back on exit.
 
@@ -144,7 +159,7 @@ def temporarily_pruned(
     old_harp = getattr(model.config, "harp", None)
     try:
         prune(model, layers, alphas, {i: m for i, m in (maps or {}).items() if i in layers}, windows=windows,
-              sinks=sinks)
+              sinks=sinks, fitted_sinks=fitted_sinks)
         yield model
     finally:
         for idx in windows or {}:
