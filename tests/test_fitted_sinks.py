@@ -242,3 +242,53 @@ def test_prune_refuses_bad_fitted_sinks_before_changing_anything():
     with pytest.raises(ValueError, match="one logit per head"):
         harp.prune(tiny_model("llama"), [], [], windows={5: 4},
                    fitted_sinks={5: FittedSink(torch.zeros(g["heads"] + 1), torch.zeros(g["hidden"]))})
+
+
+def test_prune_cli_fits_sinks_end_to_end(tmp_path):
+    """`harp prune --window W --sinks fit`: fitted on calibration text, saved (block and weights), stated in the
+    summary, recipe and `harp info`; the saved model reloads to the perplexity that was measured."""
+    from test_window import SMALL, _cli
+    from tiny import tiny_folder
+
+    src = tiny_folder(tmp_path / "llama", "llama", max_position_embeddings=512)
+    out = tmp_path / "w"
+    r = _cli("prune", "--model", src, "--out", out, "--layers", "2", "--window", "16", "--sinks", "fit",
+             "--no-reference", *SMALL, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "attention over the last 16 tokens, with fitted sinks (in place of 4 sink tokens)" in flat
+    assert "fitted sinks of window layers 5, 4 (standing in for 4 sink tokens) on 4 x 512 calibration tokens" in flat
+    block = json.loads((out / "config.json").read_text())["harp"]
+    assert block["windows"] == [16, 16] and block["fitted_sinks"] == [4, 5] and "sinks" not in block
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["sinks"] == 0 and summary["sink_fit"]["tokens"] == 4 * 512 and set(summary["sink_fit"]["share"]) \
+        == {"4", "5"}
+    recipe = json.loads((out / "harp_recipe.json").read_text())
+    assert recipe["sinks"] == "fit" and recipe["sink_fit"]["queries"] == 4 * (512 - 16 - 4)
+    loaded = harp.load(out)
+    assert loaded.model.layers[5].self_attn.harp_sink_logit.abs().sum() > 0
+    info = _cli("info", out)
+    assert info.exit_code == 0 and "5:16+fit, 4:16+fit" in " ".join(info.output.split()), info.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "4", "--sinks", "many"], "--sinks must be a whole number of tokens >= 0 or 'fit'"),
+    (["--window", "510", "--sinks", "fit"], "a window of 510 leaves no room in this model's 512-token context"),
+    (["--window", "4", "--sinks", "fit", "--layer-ids", "2,5"], "Layer 2 is already a sliding-window layer"),
+    (["--sinks", "fit"], "--sinks fit applies to window layers"),
+])
+def test_prune_cli_refuses_bad_sink_fits_before_loading(tmp_path, monkeypatch, args, message):
+    from test_window import SMALL, _cli
+    from tiny import tiny_folder
+
+    import harp.jobs.prune as job
+
+    src = tiny_folder(tmp_path / "gemma2", "gemma2", max_position_embeddings=512)
+
+    def never(*a, **k):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(job, "load_on_device", never)
+    r = _cli("prune", "--model", src, "--out", tmp_path / "x", "--layers", "2", *args, *SMALL)
+    assert r.exit_code != 0 and message in str(r.exception), r.exception
+    assert not (tmp_path / "x").exists()

@@ -44,6 +44,15 @@ def _ridge(s: str) -> float | str:
         raise ValueError(f"--ridge must be a number >= 0 or 'auto', got {s!r}.") from None
 
 
+def _sinks(s: str) -> int | str:
+    if s == "fit":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"--sinks must be a whole number of tokens >= 0 or 'fit', got {s!r}.") from None
+
+
 def kv_row(r: PruneReport) -> str:
     """The KV saving at the contexts every command states it at (2,048 tokens and the model's maximum),
     from the saved config; a sliding-window model's saving depends on the context."""
@@ -78,7 +87,8 @@ def summary_table(r: PruneReport) -> Table:
                                                              f"{o['recall_nll']:.3f}" if "recall_nll" in o else ""))
     elif r.window is not None:
         t.add_row("kind", f"window layers: attention over the last {r.window} tokens"
-                  + (f" and the first {r.sinks}" if r.sinks else ""))
+                  + (f" and the first {r.sinks}" if r.sinks else "")
+                  + (f", with fitted sinks (in place of {r.sink_fit['sinks']} sink tokens)" if r.sink_fit else ""))
     else:
         t.add_row("scales of the refit maps (top first)" if refit else "alphas (top first)",
                   ", ".join(f"{a:g}" for a in r.alphas) + (" (given)" if given else ""))
@@ -136,9 +146,11 @@ def prune_cmd(
                                help="Window layers: the chosen layers keep their attention over their last W "
                                     "tokens instead of being bypassed (KV cache capped at W tokens each; exact "
                                     "below W tokens). No search or refit."),
-    sinks: int = typer.Option(PruneSettings.sinks, "--sinks",
+    sinks: str = typer.Option(str(PruneSettings.sinks), "--sinks",
                               help="With --window: window layers also see (and cache) the first S tokens "
-                                   "(attention sinks)."),
+                                   "(attention sinks); 'fit': a fitted sink instead (a per-head logit and an output "
+                                   "bias, fitted on calibration text to stand in for 4 sink tokens; caches nothing "
+                                   "more, and vLLM serves it)."),
     kind: str = typer.Option(None, "--kind",
                              help="'auto': choose the layers (any depth) and per layer a window (--window, default "
                                   "1024), refit or drop, greedily on held-out long-context loss, under a KV budget: "
@@ -186,7 +198,7 @@ def prune_cmd(
     # option defaults come from PruneSettings: `harp prune` and harp.run_prune cannot drift apart
     settings = PruneSettings(
         model=model, k=layers, layers=_ints(layer_ids), select=select, fit=fit, ridge=_ridge(ridge),
-        fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=sinks, kind=kind, kv_saving=kv_saving,
+        fit_prior=fit_prior, alphas=_floats(alphas), window=window, sinks=_sinks(sinks), kind=kind, kv_saving=kv_saving,
         context=context, recall_windows=recall_windows, calib=calib, eval=eval_,
         calib_windows=calib_windows, seq_len=seq_len, eval_tokens=eval_tokens, eval_seq_len=eval_seq_len,
         grid=grid, seed=seed, batch_size=batch_size, method=method, references=not no_reference, dtype=dtype,

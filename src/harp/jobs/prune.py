@@ -39,6 +39,7 @@ from harp.methods.search import (
     streamed_search,
     top_layers,
 )
+from harp.methods.sinks import SINK_TOKENS, SinkFit, fit_sinks
 from harp.model.accounting import (
     count_parameters,
     kv_bytes_after_prefill,
@@ -58,6 +59,8 @@ from harp.util.problems import Collector, check_positive, check_windows
 
 SELECTIONS = ("top", "attention-drop", "auto")
 LAYER_KINDS = ("bypass", "window", "auto")
+SINKS_FIT = "fit"  # sinks="fit": fitted sinks instead of sink tokens (harp.fit_sinks)
+SINK_FIT_WINDOWS = 4  # calibration windows the sinks are fitted on, each sink_fit_seq_len tokens
 DEFAULT_AUTO_WINDOW = 1024  # kind="auto" without `window`: capped at a quarter of the budget's context
 
 
@@ -77,7 +80,9 @@ class PruneSettings:
     # the chosen layers keep their attention over their last `window` tokens (window layers) instead of being
     # bypassed: no search, no refit; their KV cache is capped at window - 1 tokens
     window: int | None = None
-    sinks: int = 4  # window layers also see (and cache) the first `sinks` tokens (attention sinks)
+    # window layers also see (and cache) the first `sinks` tokens (attention sinks), or "fit": a fitted sink
+    # stands in for SINK_TOKENS of them (a per-head logit and an output bias: nothing cached, vLLM serves it)
+    sinks: int | str = 4
     # "auto": choose the layers and, per layer, window / refit / drop greedily on a held-out long-context loss,
     # under a KV budget: the saving of the top `k` bypassed layers, or `kv_saving`, at `context` tokens
     kind: str | None = None
@@ -130,6 +135,7 @@ class PruneReport:
     method: str = "harp"  # what the saved model is: "harp" (searched alphas), "harp-ls" (refit) or "window"
     window: int | None = None  # window layers: `layers` keep attention over their last `window` tokens
     sinks: int = 0  # ... and over the first `sinks`
+    sink_fit: dict[str, Any] = field(default_factory=dict)  # sinks="fit": what the fitted sinks were fitted on
     kinds: dict[str, str] = field(default_factory=dict)  # kind="auto": layer -> "window" | "refit" | "drop"
     # KV bytes before/after at the contexts every command states (2,048 tokens and the model's maximum),
     # from the config: a sliding-window model's saving depends on the context
@@ -211,6 +217,11 @@ class _Run:
     state: Path | None  # the search's resume state next to `out`
     t_start: float
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sinks(self) -> int:
+        """The sink tokens window layers keep (none with fitted sinks)."""
+        return 0 if self.s.sinks == SINKS_FIT else int(self.s.sinks)
 
 
 def _prepare(s: PruneSettings, log: Callable[[str], None]) -> _Run:
@@ -446,7 +457,7 @@ def _candidate(run: _Run, backend: _Backend, win: Windows, layers: list[int],
     perplexity on `held`."""
     res: FitResult | SearchResult
     if run.s.window is not None:
-        with temporarily_pruned(backend.resident(), [], [], windows=_windows(run, layers), sinks=run.s.sinks):
+        with temporarily_pruned(backend.resident(), [], [], windows=_windows(run, layers), sinks=run.sinks):
             return None, perplexity(backend.resident(), held, batch_size=run.s.batch_size).ppl
     if run.fit == "lstsq":
         res = backend.fit(win.calib, layers)
@@ -476,12 +487,13 @@ def _choose_kinds(run: _Run, backend: _Backend, win: Windows, top: list[int]) ->
             raise ValueError(f"`recall_windows={s.recall_windows}`: {e} Here the windows are {seq} tokens "
                              f"(2 x `window`, at least 1,024, at most the {context:,}-token `context`): give a smaller "
                              "`window`.") from None
-    run.log(f"`kind=auto`: saving {budget}; window layers of {window} tokens (+{s.sinks} sinks); judged on "
+    sinks = "fitted sinks" if s.sinks == SINKS_FIT else f"{s.sinks} sinks"
+    run.log(f"`kind=auto`: saving {budget}; window layers of {window} tokens (+{sinks}); judged on "
             f"{objective.shape[0]} x {seq} held-out calibration tokens, positions from {seq // 2}"
             + (f", and on recalling {4 * s.recall_windows} numbered facts more than {window} tokens back "
                f"({s.recall_windows} x {seq} tokens)" if recall is not None else ""))
     with _timed(run.seconds, "select"):
-        plan = choose_kinds(model, win.calib, objective, target, context=context, window=window, sinks=s.sinks,
+        plan = choose_kinds(model, win.calib, objective, target, context=context, window=window, sinks=run.sinks,
                             recall=recall, ridge=s.ridge, prior=s.fit_prior, batch_size=1, progress=s.progress)
     run.log(f"`kind=auto` chose {len(plan.kinds)} layers: {plan.describe()}; saves {100 * plan.saving:.1f} % at "
             f"{context:,} tokens; objective perplexity {plan.objective['base_ppl']:.2f} -> {plan.objective['ppl']:.2f} "
@@ -527,6 +539,7 @@ class _Made:
     references: dict[str, tuple[list[int], list[float], dict[int, LinearMap] | None]]  # name -> layers, alphas, maps
     bypassed: list[int]  # the layers `alphas` and `maps` are for (top first)
     windows: dict[int, int] | None = None  # window layers
+    sinks: SinkFit | None = None  # their fitted sinks (sinks="fit")
 
 
 def _windows(run: _Run, layers: list[int]) -> dict[int, int]:
@@ -543,8 +556,9 @@ def _produce(run: _Run, backend: _Backend, win: Windows, choice: _Choice) -> _Ma
     if s.window is not None:
         fitted = backend.fit(win.calib, layers) if s.references else None
         refs = {"harp-ls": (layers, [1.0] * k, fitted.maps)} if fitted is not None else {}
+        windows = _windows(run, layers)
         return _Made([], None, {"method": "window", "window": s.window, "sinks": s.sinks}, fitted, refs, [],
-                     _windows(run, layers))
+                     windows, _fit_sinks(run, backend, win, windows))
     searched, fitted = choice.searched, choice.fitted
     alphas: list[float] = [float(a) for a in s.alphas] if s.alphas is not None else [1.0] * k
     search_info: dict[str, Any] = {"method": "given", "alphas": alphas} if s.alphas is not None else {}
@@ -573,9 +587,33 @@ def _made_of_kinds(run: _Run, backend: _Backend, win: Windows, plan: KindPlan, b
     if run.s.references and budget_layers:
         fitted = backend.fit(win.calib, budget_layers)
         refs["harp-ls"] = (budget_layers, [1.0] * len(budget_layers), fitted.maps)
-    info = {"method": "kind=auto", "window": plan.window, "sinks": plan.sinks,
+    info = {"method": "kind=auto", "window": plan.window, "sinks": run.s.sinks,
             "kinds": {str(i): k for i, k in sorted(plan.kinds.items(), reverse=True)}}
-    return _Made(alphas, maps, info, fitted, refs, bypassed, plan.window_layers)
+    return _Made(alphas, maps, info, fitted, refs, bypassed, plan.window_layers,
+                 _fit_sinks(run, backend, win, plan.window_layers or {}))
+
+
+def sink_fit_seq_len(window: int, max_positions: int | None) -> int:
+    """The calibration window length fitted sinks are fitted on: 2 x window, at least 1,024, at most the
+    model's maximum context (the statistics are taken past window + SINK_TOKENS)."""
+    return min(max(1024, 2 * window), max_positions or 2 * window)
+
+
+def _fit_sinks(run: _Run, backend: _Backend, win: Windows, windows: dict[int, int]) -> SinkFit | None:
+    """`sinks="fit"`: the window layers' fitted sinks, on SINK_FIT_WINDOWS calibration windows of their own
+    length (seeded, from the calibration text)."""
+    if run.s.sinks != SINKS_FIT or not windows:
+        return None
+    model = backend.resident()
+    seq = sink_fit_seq_len(max(windows.values()), getattr(model.config, "max_position_embeddings", None))
+    ids = calibration_windows(tokenize(backend.tokenizer, win.calib_text), SINK_FIT_WINDOWS, seq, run.s.seed,
+                              bos=win.bos)
+    with _timed(run.seconds, "sink fit"):
+        fit = fit_sinks(model, ids, windows, sinks=SINK_TOKENS, progress=run.s.progress)
+    run.log(f"fitted sinks of window layers {', '.join(str(i) for i in sorted(windows, reverse=True))} "
+            f"(standing in for {SINK_TOKENS} sink tokens) on {ids.shape[0]} x {seq} calibration tokens; mean "
+            f"share of attention {sum(fit.share.values()) / len(fit.share):.2f}")
+    return fit
 
 
 @dataclass
@@ -605,7 +643,8 @@ def _prune_and_measure(run: _Run, model: nn.Module, layers: list[int], made: _Ma
             for name, (ref_layers, ref_alphas, ref_maps) in {**made.references, **same}.items():
                 with temporarily_pruned(model, ref_layers, ref_alphas, ref_maps):
                     ppl[name] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {name}").ppl
-        prune(model, made.bypassed, made.alphas, made.maps, windows=made.windows, sinks=s.sinks)
+        prune(model, made.bypassed, made.alphas, made.maps, windows=made.windows, sinks=run.sinks,
+              fitted_sinks=made.sinks.fitted if made.sinks is not None else None)
         ppl[run.method] = perplexity(model, win.eval, batch_size=s.batch_size, progress=f"eval: {run.method}").ppl
     return _Measured(ppl, before.params_before, before.kv_before, count_parameters(model),
                      kv_bytes_after_prefill(model))
@@ -620,7 +659,8 @@ def _report(run: _Run, model: nn.Module, win: Windows, choice: _Choice, made: _M
     report = PruneReport(
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in s.__dict__.items()},
         layers=list(choice.layers), alphas=list(made.alphas), ppl=m.ppl,
-        window=choice.kinds.window if choice.kinds is not None else s.window, sinks=s.sinks,
+        window=choice.kinds.window if choice.kinds is not None else s.window, sinks=run.sinks,
+        sink_fit=made.sinks.to_dict() if made.sinks is not None else {},
         kinds={str(i): k for i, k in sorted(choice.kinds.kinds.items(), reverse=True)} if choice.kinds else {},
         eval_tokens=int(win.eval.shape[0] * (win.eval.shape[1] - 1)),
         calib_tokens=int(win.calib.shape[0] * (win.calib.shape[1] - 1)),
@@ -642,6 +682,7 @@ def _save(run: _Run, out: Path, model: nn.Module, tok: Any, win: Windows, report
     recipe = {
         "method": run.method,
         **({"window": report.window, "sinks": s.sinks} if report.window is not None else {}),
+        **({"sink_fit": report.sink_fit} if report.sink_fit else {}),
         **({"kinds": report.kinds} if report.kinds else {}),
         "fit": report.fit, "source_model": s.model or DEFAULT_MODEL,
         "selection": report.selection, "search": {k: v for k, v in report.search.items() if k != "log"},
@@ -755,8 +796,7 @@ def _check_kind(s: Any, info: ModelInfo | None, out: Collector) -> None:
         out.run(parse_fraction, s.kv_saving)
     if s.window is not None and (isinstance(s.window, bool) or not isinstance(s.window, int) or s.window < 1):
         out.add(f"`window={s.window!r}`: a window is a whole number of tokens, at least 1 (the token itself).")
-    if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
-        out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0.")
+    _check_sinks(s, info, s.window if s.window is not None else DEFAULT_AUTO_WINDOW, out)
     check_positive(out, objective_windows=s.objective_windows)
     if isinstance(s.recall_windows, bool) or not isinstance(s.recall_windows, int) or s.recall_windows < 0:
         out.add(f"`recall_windows={s.recall_windows!r}`: a whole number of windows, 0 (off) or more.")
@@ -776,8 +816,7 @@ def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collec
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         out.add(f"`window={w!r}`: a window is a whole number of tokens, at least 1 (the token itself).")
         return
-    if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
-        out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0.")
+    if not _check_sinks(s, info, w, out):
         return
     if s.alphas is not None:
         out.add("`alphas` rescale bypassed layers; `window` keeps the chosen layers' attention: give one of them.")
@@ -791,4 +830,25 @@ def _check_window(s: Any, info: ModelInfo | None, count: int | None, out: Collec
         if all(0 <= i < info.num_layers for i in layers):
             cfg = out.run(config_from_dict, info.config)
             if cfg is not None:
-                out.run(check_window_plan, cfg, {i: w for i in layers}, (), s.sinks)
+                # fitted sinks are fitted with real sink tokens: the same layers must be able to keep them
+                sinks = SINK_TOKENS if s.sinks == SINKS_FIT else s.sinks
+                out.run(check_window_plan, cfg, {i: w for i in layers}, (), sinks)
+
+
+def _check_sinks(s: Any, info: ModelInfo | None, window: int, out: Collector) -> bool:
+    """`sinks`: a whole number >= 0, or "fit" (then the calibration text must hold the windows the sinks are
+    fitted on, longer than `window` + SINK_TOKENS within the model's context). False if `sinks` is unusable."""
+    if s.sinks == SINKS_FIT:
+        top = info.max_positions if info is not None else None
+        seq = sink_fit_seq_len(window, top)
+        if seq <= window + SINK_TOKENS:
+            out.add(f"`sinks=fit` fits the sinks past window + {SINK_TOKENS} tokens, but a window of {window} leaves "
+                    f"no room in this model's {top:,}-token context: use a smaller `window`.")
+            return False
+        check_text(s.calib, DEFAULT_CALIB, "calib", SINK_FIT_WINDOWS, seq, out)
+        return True
+    if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
+        out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0, "
+                "or 'fit' (a fitted sink instead of sink tokens).")
+        return False
+    return True
