@@ -124,7 +124,7 @@ GEMMA = ("gemma", "gemma2", "gemma3")
 
 
 def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[float], fit: bool = False,
-                    windows: dict[int, int] | None = None, **overrides) -> Path:
+                    windows: dict[int, int] | None = None, fitted_sinks: list[int] = (), **overrides) -> Path:
     from tiny import VOCAB, byte_tokenizer, tiny_model
 
     kw = {**TINY, **overrides}
@@ -147,7 +147,12 @@ def tiny_checkpoint(path: Path, family: str, layers: list[int], alphas: list[flo
     if fit:  # the least-squares refit: arbitrary maps of the same shapes (and an o bias where o_proj has one)
         calib = torch.randint(0, VOCAB, (6, 48), generator=torch.Generator().manual_seed(1))
         maps = harp.fit_layers(model, calib, layers).maps
-    harp.prune(model, layers=layers, alphas=alphas, maps=maps, windows=windows)
+    sinks = None
+    if fitted_sinks:  # arbitrary sink logits and output biases (harp.fit_sinks fits them on real text)
+        g, gen = harp.modeling.attention_geometry(model.config), torch.Generator().manual_seed(2)
+        sinks = {i: harp.FittedSink(torch.randn(g["heads"], generator=gen) + 1.0,
+                                    0.3 * torch.randn(g["hidden"], generator=gen)) for i in fitted_sinks}
+    harp.prune(model, layers=layers, alphas=alphas, maps=maps, windows=windows, fitted_sinks=sinks)
     harp.save(model, path, tokenizer=byte_tokenizer())
     return path
 
@@ -268,6 +273,30 @@ def test_tiny_window_layers_match_harp(vllm_python: Path, tmp_path: Path, family
             assert blocks == _cdiv(min(w - 1 + in_flight, ctx), spec["block_size"]) + 1, (i, spec)
             assert blocks * spec["block_size"] < ctx, (i, spec)  # less than a full layer holds
     print(f"\ntiny {family} windows {windows}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
+
+
+@pytest.mark.parametrize("family, tp", [("llama", 2), ("gemma2", 1)])
+def test_tiny_fitted_sinks_match_harp(vllm_python: Path, tmp_path: Path, family: str, tp: int) -> None:
+    """Window layers with fitted sinks (format version 3): vLLM's attention takes the sink logits (each
+    tensor-parallel rank its heads' slice) and the output gets the bias; greedy tokens and prompt logprobs
+    equal harp's, and differ from the same windows without the sinks."""
+    bypassed, windows = WINDOW_PLANS[family]
+    fitted = [3, 5]  # global layers made local (Gemma 2's 0 is its own local layer: no sinks there)
+    kw = dict(max_position_embeddings=WINDOW_CONTEXT)
+    path = tiny_checkpoint(tmp_path / family, family, list(bypassed), list(bypassed.values()), windows=windows,
+                           fitted_sinks=fitted, **kw)
+    assert json.loads((path / "config.json").read_text())["harp"]["fitted_sinks"] == fitted
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {}
+    got = run_vllm(vllm_python, tmp_path, path, WINDOW_PROMPTS, tp=tp, max_tokens=WINDOW_NEW_TOKENS,
+                   max_model_len=WINDOW_CONTEXT, max_num_batched_tokens=WINDOW_BATCH, **env)
+    want_tokens, want_lp = reference(path, WINDOW_PROMPTS, new_tokens=WINDOW_NEW_TOKENS)
+    plain = tiny_checkpoint(tmp_path / f"{family}-plain", family, list(bypassed), list(bypassed.values()),
+                            windows=windows, **kw)
+    assert max_logprob_diff(reference(plain, WINDOW_PROMPTS, new_tokens=1)[1], want_lp) > 1e-2
+    assert got["tokens"] == want_tokens
+    diff = max_logprob_diff(got["prompt_logprobs"], want_lp)
+    assert diff < LOGPROB_TOL, diff
+    print(f"\ntiny {family} TP={tp} fitted sinks on {fitted}: tokens equal; prompt logprobs max |diff| {diff:.2e}")
 
 
 def test_explicit_architecture_without_overriding_builtins(vllm_python: Path, tiny_dir: Path, tmp_path: Path) -> None:

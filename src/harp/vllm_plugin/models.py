@@ -14,6 +14,9 @@
   config whose ``sliding_window`` (and, for LLaMA / Mistral, ``layer_types``) says so, or, where the
   family's layer takes the model-wide window, a copy of the cache config with ``sliding_window = w``. So
   Gemma 3 keeps each layer's own RoPE base (a windowed global layer keeps the global one).
+- A window layer with a fitted sink (format version 3) is the same layer whose ``Attention`` also takes
+  the per-head sink logits (vLLM's ``sinks``, gpt-oss's ``s_aux``: one more softmax column with no value;
+  each tensor-parallel rank holds its heads' slice) and whose attention output gets the fitted bias.
 
 vLLM sizes its KV cache from the ``Attention`` modules it finds, so pruned layers get no KV cache:
 the number of cache blocks at a given KV memory grows by L / (L - k). A window layer's cache is vLLM's
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
@@ -58,7 +61,7 @@ from harp.modeling import FORMAT_VERSION, HarpBlock, HarpBlockError
 
 # The HARP checkpoint formats this plugin knows how to build. Its own list, not modeling.FORMAT_VERSION: a
 # new checkpoint format must be taught to the plugin before it serves it (the test suite checks they agree).
-SERVED_FORMAT_VERSIONS = (1, 2)
+SERVED_FORMAT_VERSIONS = (1, 2, 3)
 
 # --------------------------------------------------------------------------------------------
 # The checkpoint's HARP block
@@ -237,7 +240,7 @@ def harp_block(config: Any) -> HarpBlock:
         raise ValueError(f"harp vLLM plugin: the 'harp' block has {len(layers)} layers but {len(alphas)} alphas.")
     # window layers as harp.load reads them (HarpBlock), whatever the version says
     stored = {"layers": layers, "alphas": alphas,
-              **{k: harp[k] for k in ("window_layers", "windows", "sinks") if k in harp}}
+              **{k: harp[k] for k in ("window_layers", "windows", "sinks", "fitted_sinks") if k in harp}}
     if not layers and not stored.get("window_layers"):
         return HarpBlock()
     mt = getattr(config, "model_type", None)
@@ -257,8 +260,9 @@ def harp_block(config: Any) -> HarpBlock:
     if any(block.sinks):
         raise ValueError(
             f"harp vLLM plugin: window layers {block.windows_text()} (layer:window+sinks) keep sink tokens, which "
-            "vLLM's sliding-window attention cannot (it would drop the first tokens). Prune with `sinks=0` to "
-            "serve the windows in vLLM, or serve this checkpoint with transformers (harp.load(DIR))."
+            "vLLM's sliding-window attention cannot (it would drop the first tokens). Prune with `sinks=0` or "
+            "`sinks='fit'` (a fitted sink in their place) to serve the windows in vLLM, or serve this checkpoint "
+            "with transformers (harp.load(DIR))."
         )
     return block
 
@@ -395,6 +399,39 @@ def window_decoder_layer(vllm_config: VllmConfig, config: Any, family: Family, w
     return layer
 
 
+_SINK_CLASSES: dict[type, type] = {}
+
+
+def _with_output_bias(base: type) -> type:
+    """The family's vLLM attention class whose output gets `harp_sink_bias` added (after o_proj's
+    all-reduce: every rank adds the whole bias to the whole output)."""
+    if base not in _SINK_CLASSES:
+        def forward(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return base.forward(self, *args, **kwargs) + self.harp_sink_bias
+
+        _SINK_CLASSES[base] = type(f"HarpSink{base.__name__}", (base,), {"forward": forward, "__module__": __name__})
+    return _SINK_CLASSES[base]
+
+
+def fit_sink(layer: nn.Module, hidden: int) -> None:
+    """Give window layer `layer` (vLLM's own) its fitted sink: `self_attn.harp_sink_logit` (this rank's
+    heads; the checkpoint's tensor holds all of them) as its Attention's sinks, `self_attn.harp_sink_bias`
+    added to the attention output. The checkpoint's weights fill both."""
+    attn = next(m for m in layer.modules() if isinstance(m, Attention))
+    heads, rank = attn.num_heads, get_tensor_model_parallel_rank()
+
+    def load_slice(param: torch.Tensor, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded.narrow(0, rank * heads, heads))
+
+    logit = nn.Parameter(torch.zeros(heads), requires_grad=False)
+    logit.weight_loader = load_slice  # type: ignore[attr-defined]
+    self_attn = layer.self_attn
+    self_attn.harp_sink_logit = logit
+    self_attn.harp_sink_bias = nn.Parameter(torch.zeros(hidden), requires_grad=False)
+    self_attn.__class__ = _with_output_bias(type(self_attn))
+    attn.impl.sinks = logit
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
@@ -434,7 +471,10 @@ class HarpModel(nn.Module):
             if idx in plan:
                 return HarpDecoderLayer(vllm_config, config, family, plan[idx], prefix)
             if idx in windows:
-                return window_decoder_layer(vllm_config, config, family, windows[idx], prefix)
+                layer = window_decoder_layer(vllm_config, config, family, windows[idx], prefix)
+                if idx in block.fitted_sinks:
+                    fit_sink(layer, config.hidden_size)
+                return layer
             return family.decoder_layer(vllm_config, config, prefix, None)
 
         self.start_layer, self.end_layer, self.layers = make_layers(
