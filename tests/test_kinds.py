@@ -160,10 +160,12 @@ def llama_folder(tmp_path_factory):
     return tiny_folder(tmp_path_factory.mktemp("k") / "tiny-llama", "llama", max_position_embeddings=512)
 
 
-def test_prune_kind_auto_end_to_end(llama_folder, tmp_path):
+@pytest.mark.parametrize("sinks", ["2", "fit"])
+def test_prune_kind_auto_end_to_end(llama_folder, tmp_path, sinks):
+    """With `--sinks fit` the chosen window layers get fitted sinks (chosen without sink tokens)."""
     out = tmp_path / "auto"
     r = _cli("prune", "--model", llama_folder, "--out", out, "--kind", "auto", "--layers", "2", "--window", "32",
-             "--sinks", "2", *SMALL, "--json", tmp_path / "s.json")
+             "--sinks", sinks, *SMALL, "--json", tmp_path / "s.json")
     assert r.exit_code == 0, r.output
     flat = " ".join(r.output.split())
     assert "kinds (top first; --kind auto)" in flat and "perplexity: --kind auto (the saved model)" in flat
@@ -179,9 +181,12 @@ def test_prune_kind_auto_end_to_end(llama_folder, tmp_path):
     # the checkpoint holds exactly the chosen kinds and reloads to the measured model
     block = HarpBlock.from_config(json.loads((out / "config.json").read_text()))
     assert block.windows_plan == {i: 32 for i, k in kinds.items() if k == "window"}
+    assert block.fitted_sinks == (tuple(sorted(block.windows_plan)) if sinks == "fit" else ())
+    assert set(summary["sink_fit"].get("share", {})) == {str(i) for i in block.fitted_sinks}
     assert block.plan == {i: (0.0 if k == "drop" else 1.0) for i, k in kinds.items() if k != "window"}
     recipe = json.loads((out / "harp_recipe.json").read_text())
-    assert recipe["method"] == "mixed" and recipe["kinds"] == summary["kinds"] and recipe["sinks"] == 2
+    assert recipe["method"] == "mixed" and recipe["kinds"] == summary["kinds"]
+    assert recipe["sinks"] == (2 if sinks == "2" else "fit")
     assert recipe["selection"]["steps"] and recipe["selection"]["objective"]["seq_len"] == 512
     from transformers import AutoTokenizer
 
