@@ -17,7 +17,11 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FM
 VENV_MIN ?= .venv-min
 MIN_TRANSFORMERS := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 
-.PHONY: setup setup-test setup-vllm prune test test-min lint bench clean
+# the suite on two workers, a test file each at a time (a file's module fixtures stay in one process): the
+# vLLM engine tests wait on engine start-up while the other worker computes. PYTEST_PARALLEL= runs serially.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
+.PHONY: setup setup-test setup-vllm setup-all prune test test-min lint bench clean
 
 $(VENV)/.core: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,7 +32,7 @@ $(VENV)/.core: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) install -e ".[test]"
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --no-cache-dir "llama-cpp-python==0.3.36"
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install --no-cache-dir "llama-cpp-python==0.3.36"
 	touch $@
 
 $(VENV_MIN)/.test: pyproject.toml
@@ -54,6 +58,10 @@ $(VENV_VLLM)/.ok: pyproject.toml
 
 setup-vllm: $(VENV_VLLM)/.ok
 
+# every environment the tests use, built side by side (`make -j3 setup-all`: llama.cpp compiles while the
+# vLLM and transformers-floor environments download)
+setup-all: $(VENV)/.test $(VENV_VLLM)/.ok $(VENV_MIN)/.test
+
 setup: $(VENV)/.core
 
 setup-test: $(VENV)/.test
@@ -64,10 +72,10 @@ prune: setup
 test: setup-test setup-vllm
 	$(PY) -m ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 test-min: $(VENV_MIN)/.test
-	.ci/clone-test $(VENV_MIN)
+	.ci/clone-test $(VENV_MIN) $(PYTEST_PARALLEL)
 
 lint: setup-test
 	$(PY) -m ruff check src tests benchmarks
