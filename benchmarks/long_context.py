@@ -386,6 +386,7 @@ def plot_quality_vs_kv(path: Path, ppl: dict[str, dict[str, float]], plans: dict
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from harp.model.load import converted_gguf
     from harp.model.source import load_config
@@ -400,21 +401,55 @@ def plot_quality_vs_kv(path: Path, ppl: dict[str, dict[str, float]], plans: dict
         pts = [(100 * kv_saving_of(plans[m], config, top), v / base, m)
                for m, v in ppl[x].items() if m in plans and base]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=TEXT_NAMES.get(x, x))
-        if j == 0:  # one label per method, beside its first text's point
-            for kv, rel, m in pts:
-                ax.annotate(m, (kv, rel), fontsize=7, xytext=(-6, 0), textcoords="offset points", ha="right",
-                            va="center")
+        if j == 0:
+            labelled = pts  # one label per method, beside its first text's point
     ax.axhline(1.05, color="grey", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.margins(x=0.15)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.margins(x=0.25)  # room for the labels left of the leftmost column
     ax.set_xlabel(f"KV-cache saving at {top} tokens (%)")
     ax.set_ylabel(f"perplexity at {top} tokens / original's")
     ax.set_title(f"k = {a.k}: quality against KV saving (dashed: +5 %)")
     ax.legend()
-    fig.tight_layout()
+    fig.tight_layout()  # the final axes box first: labels are spaced in screen units
+    label_points(ax, labelled)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def label_points(ax: Any, pts: list[tuple[float, float, str]], fontsize: float = 7.0) -> None:
+    """Label each point on its left; labels of points in one column are spread apart so none overlap.
+
+    Points within 0.4 % KV saving of each other share a column (same saving, e.g. all top-block rows); their
+    labels are stacked at least one line apart in screen space, as near their points as that allows, with a
+    thin line back to the point when a label had to move.
+    """
+    gap = 1.25 * fontsize  # points
+    to_screen = ax.transData.transform
+    pt_per_px = 72.0 / ax.figure.dpi
+    columns: list[list[tuple[float, float, str]]] = []
+    for p in sorted(pts):
+        if columns and abs(p[0] - columns[-1][0][0]) < 0.4:
+            columns[-1].append(p)
+        else:
+            columns.append([p])
+    for col in columns:
+        col.sort(key=lambda p: p[1])
+        ys = [to_screen((kv, rel))[1] * pt_per_px for kv, rel, _ in col]
+        placed: list[float] = []
+        for y in ys:  # bottom up: each label at least a line above the one below it
+            placed.append(max(y, placed[-1] + gap) if placed else y)
+        shift = max(0.0, (sum(placed) - sum(ys)) / len(ys))  # centre the stack on its points
+        placed = [y - shift for y in placed]
+        for i in range(1, len(placed)):  # the shift must not undo the spacing
+            placed[i] = max(placed[i], placed[i - 1] + gap)
+        for (kv, rel, m), y, y0 in zip(col, placed, ys, strict=True):
+            moved = abs(y - y0) > 0.5
+            ax.annotate(m, (kv, rel), fontsize=fontsize, xytext=(-10, y - y0), textcoords="offset points",
+                        ha="right", va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if moved else None)
 
 
 if __name__ == "__main__":

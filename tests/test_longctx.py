@@ -370,6 +370,15 @@ def test_loss_plot_and_table(tmp_path):
     assert xs == sorted(xs) and len(xs) <= 17 and min(ys) >= min(r.curve) - 1e-9
     png = plot_position_losses({"original": r, "from json": r.to_dict()}, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # beside the original, a second panel of the loss over the original's (a taller figure); alone, one panel
+    alone = plot_position_losses({"pruned": r}, tmp_path / "alone.png")
+    buckets = {k: v for k, v in r.to_dict().items() if k not in ("curve", "curve_points")}  # an old JSON
+    with_buckets = plot_position_losses({"original": r, "buckets only": buckets}, tmp_path / "b.png")
+
+    def height(p):
+        return int.from_bytes(p.read_bytes()[20:24], "big")  # the PNG header's IHDR height
+
+    assert height(png) > 1.4 * height(alone) and height(with_buckets) == height(png)
     md = retrieval_markdown({"original": {"passkey@1024": {"acc": 0.9, "stderr": 0.04, "n": 50}}, "harp": {}})
     assert "| original | 0.90 ±0.04 (50) |" in md and "| harp | – |" in md
     part = {"acc": 0.5, "stderr": 0.29, "n": 3, "planned": 30}  # a cell measured in part so far
