@@ -148,6 +148,8 @@ def test_unwritable_output(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         harp.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):  # a typo is named as one
+        harp.load(tmp_path / "missing")
     # a checkpoint whose weights do not match its harp block is refused, not silently re-initialised
     model = _pruned("llama")
     out = harp.save(model, tmp_path / "ck")
