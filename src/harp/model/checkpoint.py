@@ -188,7 +188,8 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The config.json of the model folder `path` as a dict; a missing folder or file is named as such."""
     cfg_file = Path(path) / "config.json"
     if not Path(path).exists():
-        raise FileNotFoundError(f"{path} does not exist: give the folder of a saved model (a harp checkpoint or a transformers folder).")
+        raise FileNotFoundError(f"{path} does not exist: give the folder of a saved model "
+                                "(a harp checkpoint or a transformers folder).")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a model folder: no config.json in it.")
     return read_json_config(cfg_file)
