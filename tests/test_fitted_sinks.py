@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -265,6 +266,9 @@ def test_prune_cli_fits_sinks_end_to_end(tmp_path):
         == {"4", "5"}
     recipe = json.loads((out / "harp_recipe.json").read_text())
     assert recipe["sinks"] == "fit" and recipe["sink_fit"]["queries"] == 4 * (512 - 16 - 4)
+    cfg = json.loads((out / "config.json").read_text())  # a logit per head and a bias per channel, per layer
+    added = 2 * (cfg["num_attention_heads"] + cfg["hidden_size"])
+    assert summary["params_removed"] == -added and re.search(rf"parameters added\W+{added:,} \(\+", flat), flat
     loaded = harp.load(out)
     assert loaded.model.layers[5].self_attn.harp_sink_logit.abs().sum() > 0
     info = _cli("info", out)

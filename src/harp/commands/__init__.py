@@ -31,6 +31,13 @@ PARAMS = {
 _PARAM = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
 
 
+def params_row(removed: int, pct: float) -> tuple[str, str]:
+    """The summary row of the parameter change: removed, or added (fitted sinks add a few, a window removes none)."""
+    if removed < 0:
+        return "parameters added", f"{-removed:,} (+{-pct:.3f} %)"
+    return "parameters removed", f"{removed:,} ({pct:.2f} %)"
+
+
 def flag(name: str) -> str | None:
     """The flag of library parameter `name`, or None if the command line has none."""
     if name in FLAGS:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harp.commands import params_row
 from harp.jobs.info import describe, kv_text
 from harp.modeling import HarpBlock
 
@@ -67,5 +68,5 @@ def info_cmd(
     summ = d.get("harp_summary") or {}
     if summ.get("ppl"):
         t.add_row("perplexity", ", ".join(f"{k} {v:.3f}" for k, v in summ["ppl"].items()))
-        t.add_row("parameters removed", f"{summ['params_removed']:,} ({summ['params_removed_pct']:.2f} %)")
+        t.add_row(*params_row(summ["params_removed"], summ["params_removed_pct"]))
     console.print(t)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harp.commands import cli_text
+from harp.commands import cli_text, params_row
 from harp.jobs.prune import PruneReport, PruneSettings, run_prune
 
 
@@ -112,7 +112,7 @@ def summary_table(r: PruneReport) -> Table:
         t.add_row("perplexity: same layers, alpha = 0 (attention dropped)", f"{p['alpha=0']:.3f}")
     t.add_row("evaluation tokens", f"{r.eval_tokens:,}")
     t.add_row("calibration tokens", f"{r.calib_tokens:,}")
-    t.add_row("parameters removed", f"{r.params_removed:,} ({d['params_removed_pct']:.2f} %)")
+    t.add_row(*params_row(r.params_removed, d["params_removed_pct"]))
     t.add_row("parameters", f"{r.params_before:,} -> {r.params_after:,}")
     t.add_row("KV cache", kv_row(r))
     sec = r.seconds
