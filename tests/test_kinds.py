@@ -162,7 +162,8 @@ def llama_folder(tmp_path_factory):
 
 @pytest.mark.parametrize("sinks", ["2", "fit"])
 def test_prune_kind_auto_end_to_end(llama_folder, tmp_path, sinks):
-    """With `--sinks fit` the chosen window layers get fitted sinks (chosen without sink tokens)."""
+    """With `--sinks fit` the chosen window layers get fitted sinks (chosen with the 4 sink tokens the fit stands
+    in for)."""
     out = tmp_path / "auto"
     r = _cli("prune", "--model", llama_folder, "--out", out, "--kind", "auto", "--layers", "2", "--window", "32",
              "--sinks", sinks, *SMALL, "--json", tmp_path / "s.json")
@@ -187,6 +188,7 @@ def test_prune_kind_auto_end_to_end(llama_folder, tmp_path, sinks):
     recipe = json.loads((out / "harp_recipe.json").read_text())
     assert recipe["method"] == "mixed" and recipe["kinds"] == summary["kinds"]
     assert recipe["sinks"] == (2 if sinks == "2" else "fit")
+    assert recipe["selection"]["sinks"] == (2 if sinks == "2" else 4)  # what the window layers were judged with
     assert recipe["selection"]["steps"] and recipe["selection"]["objective"]["seq_len"] == 512
     from transformers import AutoTokenizer
 
