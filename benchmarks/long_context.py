@@ -137,9 +137,10 @@ def main() -> None:
         for c in [*contexts, top]:
             harp.check_context(c, limit)  # before any search
         bos = harp.bos_token(tok)
-        calib = harp.calibration_windows(harp.tokenize(tok, harp.load_text("wikitext2-valid")), a.calib_windows,
-                                         a.seq_len, 0, bos=bos)
-        selector = Selector(model, calib, log=lambda m: log("  " + m))
+        stream = harp.tokenize(tok, harp.load_text("wikitext2-valid"))
+        calib = harp.calibration_windows(stream, a.calib_windows, a.seq_len, 0, bos=bos)
+        # the fitted-sink methods (window-W-fit) cut their own 4 windows of 2W tokens from the same text
+        selector = Selector(model, calib, log=lambda m: log("  " + m), calib_ids=stream, seed=0, bos=bos)
         plans_file = out / "plans.json"
         saved = json.loads(plans_file.read_text()) if plans_file.exists() else {}
         if saved.pop("settings", None) != plan_settings:  # plans do not depend on n or the windows

@@ -155,7 +155,7 @@ def test_attention_plans_use_equal_kv_reduction_and_the_right_layers():
     model = tiny_model("llama", num_hidden_layers=8)
     ids = _windows(n=2, s=16, seed=5)
     sel = Selector(model, ids, grid="0:1:0.25")
-    plans = {m: sel.select(m, 3) for m in METHODS}
+    plans = {m: sel.select(m, 3) for m in parse_methods("all")}  # the fitted-sink ones: test_fitted_sinks
     for p in plans.values():
         assert p.k == 3 and len(set(p.layers)) == 3
     assert sorted(plans["harp"].layers) == [5, 6, 7]
@@ -257,7 +257,11 @@ def test_parse_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match="Valid methods: harp, harp-refine"):
         parse_methods("harp,magic")
     assert parse_methods("HARP, sleb,harp") == ["harp", "sleb"]
-    assert parse_methods("all") == list(METHODS)
+    # 'all' is every method but the fitted-sink windows, which are named (they fit on longer windows of their own)
+    fit = ["window-256-fit", "window-1024-fit"]
+    assert parse_methods("all") == [m for m in METHODS if m not in fit] and set(fit) <= set(METHODS)
+    assert parse_methods("all,window-1024-fit,harp") == [*parse_methods("all"), "window-1024-fit"]
+    assert parse_methods("harp-ls,window-1024-fit") == ["harp-ls", "window-1024-fit"]
     assert parse_ppl_increase("10%") == pytest.approx(0.10)
     assert parse_ppl_increase(5) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="percentage"):

@@ -16,7 +16,7 @@ from harp.engine.evaluate import evaluate
 from harp.engine.perplexity import perplexity
 from harp.engine.text import calibration_windows, evaluation_windows, load_text, tokenize
 from harp.jobs.compare import CompareSettings, run_compare
-from harp.methods.registry import METHODS
+from harp.methods.registry import parse_methods
 from harp.methods.selector import Selector
 from harp.model.load import load_model
 from harp.report.compare import layers_str
@@ -55,7 +55,7 @@ def test_compare_all_methods_two_ks(setup, tmp_path, data_dir):  # noqa: F811
     rep = run_compare(_settings(setup, out, tasks="piqa", limit="2", data_dir=str(data_dir)),
                       log=lambda m: None)
     assert [(r["k"], r["method"]) for r in rep.rows] == [(0, "original")] + [
-        (k, m) for k in (3, 2) for m in METHODS]
+        (k, m) for k in (3, 2) for m in parse_methods("all")]
     for r in rep.rows[1:]:
         if r["kind"] == "window":  # their saving starts past the window: stated at the model's maximum context
             at = r["kv_at_max"]
@@ -88,11 +88,11 @@ def test_compare_all_methods_two_ks(setup, tmp_path, data_dir):  # noqa: F811
 
     md = (out / "compare.md").read_text()
     assert "## k = 3 of 6 layers" in md and "## k = 2 of 6 layers" in md
-    for m in METHODS:
+    for m in parse_methods("all"):
         assert f"| `{m}` |" in md
     assert "PIQA acc (n=2)" in md and "harp-refine" in md and "Whole-layer methods" in md
     data = json.loads((out / "compare.json").read_text())
-    assert len(data["rows"]) == 1 + 2 * len(METHODS)
+    assert len(data["rows"]) == 1 + 2 * len(parse_methods("all"))
     assert (out / "compare.png").stat().st_size > 10000
     assert not list(tmp_path.glob(".cmp.compare-state.json"))  # the resume file is gone after success
 

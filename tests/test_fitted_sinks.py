@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 from test_window import _PLAIN
-from tiny import FAMILIES, tiny_model
+from tiny import FAMILIES, tiny_folder, tiny_model
 from transformers import AttentionInterface
 
 import harp
@@ -296,3 +296,62 @@ def test_prune_cli_refuses_bad_sink_fits_before_loading(tmp_path, monkeypatch, a
     r = _cli("prune", "--model", src, "--out", tmp_path / "x", "--layers", "2", *args, *SMALL)
     assert r.exit_code != 0 and message in str(r.exception), r.exception
     assert not (tmp_path / "x").exists()
+
+
+def test_fitted_sink_methods_in_the_selector_and_compare(tmp_path, monkeypatch):
+    """`window-256-fit` (harp compare, the Selector): the top k layers become window layers whose fitted sinks are
+    fitted on the calibration stream's own windows of 2 x 256 tokens (at least 1,024); `applied` gives the model
+    `harp.prune` gives with the same fit and restores it exactly; asked for by name only ('all' leaves it out)."""
+    from harp.methods.registry import parse_methods
+    from harp.methods.selector import Selector, applied
+    from harp.methods.sinks import sink_fit_windows
+
+    model = tiny_model("llama", max_position_embeddings=1024)
+    stream = torch.randint(1, 128, (6000,))
+    calib = stream[:64].view(2, 32)
+    plan = Selector(model, calib, calib_ids=stream, seed=3).select("window-256-fit", 2)
+    assert (plan.kind, plan.layers, plan.window, plan.sinks) == ("window", [5, 4], 256, 0)
+    assert sorted(plan.fitted_sinks) == [4, 5] and "window 256+fit on layers 5,4" in plan.describe()
+    assert plan.info["sink_fit"]["tokens"] == 4 * 1024 and plan.to_dict()["fitted_sinks"] == [4, 5]
+    ids = torch.randint(1, 128, (1, 600))
+    with torch.no_grad():
+        before = model(ids).logits
+        with applied(model, plan):
+            pruned = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(before, after) and not torch.allclose(pruned, before)
+    ref = tiny_model("llama", max_position_embeddings=1024)
+    fit = harp.fit_sinks(ref, sink_fit_windows(stream, 256, 1024, 3), {5: 256, 4: 256})
+    harp.prune(ref, [], [], windows={5: 256, 4: 256}, sinks=0, fitted_sinks=fit.fitted)
+    with torch.no_grad():
+        assert torch.allclose(ref(ids).logits, pruned, atol=1e-5)
+    with pytest.raises(ValueError, match="window-1024-fit` fits its sinks on calibration text"):
+        Selector(model, calib).select("window-1024-fit", 2)
+    assert "window-256-fit" not in parse_methods("all")
+
+    # harp compare: refused before loading when the context leaves the fit no room past window + 4 sinks
+    from harp.jobs import compare as compare_job
+    from harp.jobs.compare import CompareSettings, check_compare
+
+    monkeypatch.setattr(compare_job, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    folder = tiny_folder(tmp_path / "tiny", max_position_embeddings=512)
+    s = CompareSettings(model=str(folder), ks=[2], methods="harp-ls,window-1024-fit", out=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="window-1024-fit fits its sinks past its window \\+ 4 tokens, but this "
+                                         "model's 512-token context leaves no room"):
+        check_compare(s)
+
+
+def test_compare_runs_a_fitted_sink_method_end_to_end(tmp_path):
+    """`harp compare --methods harp-ls,window-256-fit`: the fitted-sink row holds its window, no sink tokens, what the
+    sinks were fitted on, and its KV saving at the model's maximum (the window's w - 1 tokens held)."""
+    from harp.jobs.compare import CompareSettings, run_compare
+
+    folder = tiny_folder(tmp_path / "tiny", max_position_embeddings=1024)
+    s = CompareSettings(model=str(folder), ks=[2], methods="harp-ls,window-256-fit", calib_windows=2, seq_len=32,
+                        eval_tokens=256, eval_seq_len=64, out=str(tmp_path / "c"), progress=False)
+    rep = run_compare(s, log=lambda m: None)
+    row = rep.row(2, "window-256-fit")
+    assert (row["kind"], row["window"], row["sinks"]) == ("window", 256, 0)
+    assert row["info"]["sinks"] == "fit" and row["info"]["sink_fit"]["tokens"] == 4 * 1024
+    assert row["kv_at_max"]["saving"] == pytest.approx(2 / 6 * (1 - 255 / 1024))
+    assert "| `window-256-fit` |" in (tmp_path / "c" / "compare.md").read_text()

@@ -12,8 +12,11 @@ from rich.table import Table
 
 import harp.methods.catalog  # noqa: F401  (registers every method: the --methods help lists them)
 from harp.commands.eval import TASKS_HELP
-from harp.methods.registry import METHODS
+from harp.methods.registry import METHODS, all_methods
 
+_NAMED_ONLY = [m for m in METHODS if m not in all_methods()]
+METHODS_HELP = (f"Comma-separated (or 'all'): {', '.join(METHODS)}. 'all' leaves out the fitted-sink windows "
+                f"({', '.join(_NAMED_ONLY)}): name them, e.g. 'all,window-1024-fit'.")
 
 def _ks(spec: str | None) -> list[int]:
     if not spec:
@@ -60,8 +63,7 @@ def compare_cmd(
     model: str = typer.Option(None, "--model", "-m",
                               help="Model: 'smollm2-135m' (bundled default), a folder, a .gguf file, or a hub id."),
     layers: str = typer.Option("8", "--layers", "-k", help="k: attention sub-layers to remove/bypass; '4,8' for both."),
-    methods: str = typer.Option("all", "--methods",
-                                help=f"Comma-separated (or 'all'): {', '.join(METHODS)}."),
+    methods: str = typer.Option("all", "--methods", help=METHODS_HELP),
     tasks: str = typer.Option(None, "--tasks", "-t", help=TASKS_HELP + " WikiText-2 perplexity is always measured."),
     limit: str = typer.Option(None, "--limit", help="Items per lm-eval task: N, or e.g. '200,gsm8k=30'."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Task data folder (default: $HARP_DATA_DIR, then ./data)."),

@@ -29,7 +29,14 @@ from torch import nn
 
 from harp.engine.evaluate import PERPLEXITY_TASK, EvalResult, TaskSpec, evaluate, parse_limit, resolve_tasks
 from harp.engine.longctx import parse_contexts
-from harp.engine.text import DEFAULT_CALIB, DEFAULT_EVAL, bos_token, check_disjoint_sources, check_text
+from harp.engine.text import (
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    bos_token,
+    check_disjoint_sources,
+    check_text,
+    tokenize,
+)
 from harp.jobs.compare_longctx import LongContext, check_long_context, report_info, row_extras, task_columns
 from harp.jobs.preamble import (
     Windows,
@@ -45,6 +52,7 @@ from harp.methods.autok import auto_k
 from harp.methods.registry import METHODS, parse_methods
 from harp.methods.search import check_grid
 from harp.methods.selector import ORIGINAL, Plan, Selector, applied
+from harp.methods.sinks import SINK_FIT_WINDOWS, SINK_TOKENS, sink_fit_seq_len
 from harp.model.accounting import count_parameters, kv_bytes_after_prefill, kv_contexts, kv_savings
 from harp.model.load import load_model
 from harp.model.prune import check_k, refuse_pruned
@@ -192,8 +200,10 @@ def _compare(s: CompareSettings, out: Path | None, t_start: float, load_avg: flo
     if s.auto_k:
         auto_info, pairs, search_seconds = _auto_pairs(s, model, win.calib, what.methods, table, log)
     ks = sorted({k for k, _ in pairs}, reverse=True)
+    fits_sinks = any(METHODS[m].sink_fit_window for m in what.methods)  # they cut longer windows of their own
     selector = Selector(model, win.calib, grid=s.grid, batch_size=s.batch_size, refine_passes=s.refine_passes,
-                        progress=s.progress, log=log)
+                        progress=s.progress, log=log, seed=s.seed, bos=win.bos,
+                        calib_ids=tokenize(tok, win.calib_text) if fits_sinks else None)
     search_seconds += _select_and_measure(selector, pairs, table, rower, log)
     seconds.update(search=search_seconds, eval=rower.seconds, total=time.perf_counter() - t_start)
 
@@ -413,6 +423,26 @@ def check_compare(s: Any) -> ModelInfo | None:
     e = check_text(s.eval, DEFAULT_EVAL, "eval", 1, s.eval_seq_len, out, "eval_seq_len")
     check_disjoint_sources(c, e, out)
     check_long_context(s, info.max_positions if info else None, out)
+    _check_sink_fits(s, info, out)
     check_output(s.out, s.overwrite, [info.path if info else None], out)
     out.raise_if_any()
     return info
+
+
+def _check_sink_fits(s: Any, info: ModelInfo | None, out: Collector) -> None:
+    """Fitted-sink methods fit on calibration windows of 2 x their window (at least 1,024, within the model's
+    context) past window + SINK_TOKENS: the context must leave room and the calibration text hold them."""
+    try:
+        methods = parse_methods(s.methods)
+    except ValueError:
+        return  # an unknown name is reported where the methods are parsed
+    top = info.max_positions if info is not None else None
+    for m in methods:
+        if not (w := METHODS[m].sink_fit_window):
+            continue
+        seq = sink_fit_seq_len(w, top)
+        if seq <= w + SINK_TOKENS:
+            out.add(f"`methods`: {m} fits its sinks past its window + {SINK_TOKENS} tokens, but this model's "
+                    f"{top:,}-token context leaves no room: drop it (or compare a smaller window).")
+        else:
+            check_text(s.calib, DEFAULT_CALIB, "calib", SINK_FIT_WINDOWS, seq, out)

@@ -39,7 +39,14 @@ from harp.methods.search import (
     streamed_search,
     top_layers,
 )
-from harp.methods.sinks import SINK_TOKENS, SinkFit, fit_sinks
+from harp.methods.sinks import (
+    SINK_FIT_WINDOWS,
+    SINK_TOKENS,
+    SinkFit,
+    fit_sinks,
+    sink_fit_seq_len,
+    sink_fit_windows,
+)
 from harp.model.accounting import (
     count_parameters,
     kv_bytes_after_prefill,
@@ -60,7 +67,6 @@ from harp.util.problems import Collector, check_positive, check_windows
 SELECTIONS = ("top", "attention-drop", "auto")
 LAYER_KINDS = ("bypass", "window", "auto")
 SINKS_FIT = "fit"  # sinks="fit": fitted sinks instead of sink tokens (harp.fit_sinks)
-SINK_FIT_WINDOWS = 4  # calibration windows the sinks are fitted on, each sink_fit_seq_len tokens
 DEFAULT_AUTO_WINDOW = 1024  # kind="auto" without `window`: capped at a quarter of the budget's context
 
 
@@ -597,21 +603,15 @@ def _made_of_kinds(run: _Run, backend: _Backend, win: Windows, plan: KindPlan, b
                  _fit_sinks(run, backend, win, plan.window_layers or {}))
 
 
-def sink_fit_seq_len(window: int, max_positions: int | None) -> int:
-    """The calibration window length fitted sinks are fitted on: 2 x window, at least 1,024, at most the
-    model's maximum context (the statistics are taken past window + SINK_TOKENS)."""
-    return min(max(1024, 2 * window), max_positions or 2 * window)
-
-
 def _fit_sinks(run: _Run, backend: _Backend, win: Windows, windows: dict[int, int]) -> SinkFit | None:
     """`sinks="fit"`: the window layers' fitted sinks, on SINK_FIT_WINDOWS calibration windows of their own
     length (seeded, from the calibration text)."""
     if run.s.sinks != SINKS_FIT or not windows:
         return None
     model = backend.resident()
-    seq = sink_fit_seq_len(max(windows.values()), getattr(model.config, "max_position_embeddings", None))
-    ids = calibration_windows(tokenize(backend.tokenizer, win.calib_text), SINK_FIT_WINDOWS, seq, run.s.seed,
-                              bos=win.bos)
+    ids = sink_fit_windows(tokenize(backend.tokenizer, win.calib_text), max(windows.values()),
+                           getattr(model.config, "max_position_embeddings", None), run.s.seed, bos=win.bos)
+    seq = ids.shape[1]
     with _timed(run.seconds, "sink fit"):
         fit = fit_sinks(model, ids, windows, sinks=SINK_TOKENS, progress=run.s.progress)
     run.log(f"fitted sinks of window layers {', '.join(str(i) for i in sorted(windows, reverse=True))} "

@@ -10,6 +10,7 @@ layers (kind "blocks"), so they compare at equal KV-cache reduction.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from harp.methods.refine import RefineResult, refine_alphas
@@ -17,6 +18,7 @@ from harp.methods.registry import MethodSpec, Selection, register
 from harp.methods.scores import ATTENTION_DROP_SCORE, pick
 from harp.methods.search import top_layers
 from harp.methods.selector import Selector
+from harp.methods.sinks import SINK_TOKENS, fit_sinks, sink_fit_windows
 
 
 def _greedy(sel: Selector, method: str, layers: list[int]) -> Selection:
@@ -127,6 +129,31 @@ for _w in (64, 256, 1024):
                      "only (no sink tokens)", "ablation of window-256"))
 def _window_nosink(sel: Selector, k: int) -> Selection:
     return _window("window-256-nosink", top_layers(sel.num_layers, k), 256, sinks=0)
+
+
+# Fitted sinks (harp.methods.sinks): a sink logit per head and an output bias in place of the sink tokens,
+# fitted on calibration text with real ones; what vLLM serves (its sliding window keeps no first tokens).
+for _w in (256, 1024):
+    register(MethodSpec(f"window-{_w}-fit", "window", f"top k layers keep attention over their last {_w} tokens, "
+                        f"with fitted sinks standing in for the first {SINK_TOKENS}",
+                        "ours (sinks as gpt-oss / vLLM's attention sinks)", sink_fit_window=_w, in_all=False))(
+        lambda sel, k, _w=_w: _window_fit(sel, f"window-{_w}-fit", top_layers(sel.num_layers, k), _w))
+
+
+def _window_fit(sel: Selector, method: str, layers: list[int], window: int) -> Selection:
+    """`layers` become window layers whose fitted sinks are fitted on the selector's calibration text."""
+    if sel.calib_ids is None:
+        raise ValueError(f"`{method}` fits its sinks on calibration text: give the Selector the calibration "
+                         "token stream (`calib_ids`).")
+    t0 = time.perf_counter()
+    ids = sink_fit_windows(sel.calib_ids, window, getattr(sel.model.config, "max_position_embeddings", None),
+                           sel.seed, bos=sel.bos)
+    fit = fit_sinks(sel.model, ids, {i: window for i in layers}, progress=sel.progress)
+    chosen = _window(method, layers, window, sinks=0)
+    chosen.fitted_sinks = fit.fitted
+    chosen.search_seconds = time.perf_counter() - t0
+    chosen.info.update(sinks="fit", sink_fit=fit.to_dict())
+    return chosen
 
 
 @register(MethodSpec("window-any-256", "window", "k layers at any depth picked by Attention Drop's score keep "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from harp.modeling import LinearMap
+from harp.modeling import FittedSink, LinearMap
 
 
 @dataclass
@@ -30,6 +30,7 @@ class Selection:
     maps: dict[int, LinearMap] | None = None  # refit methods: each layer's fitted map (alpha scales it)
     window: int | None = None  # window methods: the layers keep attention over their last `window` positions
     sinks: int = 0  # ... and over the first `sinks`
+    fitted_sinks: dict[int, FittedSink] | None = None  # ... or, per layer, a fitted sink in their place
 
     @property
     def k(self) -> int:
@@ -38,7 +39,8 @@ class Selection:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "kind": self.kind, "layers": self.layers, "alphas": self.alphas,
                 "search_seconds": self.search_seconds, "calib_ppl": self.calib_ppl, "info": self.info,
-                **({"window": self.window, "sinks": self.sinks} if self.window is not None else {})}
+                **({"window": self.window, "sinks": self.sinks} if self.window is not None else {}),
+                **({"fitted_sinks": sorted(self.fitted_sinks)} if self.fitted_sinks else {})}
 
     @property
     def windows(self) -> dict[int, int]:
@@ -52,7 +54,7 @@ class Selection:
         if self.kind == "blocks":
             return "layers " + ",".join(str(i) for i, _ in pairs) + " removed"
         if self.kind == "window":
-            sinks = f"+{self.sinks}" if self.sinks else ""
+            sinks = "+fit" if self.fitted_sinks else f"+{self.sinks}" if self.sinks else ""
             return f"window {self.window}{sinks} on layers " + ",".join(str(i) for i, _ in pairs)
         return ", ".join(f"{i}:{a:g}" for i, a in pairs)
 
@@ -73,6 +75,8 @@ class MethodSpec:
     reference: str
     lists_alphas: bool = False  # the alphas come from a search: `harp compare`'s report lists them
     refit: bool = False  # the pruned layers get the least-squares refit (auto-k gives these a k of their own)
+    sink_fit_window: int | None = None  # fits sinks for windows of this many tokens on calibration text of its own
+    in_all: bool = True  # one of the methods 'all' names (the fitted-sink ones are asked for by name)
     select: SelectFn | None = field(default=None, compare=False, repr=False)  # set by `register`
 
 
@@ -91,16 +95,22 @@ def register(spec: MethodSpec) -> Callable[[SelectFn], SelectFn]:
     return add
 
 
+def all_methods() -> list[str]:
+    """What 'all' names: every method but those asked for by name only (the fitted-sink windows, which fit on
+    longer calibration windows of their own and need a context of twice their window)."""
+    return [m for m, spec in METHODS.items() if spec.in_all]
+
+
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
     """'harp,no-rescale' (or 'all') -> validated names, in the given order, duplicates dropped."""
     if spec is None or spec == "all":
-        return list(METHODS)
+        return all_methods()
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if not names:
         raise ValueError(f"No methods given. Valid methods: {', '.join(METHODS)} (or 'all').")
     names = [n.replace("_", "-") for n in names]
-    if "all" in names:
-        return list(METHODS)
+    if "all" in names:  # 'all' and any method it leaves out named beside it
+        names = all_methods() + [n for n in names if n != "all"]
     bad = [n for n in names if n not in METHODS]
     if bad:
         raise ValueError(f"Unknown method(s) {', '.join(map(repr, bad))}. Valid methods: {', '.join(METHODS)}.")

@@ -42,7 +42,8 @@ def applied(model: nn.Module, plan: Selection) -> Iterator[nn.Module]:
         with temporarily_pruned(model, plan.layers, list(plan.alphas or []), plan.maps):
             yield model
     elif plan.kind == "window":
-        with temporarily_pruned(model, [], [], windows=plan.windows, sinks=plan.sinks):
+        with temporarily_pruned(model, [], [], windows=plan.windows, sinks=plan.sinks,
+                                fitted_sinks=plan.fitted_sinks):
             yield model
     elif plan.kind == "blocks":
         with layers_removed(model, plan.layers):
@@ -71,10 +72,17 @@ class Selector:
         refine_passes: int = 6,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        calib_ids: torch.Tensor | None = None,
+        seed: int = 0,
+        bos: int | None = None,
     ) -> None:
+        """`windows`: the calibration windows every method is chosen on. `calib_ids` (the calibration text's
+        whole token stream), `seed` and `bos` are what the fitted-sink methods cut their own, longer
+        windows from (`harp.methods.sinks.sink_fit_windows`); without them those methods are refused."""
         refuse_pruned(model, "Compare methods on the original model, not on a HARP-pruned checkpoint.")
         self.model = model
         self.windows = windows
+        self.calib_ids, self.seed, self.bos = calib_ids, seed, bos
         self.grid = parse_grid(grid) if grid is not None else list(DEFAULT_GRID)
         self.batch_size = batch_size
         self.refine_passes = refine_passes

@@ -30,12 +30,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from harp.engine.text import calibration_windows
 from harp.model.prune import temporarily_pruned
 from harp.modeling import FittedSink, arch_for, attention_geometry, get_module
 from harp.util.progress import Progress
 
 SINK_TOKENS = 4  # the sink tokens fitted sinks stand in for (StreamingLLM's 4)
+SINK_FIT_WINDOWS = 4  # calibration windows the sinks are fitted on, each sink_fit_seq_len tokens
 _ATTENTION = "harp_sink_fit"
+
+
+def sink_fit_seq_len(window: int, max_positions: int | None) -> int:
+    """The calibration window length fitted sinks are fitted on: 2 x window, at least 1,024, at most the
+    model's maximum context (the statistics are taken past window + SINK_TOKENS)."""
+    return min(max(1024, 2 * window), max_positions or 2 * window)
+
+
+def sink_fit_windows(ids: torch.Tensor, window: int, max_positions: int | None, seed: int = 0, *,
+                     bos: int | None = None) -> torch.Tensor:
+    """The SINK_FIT_WINDOWS calibration windows (seeded, from the token stream `ids`) fitted sinks for
+    windows of `window` tokens are fitted on, each `sink_fit_seq_len` tokens."""
+    return calibration_windows(ids, SINK_FIT_WINDOWS, sink_fit_seq_len(window, max_positions), seed, bos=bos)
 
 
 @dataclass
