@@ -336,8 +336,8 @@ def test_fitted_sink_methods_in_the_selector_and_compare(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_job, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
     folder = tiny_folder(tmp_path / "tiny", max_position_embeddings=512)
     s = CompareSettings(model=str(folder), ks=[2], methods="harp-ls,window-1024-fit", out=str(tmp_path / "c"))
-    with pytest.raises(ValueError, match="window-1024-fit fits its sinks past its window \\+ 4 tokens, but this "
-                                         "model's 512-token context leaves no room"):
+    with pytest.raises(ValueError, match="`methods`: window-1024-fit fits the sinks past window \\+ 4 tokens, but a "
+                                         "window of 1024 leaves no room in this model's 512-token context: drop it"):
         check_compare(s)
 
 

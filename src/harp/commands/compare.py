@@ -18,6 +18,7 @@ _NAMED_ONLY = [m for m in METHODS if m not in all_methods()]
 METHODS_HELP = (f"Comma-separated (or 'all'): {', '.join(METHODS)}. 'all' leaves out the fitted-sink windows "
                 f"({', '.join(_NAMED_ONLY)}): name them, e.g. 'all,window-1024-fit'.")
 
+
 def _ks(spec: str | None) -> list[int]:
     if not spec:
         return []

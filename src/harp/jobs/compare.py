@@ -52,7 +52,7 @@ from harp.methods.autok import auto_k
 from harp.methods.registry import METHODS, parse_methods
 from harp.methods.search import check_grid
 from harp.methods.selector import ORIGINAL, Plan, Selector, applied
-from harp.methods.sinks import SINK_FIT_WINDOWS, SINK_TOKENS, sink_fit_seq_len
+from harp.methods.sinks import check_sink_fit
 from harp.model.accounting import count_parameters, kv_bytes_after_prefill, kv_contexts, kv_savings
 from harp.model.load import load_model
 from harp.model.prune import check_k, refuse_pruned
@@ -436,13 +436,7 @@ def _check_sink_fits(s: Any, info: ModelInfo | None, out: Collector) -> None:
         methods = parse_methods(s.methods)
     except ValueError:
         return  # an unknown name is reported where the methods are parsed
-    top = info.max_positions if info is not None else None
     for m in methods:
-        if not (w := METHODS[m].sink_fit_window):
-            continue
-        seq = sink_fit_seq_len(w, top)
-        if seq <= w + SINK_TOKENS:
-            out.add(f"`methods`: {m} fits its sinks past its window + {SINK_TOKENS} tokens, but this model's "
-                    f"{top:,}-token context leaves no room: drop it (or compare a smaller window).")
-        else:
-            check_text(s.calib, DEFAULT_CALIB, "calib", SINK_FIT_WINDOWS, seq, out)
+        if w := METHODS[m].sink_fit_window:
+            check_sink_fit(w, info.max_positions if info is not None else None, s.calib, out,
+                           what=f"`methods`: {m}", fix="drop it (or compare a smaller window)")

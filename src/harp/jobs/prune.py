@@ -39,14 +39,7 @@ from harp.methods.search import (
     streamed_search,
     top_layers,
 )
-from harp.methods.sinks import (
-    SINK_FIT_WINDOWS,
-    SINK_TOKENS,
-    SinkFit,
-    fit_sinks,
-    sink_fit_seq_len,
-    sink_fit_windows,
-)
+from harp.methods.sinks import SINK_TOKENS, SinkFit, check_sink_fit, fit_sinks, sink_fit_windows
 from harp.model.accounting import (
     count_parameters,
     kv_bytes_after_prefill,
@@ -843,14 +836,8 @@ def _check_sinks(s: Any, info: ModelInfo | None, window: int, out: Collector) ->
     """`sinks`: a whole number >= 0, or "fit" (then the calibration text must hold the windows the sinks are
     fitted on, longer than `window` + SINK_TOKENS within the model's context). False if `sinks` is unusable."""
     if s.sinks == SINKS_FIT:
-        top = info.max_positions if info is not None else None
-        seq = sink_fit_seq_len(window, top)
-        if seq <= window + SINK_TOKENS:
-            out.add(f"`sinks=fit` fits the sinks past window + {SINK_TOKENS} tokens, but a window of {window} leaves "
-                    f"no room in this model's {top:,}-token context: use a smaller `window`.")
-            return False
-        check_text(s.calib, DEFAULT_CALIB, "calib", SINK_FIT_WINDOWS, seq, out)
-        return True
+        return check_sink_fit(window, info.max_positions if info is not None else None, s.calib, out,
+                              what="`sinks=fit`", fix="use a smaller `window`")
     if isinstance(s.sinks, bool) or not isinstance(s.sinks, int) or s.sinks < 0:
         out.add(f"`sinks={s.sinks!r}`: the number of first tokens window layers also see is a whole number >= 0, "
                 "or 'fit' (a fitted sink instead of sink tokens).")

@@ -136,7 +136,7 @@ def _window_nosink(sel: Selector, k: int) -> Selection:
 for _w in (256, 1024):
     register(MethodSpec(f"window-{_w}-fit", "window", f"top k layers keep attention over their last {_w} tokens, "
                         f"with fitted sinks standing in for the first {SINK_TOKENS}",
-                        "ours (sinks as gpt-oss / vLLM's attention sinks)", sink_fit_window=_w, in_all=False))(
+                        "ours (sinks as gpt-oss / vLLM's attention sinks)", sink_fit_window=_w))(
         lambda sel, k, _w=_w: _window_fit(sel, f"window-{_w}-fit", top_layers(sel.num_layers, k), _w))
 
 

@@ -76,7 +76,7 @@ class MethodSpec:
     lists_alphas: bool = False  # the alphas come from a search: `harp compare`'s report lists them
     refit: bool = False  # the pruned layers get the least-squares refit (auto-k gives these a k of their own)
     sink_fit_window: int | None = None  # fits sinks for windows of this many tokens on calibration text of its own
-    in_all: bool = True  # one of the methods 'all' names (the fitted-sink ones are asked for by name)
+    #                                     (such a method is asked for by name: 'all' leaves it out)
     select: SelectFn | None = field(default=None, compare=False, repr=False)  # set by `register`
 
 
@@ -98,7 +98,7 @@ def register(spec: MethodSpec) -> Callable[[SelectFn], SelectFn]:
 def all_methods() -> list[str]:
     """What 'all' names: every method but those asked for by name only (the fitted-sink windows, which fit on
     longer calibration windows of their own and need a context of twice their window)."""
-    return [m for m, spec in METHODS.items() if spec.in_all]
+    return [m for m, spec in METHODS.items() if spec.sink_fit_window is None]
 
 
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:

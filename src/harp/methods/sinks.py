@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harp.engine.text import calibration_windows
+from harp.engine.text import DEFAULT_CALIB, calibration_windows, check_text
 from harp.model.prune import temporarily_pruned
 from harp.modeling import FittedSink, arch_for, attention_geometry, get_module
+from harp.util.problems import Collector
 from harp.util.progress import Progress
 
 SINK_TOKENS = 4  # the sink tokens fitted sinks stand in for (StreamingLLM's 4)
@@ -51,6 +52,21 @@ def sink_fit_windows(ids: torch.Tensor, window: int, max_positions: int | None, 
     """The SINK_FIT_WINDOWS calibration windows (seeded, from the token stream `ids`) fitted sinks for
     windows of `window` tokens are fitted on, each `sink_fit_seq_len` tokens."""
     return calibration_windows(ids, SINK_FIT_WINDOWS, sink_fit_seq_len(window, max_positions), seed, bos=bos)
+
+
+def check_sink_fit(window: int, max_positions: int | None, calib: str | None, out: Collector, *, what: str,
+                   fix: str) -> bool:
+    """Before loading: fitting sinks for windows of `window` tokens needs calibration windows longer than
+    window + SINK_TOKENS within the model's context, and the calibration text `calib` must hold
+    SINK_FIT_WINDOWS of them. `what` names the asker in the message, `fix` says what to do instead. False
+    (and a problem in `out`) when the context leaves no room."""
+    seq = sink_fit_seq_len(window, max_positions)
+    if seq <= window + SINK_TOKENS:
+        out.add(f"{what} fits the sinks past window + {SINK_TOKENS} tokens, but a window of {window} leaves no "
+                f"room in this model's {max_positions:,}-token context: {fix}.")
+        return False
+    check_text(calib, DEFAULT_CALIB, "calib", SINK_FIT_WINDOWS, seq, out)
+    return True
 
 
 @dataclass
